@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     problems = [p for task in args.tasks or TASKS for p in build(task, args.check, args.allow_missing)]
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
-    print(f"{len(problems)} problem(s) in {len(args.tasks or TASKS)} task(s)")
+    print(f"{len(problems)} problem(s) in {len(args.tasks or TASKS)} task(s)", file=sys.stderr if problems else sys.stdout)
     return 1 if problems else 0
 
 
