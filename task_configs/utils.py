@@ -44,7 +44,7 @@ def exact_match(generation: str, answers: list[str]) -> bool:
 
 
 def paper_match(generation: str, answers: list[str], prefix: bool = False) -> bool:
-    """The paper's lenient scoring: first word of the prediction vs. first word of any answer.
+    """The paper's lenient scoring: the first word of the prediction equals any answer.
 
     With `prefix` (knowledge tasks) either may be a prefix of the other, so "New" matches "New Delhi"
     and "Paris," matches "Paris".
@@ -54,7 +54,7 @@ def paper_match(generation: str, answers: list[str], prefix: bool = False) -> bo
         return False
     if prefix:
         return any(ans.startswith(pred) or pred.startswith(ans) for ans in answers)
-    return any(pred == first_word(ans) for ans in answers)
+    return pred in answers
 
 
 def process_results(doc: dict, results: list[str]) -> dict:

@@ -1,0 +1,146 @@
+"""The 18 task-vector tasks: data files, prompt format, few-shot sampling, groups and metrics."""
+
+import importlib.util
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "task_configs"
+
+
+def _import(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _import("build_tasks", ROOT / "scripts" / "build_tasks.py")
+utils = _import("tv_utils", CONFIGS / "utils.py")
+WORD_TASKS = [t for c, ts in build.CATEGORIES.items() if c != "tv_algorithmic" for t in ts]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(CONFIGS), include_defaults=False).load(["task_vectors"])
+
+
+def test_build_check_passes(capsys):
+    assert build.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_validate_catches_bad_rows():
+    rows = build.assign_splits("tv_antonyms", [{"input": f"w{i}", "answers": [f"a{i}"]} for i in range(150)])
+    assert build.validate("tv_antonyms", rows) == []
+    bad = [dict(r) for r in rows]
+    bad[0]["answers"] = [" a0"]
+    bad[1]["input"] = bad[2]["input"]
+    bad[3]["answers"] = []
+    problems = build.validate("tv_antonyms", bad)
+    assert any("stripped" in p for p in problems)
+    assert any("duplicate inputs" in p or "share inputs" in p for p in problems)
+    assert any("non-empty list" in p for p in problems)
+    assert any("distinct inputs" in p for p in build.validate("tv_antonyms", rows[:100]))
+
+
+def test_splits_are_deterministic_and_order_free():
+    rows = [{"input": f"w{i}", "answers": ["x"]} for i in range(200)]
+    a = {r["input"]: r["split"] for r in build.assign_splits("tv_fr_en", rows)}
+    b = {r["input"]: r["split"] for r in build.assign_splits("tv_fr_en", rows[::-1])}
+    assert a == b
+    assert [list(a.values()).count(s) for s in build.SPLITS] == [80, 40, 80]
+
+
+def test_groups(loaded):
+    groups = loaded["groups"]
+    assert set(groups) == {"task_vectors", *build.CATEGORIES}
+    assert sorted(t.task_name for t in groups["task_vectors"].get_all_tasks()) == sorted(build.TASKS)
+    assert len(build.TASKS) == 18
+    for name, tasks in build.CATEGORIES.items():
+        assert sorted(t.task_name for t in groups[name].get_all_tasks()) == sorted(tasks)
+
+
+def test_task_vectors_mean_is_over_the_18_tasks(loaded):
+    """Not a mean of the 4 category means (6 algorithmic tasks would count less)."""
+    metrics = {t: {"exact_match,none": float(t in build.CATEGORIES["tv_algorithmic"]), "sample_len": 1 + i}
+               for i, t in enumerate(build.TASKS)}
+    result = loaded["groups"]["task_vectors"].aggregate(metrics)
+    assert result["exact_match,none"] == pytest.approx(6 / 18)
+
+
+def _splits(task):
+    return {s: list(task.dataset[s]["input"]) for s in build.SPLITS}
+
+
+@pytest.mark.parametrize("name", build.TASKS)
+def test_splits_disjoint(loaded, name):
+    splits = _splits(loaded["tasks"][name])
+    assert all(len(set(xs)) == len(xs) > 0 for xs in splits.values())
+    if name in build.LETTER_TASKS:
+        assert set(splits["train"]) == set(splits["validation"]) == set(splits["test"])
+    else:
+        assert not set(splits["train"]) & set(splits["validation"])
+        assert not set(splits["train"]) & set(splits["test"])
+        assert not set(splits["validation"]) & set(splits["test"])
+
+
+@pytest.mark.parametrize("name", build.TASKS)
+def test_prompt_format(loaded, name):
+    """Paper format; demos come from the few-shot split and never show the query's own item."""
+    task = loaded["tasks"][name]
+    task.set_fewshot_seed(1234)
+    sp = " " if name in WORD_TASKS else ""
+    fewshot = task.dataset[task.config.fewshot_split]
+    demo_lines = {f"example:{sp}{x}->{sp}{a[0]}": x for x, a in zip(fewshot["input"], fewshot["answers"])}
+    docs = list(task.test_docs())
+    if name not in build.LETTER_TASKS:  # letters: every doc; the rest: a sample keeps this fast
+        docs = random.Random(0).sample(docs, 25)
+        assert task.config.fewshot_split == "train"
+    for doc in docs:
+        ctx = task.fewshot_context(doc, 5)
+        *demos, query = ctx.split("\n")
+        assert query == f"example:{sp}{doc['input']}->" and ctx.endswith("->")
+        assert len(demos) == 5 and all(d in demo_lines for d in demos), ctx
+        shown = [demo_lines[d] for d in demos]
+        assert len(set(shown)) == 5 and doc["input"] not in shown, ctx
+    if name in WORD_TASKS:
+        assert re.fullmatch(r"example: \S.*-> \S.*", demos[0])
+
+
+def test_generation_settings(loaded):
+    for task in loaded["tasks"].values():
+        assert task.config.generation_kwargs["until"] == ["\n"]
+        assert task.config.generation_kwargs["do_sample"] is False
+        assert task.config.description == "" and task.config.fewshot_delimiter == "\n"
+
+
+@pytest.mark.parametrize(
+    "generation, answers, exact, paper, paper_knowledge",
+    [
+        ("A", ["A"], 1, 1, 1),
+        (" A \nexample:b->B", ["A"], 1, 1, 1),  # cut at the newline, stripped
+        ("a", ["A"], 0, 0, 0),
+        ("dog", ["cat", "dog"], 1, 1, 1),  # any acceptable answer
+        ("dog and cat", ["dog"], 0, 1, 1),  # paper: first word only
+        ("New", ["New Delhi"], 0, 0, 1),  # knowledge: prediction is a prefix of the answer
+        ("Parisian", ["Paris"], 0, 0, 1),  # knowledge: answer is a prefix of the prediction
+        ("Lyon", ["Paris"], 0, 0, 0),
+        ("", ["Paris"], 0, 0, 0),
+        ("\nParis", ["Paris"], 0, 0, 0),  # nothing before the newline
+    ],
+)
+def test_metrics(generation, answers, exact, paper, paper_knowledge):
+    doc = {"input": "x", "answers": answers}
+    assert utils.process_results(doc, [generation]) == {"exact_match": exact, "paper_match": paper}
+    assert utils.process_results_knowledge(doc, [generation])["paper_match"] == paper_knowledge
+
+
+def test_load_ignores_model_args():
+    ds = utils.load(tv_task="tv_letter_to_upper", pretrained="x", layer=3.0, version=1.0)
+    assert set(ds) == set(build.SPLITS) and ds["test"][0] == {"input": "a", "answers": ["A"]}
