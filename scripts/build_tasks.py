@@ -64,7 +64,7 @@ def min_size(task: str) -> int:
 
 def assign_splits(task: str, rows: list[dict]) -> list[dict]:
     """Rows with a `split` field; letter tasks get one copy of every row per split."""
-    rows = [{"input": r["input"], "answers": r["answers"]} for r in rows]
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in rows]  # other keys: flagged later
     if task in LETTER_TASKS:
         return [{**r, "split": split} for split in SPLITS for r in rows]
     order = sorted({r["input"] for r in rows})
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     problems = [p for task in args.tasks or TASKS for p in build(task, args.check, args.allow_missing)]
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
-    print(f"{len(problems)} problem(s) in {len(args.tasks or TASKS)} task(s)", file=sys.stderr if problems else sys.stdout)
+    summary = f"{len(problems)} problem(s) in {len(args.tasks or TASKS)} task(s)"
+    print(summary, file=sys.stderr if problems else sys.stdout)
     return 1 if problems else 0
 
 
