@@ -43,18 +43,25 @@ def exact_match(generation: str, answers: list[str]) -> bool:
     return clean(generation) in answers
 
 
-def paper_match(generation: str, answers: list[str], prefix: bool = False) -> bool:
-    """The paper's lenient scoring: the first word of the prediction equals any answer.
+def starts_with_answer(pred: str, answer: str) -> bool:
+    """``pred`` begins with ``answer`` and a word boundary follows ("C_LOCAL" starts with "C", "Cat" does not)."""
+    return pred.startswith(answer) and (len(pred) == len(answer) or not pred[len(answer)].isalnum())
 
-    With `prefix` (knowledge tasks) either may be a prefix of the other, so "New" matches "New Delhi"
-    and "Paris," matches "Paris".
+
+def paper_match(generation: str, answers: list[str], prefix: bool = False) -> bool:
+    """The paper's lenient scoring, which read only the first generated token.
+
+    The prediction starts with an answer followed by a word boundary: what the model says after its
+    answer does not count, since the paper never generated it. With ``prefix`` (knowledge tasks) the
+    first word may also be a prefix of an answer or the other way round ("New" matches "New Delhi").
     """
-    pred = first_word(generation)
+    pred = clean(generation)
     if not pred:
         return False
-    if prefix:
-        return any(ans.startswith(pred) or pred.startswith(ans) for ans in answers)
-    return pred in answers
+    if any(starts_with_answer(pred, ans) for ans in answers):
+        return True
+    word = first_word(pred)
+    return prefix and any(ans.startswith(word) or word.startswith(ans) for ans in answers)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:

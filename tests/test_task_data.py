@@ -127,7 +127,10 @@ def test_generation_settings(loaded):
         (" A \nexample:b->B", ["A"], 1, 1, 1),  # cut at the newline, stripped
         ("a", ["A"], 0, 0, 0),
         ("dog", ["cat", "dog"], 1, 1, 1),  # any acceptable answer
-        ("dog and cat", ["dog"], 0, 1, 1),  # paper: first word only
+        ("dog and cat", ["dog"], 0, 1, 1),  # paper: what follows the answer does not count
+        ("C_LOCAL", ["C"], 0, 1, 1),  # hypothesis mode rambles after its first token
+        ("Cat", ["C"], 0, 0, 1),  # no word boundary after the answer
+        ("New Delhi is", ["New Delhi"], 0, 1, 1),
         ("New", ["New Delhi"], 0, 0, 1),  # knowledge: prediction is a prefix of the answer
         ("Parisian", ["Paris"], 0, 0, 1),  # knowledge: answer is a prefix of the prediction
         ("Lyon", ["Paris"], 0, 0, 0),

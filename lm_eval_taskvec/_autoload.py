@@ -1,0 +1,91 @@
+"""Start-up hook that makes the stock ``lm_eval`` command know ``hf-taskvec`` and the ``tv_*`` tasks.
+
+A ``.pth`` file runs :func:`install` at interpreter start-up. It must cost almost nothing, so it imports
+neither torch nor lm_eval: it only puts a finder on ``sys.meta_path`` that runs our registration right after
+lm_eval itself imports ``lm_eval.models`` (registering earlier would hide every built-in model) and
+``lm_eval.tasks.manager``. Set ``LM_EVAL_TASKVEC_AUTOLOAD=0`` to switch it off.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+
+MODEL_NAME = "hf-taskvec"
+MODEL_TARGET = "lm_eval_taskvec.model:TaskVectorLM"
+ENV_SWITCH = "LM_EVAL_TASKVEC_AUTOLOAD"
+
+
+def register_model() -> None:
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        # A lazy "module:Class" string: torch and transformers load only when the model is used.
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+
+
+def add_task_path() -> None:
+    """Make every default-configured TaskManager also scan the project's task folder."""
+    from lm_eval.tasks.manager import TaskManager
+
+    if getattr(TaskManager.__init__, "_taskvec", False):
+        return
+    original = TaskManager.__init__
+
+    def __init__(self, *args, include_path=None, include_defaults=True, **kwargs):
+        if include_defaults:
+            from lm_eval_taskvec.tasks import task_dir
+
+            paths = list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+            paths = [p for p in paths if p]
+            if not any(os.path.abspath(p) == str(task_dir()) for p in paths):
+                paths.insert(0, str(task_dir()))  # first, so a user's own --include_path overrides ours
+            include_path = paths
+        original(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
+
+    __init__._taskvec = True
+    TaskManager.__init__ = __init__
+
+
+_AFTER_IMPORT = {"lm_eval.models": register_model, "lm_eval.tasks.manager": add_task_path}
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader, callback):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback()
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Wraps the real loader of a few lm_eval modules so a callback runs once they are imported."""
+
+    def find_spec(self, name, path, target=None):
+        callback = _AFTER_IMPORT.get(name)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _Loader(spec.loader, callback)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Run our registrations now for lm_eval modules already imported, and after import for the rest."""
+    if os.environ.get(ENV_SWITCH, "1").lower() in ("0", "false", "no", "off"):
+        return
+    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImportFinder())
+    for name, callback in _AFTER_IMPORT.items():
+        if name in sys.modules:
+            callback()

@@ -1,0 +1,165 @@
+"""Layer discovery and the only hooks of the project: read a block's output, or replace part of it.
+
+Blocks are found without per-architecture tables: the decoder blocks are the largest ``nn.ModuleList`` of
+identical modules. Block outputs may be a Tensor (transformers >= 5) or a tuple whose first item is the
+hidden state (older versions); both are handled, anything else raises instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """The decoder blocks of ``model``; ``path`` (e.g. ``"model.layers"``) overrides discovery."""
+    if path:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"layers_path={path!r} names no submodule of {type(model).__name__}") from err
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ValueError(f"layers_path={path!r} is a {type(blocks).__name__}, not a non-empty ModuleList")
+        return blocks
+
+    def size(module):
+        return sum(p.numel() for p in module.parameters())
+
+    candidates = [
+        m for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
+    ]
+    expected = _configured_depth(model)
+    if expected:
+        candidates = [m for m in candidates if len(m) == expected] or candidates
+    if not candidates:
+        raise ValueError(
+            f"could not find the decoder blocks of {type(model).__name__}: "
+            "pass layers_path=<dotted path to its ModuleList of blocks>, e.g. layers_path=model.layers"
+        )
+    return max(candidates, key=size)
+
+
+def _configured_depth(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def resolve_layer(layer: int | float, num_blocks: int) -> int:
+    """Block index from an int (negative counts from the end) or a fraction of depth in (0, 1)."""
+    if isinstance(layer, float) and not layer.is_integer():
+        if not 0.0 < layer < 1.0:
+            raise ValueError(f"layer={layer} is neither a block index nor a fraction of depth in (0, 1)")
+        return min(int(layer * num_blocks), num_blocks - 1)
+    index = int(layer)
+    if not -num_blocks <= index < num_blocks:
+        raise ValueError(
+            f"layer={index} is out of range for a model with {num_blocks} blocks: "
+            f"use 0..{num_blocks - 1}, -{num_blocks}..-1, or a fraction such as 0.6"
+        )
+    return index % num_blocks
+
+
+def _hidden(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"unsupported block output {type(output).__name__}: expected a Tensor or a tuple")
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+class _StopForward(Exception):
+    """Raised by a reading hook once the last block we need has run, to skip the rest of the model."""
+
+
+@contextmanager
+def stop_after(block: nn.Module):
+    """Abort the forward pass right after ``block``: extraction at layer L never pays for blocks > L."""
+
+    def hook(module, args, output):
+        raise _StopForward
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def read_last_states(blocks: nn.ModuleList, layers: list[int], last_index: torch.Tensor):
+    """Collect each listed block's output at row ``i``'s position ``last_index[i]``.
+
+    Yields a dict {layer: Tensor[batch, hidden]} that fills as the forward runs; only one vector per row and
+    layer is kept, so memory stays O(batch x hidden x layers), never x sequence.
+    """
+    found: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer):
+        def hook(module, args, output):
+            hidden = _hidden(output)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            found[layer] = hidden[rows, last_index.to(hidden.device)].detach()
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class PatchRecord:
+    """What a patch hook did: how often its block ran and how often it replaced a state."""
+
+    calls: int = 0
+    patched: int = 0
+
+
+@contextmanager
+def replace_states(block: nn.Module, values: torch.Tensor, positions, first_call_only: bool = False):
+    """Replace ``block``'s output of row i at ``positions[i]`` (or one int for all rows) by ``values[i]``.
+
+    ``first_call_only`` patches the prompt's forward pass of ``generate()`` and leaves decode steps alone.
+    """
+    record = PatchRecord()
+
+    def hook(module, args, output):
+        record.calls += 1
+        if first_call_only and record.calls > 1:
+            return None
+        hidden = _hidden(output)
+        if hidden.shape[0] != values.shape[0]:
+            raise RuntimeError(
+                f"patch expected {values.shape[0]} rows but the block ran on {hidden.shape[0]}; "
+                "beam search and num_return_sequences > 1 are not supported in hypothesis mode"
+            )
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        index = positions if isinstance(positions, int) else positions.to(hidden.device)
+        hidden = hidden.clone()
+        hidden[rows, index] = values.to(hidden.device, hidden.dtype)
+        record.patched += 1
+        return _with_hidden(output, hidden)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
