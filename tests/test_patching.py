@@ -1,0 +1,202 @@
+"""Invariants of θ extraction and patching, on tiny random models of seven architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+import lm_eval_taskvec.model as model_module
+from lm_eval_taskvec.contexts import split_context
+from lm_eval_taskvec.layers import replace_states
+from tests.conftest import ARCHITECTURES
+
+GEN = {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}
+
+
+def context(demos: str, query: str) -> str:
+    return "".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{query}->"
+
+
+def gen_requests(task: str = "t"):
+    # Different numbers of demonstrations and queries: contexts of different lengths in one batch.
+    cases = [("abcde", "k"), ("fg", "mn"), ("hijklmnop", "q"), ("rs", "tuvw"), ("xyz", "b"), ("abc", "zz")]
+    return [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, (task, i, 1)) for i, (d, q) in enumerate(cases)]
+
+
+def ll_requests():
+    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q\nexample"), ("rs", "tuvw", "T"),
+             ("abcde", "k", "KK")]  # the same context as the first, another continuation
+    return [Instance("loglikelihood", {}, (context(d, q), c), i, ("t", i, 1)) for i, (d, q, c) in enumerate(cases)]
+
+
+def logits(lm, text: str) -> torch.Tensor:
+    return lm._model_call(torch.tensor([lm.tok_encode(text)]))[0]
+
+
+@pytest.fixture
+def records(monkeypatch):
+    """Every PatchRecord the model creates, to count hook calls and patches."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        cm = replace_states(*args, **kwargs)
+
+        class Wrapped:
+            def __enter__(self):
+                record = cm.__enter__()
+                seen.append((args, kwargs, record))
+                return record
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(model_module, "replace_states", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_theta_from_full_prompt_at_last_block_reproduces_regular_logits(make_lm, arch):
+    lm = make_lm(arch, mode="hypothesis", layer=-1)
+    full = context("abcde", "k")
+    last = len(lm.blocks) - 1
+    theta = lm.last_token_states([full], [last])[last]
+    query = torch.tensor([lm.tok_encode(split_context(full).query)])
+    regular = logits(lm, full)[-1]
+    with replace_states(lm.blocks[last], theta, -1) as record:
+        patched = lm._model_call(query)[0, -1]
+    assert record.patched == 1
+    torch.testing.assert_close(patched, regular, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(lm._model_call(query)[0, -1], regular, atol=1e-3)  # the patch did the work
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
+    lm = make_lm(arch, mode="hypothesis", layer=0)
+    text = context("abc", "d")
+    ids = torch.tensor([lm.tok_encode(text)])
+    base = lm._model_call(ids)
+    layers = list(range(len(lm.blocks)))
+    states = lm.last_token_states([text], layers)
+    for layer in layers:
+        with replace_states(lm.blocks[layer], states[layer], -1) as record:
+            out = lm._model_call(ids)
+        assert record.patched == 1
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+def test_extraction_reads_each_rows_last_real_token_under_padding(make_lm):
+    lm = make_lm("gpt2", mode="hypothesis", layer=1)
+    prompts = [context("abcdefgh", "k"), context("a", "b"), context("abc", "d")]
+    batched = lm.last_token_states(prompts, [0, 1, 2])
+    for i, prompt in enumerate(prompts):
+        alone = lm.last_token_states([prompt], [0, 1, 2])
+        for layer in (0, 1, 2):
+            torch.testing.assert_close(batched[layer][i], alone[layer][0], rtol=1e-5, atol=1e-5)
+
+
+def test_hook_replaces_only_the_given_position_of_each_row(make_lm):
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    texts = [context("abcde", "k"), context("ab", "c")]
+    enc = [lm.tok_encode(t) for t in texts]
+    width = max(map(len, enc))
+    inps = torch.zeros(2, width, dtype=torch.long)
+    for r, e in enumerate(enc):
+        inps[r, : len(e)] = torch.tensor(e)
+    base = lm._model_call(inps)
+    positions = torch.tensor([3, 5])
+    values = torch.randn(2, lm.model.config.hidden_size)
+    with replace_states(lm.blocks[1], values, positions):
+        out = lm._model_call(inps)
+    for r, p in enumerate(positions.tolist()):
+        torch.testing.assert_close(out[r, :p], base[r, :p])  # causal: earlier positions untouched
+        assert not torch.allclose(out[r, p], base[r, p], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(make_lm, records, arch):
+    reqs = gen_requests()
+    batched = make_lm(arch, mode="hypothesis", layer=1, batch_size=4).generate_until(reqs)
+    assert all(rec.patched == 1 for *_, rec in records)
+    assert any(rec.calls > 1 for *_, rec in records)  # decode steps ran through the block, unpatched
+    single = make_lm(arch, mode="hypothesis", layer=1, batch_size=1).generate_until(reqs)
+    assert batched == single
+
+
+def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm):
+    lm = make_lm("gpt2", mode="hypothesis", layer=1)
+    reqs = gen_requests()
+    outputs = lm.generate_until(reqs)
+    plans = lm._plan(reqs)
+    for plan, output in zip(plans, outputs):
+        query = torch.tensor([lm.tok_encode(plan.query)])
+        with replace_states(lm.blocks[1], lm._theta(plan.theta_key)[None], -1):
+            first = lm._model_call(query)[0, -1].argmax().item()
+        expected = lm.tok_decode([first])
+        assert output.startswith(expected.split("\n")[0])
+
+
+def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, records):
+    lm = make_lm("gpt2", mode="hypothesis", layer=1)
+    reqs = ll_requests()
+    results = lm.loglikelihood(reqs)
+    assert records and all(rec.patched == 1 and rec.calls == 1 for *_, rec in records)
+    for req, plan, (logprob, _) in zip(reqs, lm._plan(reqs), results):
+        ctx, cont = lm._encode_pair(plan.query, req.args[1])
+        ids = torch.tensor([ctx + cont])
+        with replace_states(lm.blocks[1], lm._theta(plan.theta_key)[None], len(ctx) - 1):
+            logp = torch.log_softmax(lm._model_call(ids[:, :-1])[0], -1)
+        expected = logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item()
+        assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+def test_loglikelihood_batched_equals_one_by_one(make_lm, arch):
+    reqs = ll_requests()
+    batched = make_lm(arch, mode="hypothesis", layer=1, batch_size=8).loglikelihood(reqs)
+    single = make_lm(arch, mode="hypothesis", layer=1, batch_size=1).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_same_query_with_different_demonstrations_gets_its_own_theta(make_lm):
+    # Two tasks send the same query text after different demonstrations: their rows must not share θ.
+    lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=8)
+    reqs = [Instance("loglikelihood", {}, (context(d, "k"), "K"), i, (t, i, 1))
+            for i, (d, t) in enumerate([("abc", "t1"), ("xyz", "t2"), ("abc", "t1"), ("xyz", "t2")])]
+    reqs += [Instance("loglikelihood", {}, (context(d, q), "Q"), 9, (t, 9, 1))
+             for d, t in (("abc", "t1"), ("xyz", "t2")) for q in "mno"]  # dummy pools of both tasks
+    together = lm.loglikelihood(reqs)
+    apart = [lm.loglikelihood([r] + reqs[4:])[0] for r in reqs[:4]]
+    assert [lp for lp, _ in together[:4]] == pytest.approx([lp for lp, _ in apart], abs=1e-5)
+    assert together[0][0] != pytest.approx(together[1][0], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
+def test_baseline_equals_stock_hflm_on_the_query_alone(make_lm, kind):
+    reqs = gen_requests() if kind == "generate_until" else ll_requests()
+    ours = getattr(make_lm("qwen2", mode="baseline"), kind)(reqs)
+    query_only = [Instance(kind, {}, (split_context(r.args[0]).query, r.args[1]), r.idx, ("t", r.idx, 1)) for r in reqs]
+    stock = getattr(make_lm("qwen2", stock=True), kind)(query_only)
+    assert ours == stock
+
+
+@pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
+def test_regular_equals_stock_hflm(make_lm, kind):
+    reqs = gen_requests() if kind == "generate_until" else ll_requests()
+    assert getattr(make_lm("mistral", mode="regular"), kind)(reqs) == getattr(make_lm("mistral", stock=True), kind)(reqs)
+
+
+def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    reqs = gen_requests()
+    plans = lm._plan(reqs)
+    queries = {split_context(r.args[0]).query for r in reqs}
+    for plan in plans:
+        dummies = plan.theta_key[2]
+        assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
+    assert plans == lm._plan(list(reversed(reqs)))[::-1]
+
+
