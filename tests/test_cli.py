@@ -1,0 +1,94 @@
+"""The stock ``lm_eval`` command finds hf-taskvec and the tv_* tasks through the start-up hook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import make_model
+
+
+def run_python(code: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_start_up_hook_imports_neither_torch_nor_lm_eval():
+    assert run_python("import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules)") == "False False"
+
+
+def test_stock_registry_knows_hf_taskvec_and_keeps_builtins():
+    code = "from lm_eval.api.registry import get_model; print(get_model('hf-taskvec').__name__, get_model('hf').__name__)"
+    assert run_python(code) == "TaskVectorLM HFLM"
+
+
+def test_environment_variable_switches_the_hook_off():
+    code = "import lm_eval.models; from lm_eval.api.registry import model_registry as r; print('hf-taskvec' in r)"
+    assert run_python(code, LM_EVAL_TASKVEC_AUTOLOAD="0") == "False"
+    assert run_python(code) == "True"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
+    out = tmp_path / "out"
+    cmd = ["lm_eval", "--model", "hf-taskvec", "--model_args", model_args, "--device", "cpu",
+           "--batch_size", "4", "--output_path", str(out), "--log_samples", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = out.glob("*/results_*.json")
+    return json.loads(result.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["regular", "hypothesis", "baseline"])
+def test_lm_eval_command_runs_each_mode(tmp_path, tiny_model_dir, mode):
+    data = lm_eval_cli(tmp_path, f"pretrained={tiny_model_dir},mode={mode},layer=-1",
+                       "--tasks", "tv_letter_to_upper", "--limit", "5")
+    assert data["config"]["model_args"]["mode"] == mode
+    assert 0.0 <= data["results"]["tv_letter_to_upper"]["exact_match,none"] <= 1.0
+    (samples,) = (tmp_path / "out").glob("*/samples_tv_letter_to_upper_*.jsonl")
+    assert len(samples.read_text().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_model_dir):
+    """A loglikelihood task in lm-eval's own style ("\\n\\n" between demos, several choices)."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"q": f"{a} {b}", "choices": [a, b, "c"], "label": i % 2} for i, (a, b) in enumerate(zip("abcdefgh", "ijklmnop"))]
+    (tasks / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tasks / "mc.yaml").write_text(textwrap.dedent(f"""\
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files: {tasks / 'mc.jsonl'}
+        test_split: train
+        output_type: multiple_choice
+        doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+        """))
+    logprobs = {}
+    for mode in ("hypothesis", "baseline"):
+        data = lm_eval_cli(tmp_path / mode, f"pretrained={tiny_model_dir},mode={mode},layer=1",
+                           "--tasks", "tiny_mc", "--include_path", str(tasks), "--num_fewshot", "3")
+        assert 0.0 <= data["results"]["tiny_mc"]["acc,none"] <= 1.0
+        (samples,) = (tmp_path / mode / "out").glob("*/samples_tiny_mc_*.jsonl")
+        logprobs[mode] = [json.loads(line)["resps"] for line in samples.read_text().splitlines()]
+    assert len(logprobs["hypothesis"]) == len(rows)
+    assert logprobs["hypothesis"] != logprobs["baseline"]  # θ changed every choice's score

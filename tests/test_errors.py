@@ -1,0 +1,79 @@
+"""Bad input gets a clear error naming the argument and the fix, never a silent wrong number."""
+
+from __future__ import annotations
+
+import pytest
+from lm_eval.api.instance import Instance
+from torch import nn
+
+from lm_eval_taskvec.layers import find_blocks
+from tests.test_patching import GEN, context, gen_requests
+
+
+def test_hypothesis_needs_demonstrations(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    reqs = [Instance("generate_until", {}, ("example:k->", dict(GEN)), i, ("t", i, 1)) for i in range(3)]
+    with pytest.raises(ValueError, match="no demonstrations.*--num_fewshot"):
+        lm.generate_until(reqs)
+
+
+@pytest.mark.parametrize("layer", [3, -4, 1.5, "3"])
+def test_layer_out_of_range(make_lm, layer):
+    with pytest.raises(ValueError, match="layer="):
+        make_lm(mode="hypothesis", layer=layer)
+
+
+@pytest.mark.parametrize("layer, block", [(-1.0, 2), (0.5, 1), ("2", 2), (-3, 0), ("0.34", 1)])
+def test_layer_forms_the_cli_sends(make_lm, layer, block):
+    assert make_lm(mode="hypothesis", layer=layer).layer == block
+
+
+def test_hypothesis_needs_a_layer(make_lm):
+    with pytest.raises(ValueError, match="needs a layer"):
+        make_lm(mode="hypothesis")
+
+
+def test_unknown_mode(make_lm):
+    with pytest.raises(ValueError, match="mode='hypothesys' is unknown.*regular, hypothesis, baseline"):
+        make_lm(mode="hypothesys", layer=1)
+
+
+@pytest.mark.parametrize("num_dummy", [0, 1.5, "two"])
+def test_bad_num_dummy(make_lm, num_dummy):
+    with pytest.raises(ValueError, match="num_dummy"):
+        make_lm(mode="hypothesis", layer=1, num_dummy=num_dummy)
+
+
+def test_blocks_not_found():
+    with pytest.raises(ValueError, match="could not find the decoder blocks.*layers_path"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+
+
+def test_bad_layers_path(make_lm):
+    with pytest.raises(ValueError, match="layers_path='model.nope'"):
+        make_lm(mode="hypothesis", layer=1, layers_path="model.nope")
+
+
+def test_layers_path_override(make_lm):
+    lm = make_lm("gpt2", mode="hypothesis", layer=1, layers_path="transformer.h")
+    assert lm.blocks is lm.model.transformer.h
+
+
+def test_dummy_pool_too_small(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1, num_dummy=2)
+    reqs = gen_requests()[:2]  # each document has only one other query to borrow
+    with pytest.raises(ValueError, match="num_dummy=2.*--limit"):
+        lm.generate_until(reqs)
+
+
+def test_rolling_loglikelihood_has_no_demonstrations(make_lm):
+    lm = make_lm(mode="baseline")
+    req = Instance("loglikelihood_rolling", {}, (context("ab", "c"),), 0, ("t", 0, 1))
+    with pytest.raises(ValueError, match="mode=regular"):
+        lm.loglikelihood_rolling([req])
+
+
+def test_explicit_delimiter_that_is_absent(make_lm):
+    lm = make_lm(mode="baseline", fewshot_delimiter="###")
+    with pytest.raises(ValueError, match="fewshot_delimiter"):
+        lm.generate_until(gen_requests())
