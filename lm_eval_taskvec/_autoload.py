@@ -3,7 +3,8 @@
 A ``.pth`` file runs :func:`install` at interpreter start-up. It must cost almost nothing, so it imports
 neither torch nor lm_eval: it only puts a finder on ``sys.meta_path`` that runs our registration right after
 lm_eval itself imports ``lm_eval.models`` (registering earlier would hide every built-in model) and
-``lm_eval.tasks.manager``. Set ``LM_EVAL_TASKVEC_AUTOLOAD=0`` to switch it off.
+``lm_eval.tasks.manager``. Set ``LM_EVAL_TASKVEC_AUTOLOAD=0`` to switch it off (``import lm_eval_taskvec``
+still registers everything).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import sys
 MODEL_NAME = "hf-taskvec"
 MODEL_TARGET = "lm_eval_taskvec.model:TaskVectorLM"
 ENV_SWITCH = "LM_EVAL_TASKVEC_AUTOLOAD"
+
+# Tasks lm-eval loaded in this process, by name: layer=auto reads their validation split through the very
+# task objects of the run (with its --num_fewshot and few-shot settings).
+LOADED_TASKS: dict = {}
 
 
 def register_model() -> None:
@@ -44,8 +49,16 @@ def add_task_path() -> None:
             include_path = paths
         original(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
 
+    original_load = TaskManager.load
+
+    def load(self, *args, **kwargs):
+        loaded = original_load(self, *args, **kwargs)
+        LOADED_TASKS.update(loaded.get("tasks", {}))
+        return loaded
+
     __init__._taskvec = True
     TaskManager.__init__ = __init__
+    TaskManager.load = load
 
 
 _AFTER_IMPORT = {"lm_eval.models": register_model, "lm_eval.tasks.manager": add_task_path}
@@ -80,10 +93,14 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def install_at_startup() -> None:
+    """What the ``.pth`` file runs: :func:`install`, unless the environment switches it off."""
+    if os.environ.get(ENV_SWITCH, "1").lower() not in ("0", "false", "no", "off"):
+        install()
+
+
 def install() -> None:
     """Run our registrations now for lm_eval modules already imported, and after import for the rest."""
-    if os.environ.get(ENV_SWITCH, "1").lower() in ("0", "false", "no", "off"):
-        return
     if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImportFinder())
     for name, callback in _AFTER_IMPORT.items():

@@ -134,10 +134,12 @@ class PatchRecord:
 
 
 @contextmanager
-def replace_states(block: nn.Module, values: torch.Tensor, positions, first_call_only: bool = False):
+def replace_states(block: nn.Module, values: torch.Tensor, positions, rows=None, first_call_only: bool = False):
     """Replace ``block``'s output of row i at ``positions[i]`` (or one int for all rows) by ``values[i]``.
 
-    ``first_call_only`` patches the prompt's forward pass of ``generate()`` and leaves decode steps alone.
+    ``rows`` (a bool mask over the batch) limits the patch to some rows, so one batch can patch each row at
+    its own layer. ``first_call_only`` patches the prompt's forward pass of ``generate()`` and leaves decode
+    steps alone.
     """
     record = PatchRecord()
 
@@ -151,10 +153,10 @@ def replace_states(block: nn.Module, values: torch.Tensor, positions, first_call
                 f"patch expected {values.shape[0]} rows but the block ran on {hidden.shape[0]}; "
                 "beam search and num_return_sequences > 1 are not supported in hypothesis mode"
             )
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        index = positions if isinstance(positions, int) else positions.to(hidden.device)
+        index = torch.arange(hidden.shape[0]) if rows is None else rows.nonzero().squeeze(-1)
+        at = torch.full_like(index, positions) if isinstance(positions, int) else positions[index]
         hidden = hidden.clone()
-        hidden[rows, index] = values.to(hidden.device, hidden.dtype)
+        hidden[index.to(hidden.device), at.to(hidden.device)] = values[index].to(hidden.device, hidden.dtype)
         record.patched += 1
         return _with_hidden(output, hidden)
 

@@ -7,38 +7,38 @@
   forward pass only.
 
 lm-eval batches, sorts and pads requests itself; this class rewrites each request's context into its query,
-and tells the patch hook which θ belongs to which row: in ``generate_until`` through ``tok_batch_encode``
-(left padding, last column), in ``loglikelihood`` through a lookup from each row's tokens (right padding,
-last context token).
+and tells the patch hooks which θ and layer belong to which row: in ``generate_until`` through
+``tok_batch_encode`` (left padding, last column), in ``loglikelihood`` through a lookup from each row's
+tokens (right padding, last context token).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from tqdm import tqdm
 
-from lm_eval_taskvec.contexts import SplitContext, choose_dummies, split_context
+from lm_eval_taskvec.contexts import choose_dummies, split_context
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
-from lm_eval_taskvec.layers import find_blocks, read_last_states, replace_states, resolve_layer, stop_after
-
-log = logging.getLogger(__name__)
+from lm_eval_taskvec.extraction import last_token_states
+from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
 MODES = ("regular", "hypothesis", "baseline")
+AUTO = "auto"
 EXTRACT_BATCH_SIZE = 16  # used when batch_size=auto
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one request becomes: the query the model sees and, in hypothesis mode, the θ to patch in."""
+    """What one request becomes: the query the model sees and, in hypothesis mode, which θ to patch where."""
 
     query: str
-    theta_key: tuple | None  # (demos, delimiter, dummies): identifies θ
+    theta_key: tuple | None = None  # (demos, delimiter, dummies): identifies θ
+    layer: int | None = None
 
 
 @register_model("hf-taskvec")
@@ -47,11 +47,13 @@ class TaskVectorLM(HFLM):
         self,
         pretrained=EMBEDDED_NAME,
         mode: str = "regular",
-        layer: int | float | str | None = None,
+        layer: int | float | str = AUTO,
         num_dummy: int = 2,
         seed: int = 1234,
         fewshot_delimiter: str | None = None,
         layers_path: str | None = None,
+        num_dev: int = 50,
+        layer_cache: bool = True,
         **kwargs,
     ) -> None:
         if pretrained == EMBEDDED_NAME:
@@ -59,27 +61,27 @@ class TaskVectorLM(HFLM):
         self.mode = _check_mode(mode)
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
+        self.num_dev = _as_int("num_dev", num_dev, minimum=1)
+        self.layer_cache = bool(layer_cache)
         self.fewshot_delimiter = fewshot_delimiter or None
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError("hf-taskvec supports decoder-only (causal) models, got backend=seq2seq")
         self.blocks = find_blocks(self.model, layers_path)
         self.layer = self._check_layer(layer)
-        self._theta_cache: dict[tuple, torch.Tensor] = {}
+        self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto)
+        self._theta_cache: dict[tuple[int, tuple], torch.Tensor] = {}
         self._generation_plans: dict[str, Plan] | None = None  # context -> plan, during generate_until
-        self._batch_theta: torch.Tensor | None = None  # θ rows of the batch tok_batch_encode just built
-        self._row_patches: dict[tuple, tuple[tuple, int]] | None = None  # row tokens -> (θ key, position)
+        self._batch_plans: list[Plan] | None = None  # plans of the batch tok_batch_encode just built
+        self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
 
-    def _check_layer(self, layer) -> int | None:
-        if layer is None or layer == "":
-            if self.mode == "hypothesis":
-                raise ValueError("mode=hypothesis needs a layer: pass layer=<block index or fraction>, e.g. layer=0.6")
-            return None
+    def _check_layer(self, layer) -> int | str:
         if isinstance(layer, str):
-            if layer.strip().lower() == "auto":
-                raise ValueError("layer=auto is not available yet: pass a block index or a fraction, e.g. layer=0.6")
+            text = layer.strip().lower()
+            if text == AUTO:
+                return AUTO
             try:
-                layer = float(layer) if "." in layer else int(layer)
+                layer = float(text) if "." in text else int(text)
             except ValueError:
                 raise ValueError(f"layer={layer!r} is not a block index, a fraction of depth or 'auto'") from None
         if isinstance(layer, bool) or not isinstance(layer, (int, float)):
@@ -87,67 +89,75 @@ class TaskVectorLM(HFLM):
         return resolve_layer(layer, len(self.blocks))
 
     # ------------------------------------------------------------------ planning and θ extraction
-    def _plan(self, requests) -> list[Plan]:
-        """Split every request's context; in hypothesis mode also choose dummies and compute θ."""
+    def plan(self, requests, layer: int | None = None, extract: bool = True) -> list[Plan]:
+        """Split every request's context; in hypothesis mode also choose dummies and the layer (``layer``
+        overrides it for every task), and compute the θ not cached yet unless ``extract`` is false."""
         splits = [split_context(req.args[0], self.fewshot_delimiter) for req in requests]
         if self.mode == "baseline":
-            return [Plan(s.query, None) for s in splits]
+            return [Plan(s.query) for s in splits]
         pools: dict[str, set[str]] = defaultdict(set)
         for req, split in zip(requests, splits):
             pools[req.task_name or ""].add(split.query)
+        layers = {task: self.layer_for(task) if layer is None else layer for task in pools}
         plans = []
         for req, split in zip(requests, splits):
             task = req.task_name or ""
             dummies = choose_dummies(pools[task], split.query, self.num_dummy, self.seed, task, split.demos)
-            plans.append(Plan(split.query, (split.demos, split.delimiter, dummies)))
-        self._ensure_thetas({p.theta_key for p in plans})
+            plans.append(Plan(split.query, (split.demos, split.delimiter, dummies), layers[task]))
+        if extract:
+            self.ensure_thetas({(p.layer, p.theta_key) for p in plans})
         return plans
 
-    def _ensure_thetas(self, keys: set[tuple]) -> None:
-        """Compute θ for every key not cached yet: one extraction pass over all [S, x'] prompts."""
-        missing = sorted(k for k in keys if (self.layer, k) not in self._theta_cache)
+    def layer_for(self, task: str) -> int:
+        if self.layer != AUTO:
+            return self.layer
+        if task not in self.selections:
+            from lm_eval_taskvec.selection import select_layer
+
+            self.selections[task] = select_layer(self, task)
+        return self.selections[task]["layer"]
+
+    def ensure_thetas(self, needed: set[tuple[int, tuple]]) -> None:
+        """Compute every missing θ: one extraction pass over all [S, x'] prompts, for all layers needed."""
+        missing = {(layer, key) for layer, key in needed if (layer, key) not in self._theta_cache}
         if not missing:
             return
-        prompts = sorted({SplitContext(d, delim, "").with_query(x) for d, delim, dummies in missing for x in dummies})
-        states = self.last_token_states(prompts, [self.layer])[self.layer]
-        row = {p: i for i, p in enumerate(prompts)}
-        for demos, delim, dummies in missing:
-            rows = [row[SplitContext(demos, delim, "").with_query(x)] for x in dummies]
-            theta = states[rows].float().mean(0)
-            self._theta_cache[(self.layer, (demos, delim, dummies))] = theta
+        keys = sorted({key for _, key in missing})
+        layers = sorted({layer for layer, _ in missing})
+        families = [[self.tok_encode(demos + delim + x) for x in dummies] for demos, delim, dummies in keys]
+        states = self.last_token_states(families, layers).float().mean(2)  # average over the dummies
+        for li, layer in enumerate(layers):
+            for ki, key in enumerate(keys):
+                self._theta_cache[(layer, key)] = states[li, ki]
 
-    def last_token_states(self, prompts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
-        """Each block in ``layers``'s output at the last token of each prompt: {layer: Tensor[n, hidden]}.
-
-        Prompts run right-padded with no attention mask (as HFLM scores likelihoods): causal attention keeps
-        padding out of every real position. The forward stops after the deepest block needed.
-        """
-        encoded = [self.tok_encode(p, left_truncate_len=self.max_length) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    def last_token_states(self, families: list[list[list[int]]], layers: list[int]) -> torch.Tensor:
+        """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
-        out = {layer: [None] * len(prompts) for layer in layers}
-        for start in tqdm(range(0, len(order), size), desc="Extracting task vectors", disable=self.rank != 0):
-            batch = order[start : start + size]
-            width = len(encoded[batch[0]])
-            inps = torch.zeros(len(batch), width, dtype=torch.long)
-            for r, i in enumerate(batch):
-                inps[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            last = torch.tensor([len(encoded[i]) - 1 for i in batch])
-            with read_last_states(self.blocks, layers, last) as found, stop_after(self.blocks[max(layers)]):
-                super()._model_call(inps.to(self.device))
-            for layer in layers:
-                for r, i in enumerate(batch):
-                    out[layer][i] = found[layer][r]
-        return {layer: torch.stack(rows) for layer, rows in out.items()}
+        with torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+            return last_token_states(self.model, self.blocks, families, layers, size, progress=self.rank == 0)
 
-    def _theta(self, key: tuple) -> torch.Tensor:
-        return self._theta_cache[(self.layer, key)]
+    def theta(self, plan: Plan) -> torch.Tensor:
+        return self._theta_cache[(plan.layer, plan.theta_key)]
+
+    @contextmanager
+    def patched(self, plans: list[Plan], positions, first_call_only: bool = False):
+        """Patch each row's θ at its plan's layer and its position: one hook per distinct layer."""
+        values = torch.stack([self.theta(p) for p in plans])
+        layers = torch.tensor([p.layer for p in plans])
+        with ExitStack() as stack:
+            records = [
+                stack.enter_context(replace_states(self.blocks[layer], values, positions, layers == layer, first_call_only))
+                for layer in sorted(set(layers.tolist()))
+            ]
+            yield
+        if any(r.patched != 1 for r in records):
+            raise RuntimeError(f"a patch hook fired {[r.patched for r in records]} times on the prompt pass, expected once")
 
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        plans = self._plan(requests)
+        plans = self.plan(requests)
         results: list[str | None] = [None] * len(requests)
         # Each part maps a context string to one plan (the same context from two tasks may differ in θ).
         for part in _partition(range(len(requests)), lambda i: requests[i].args[0], lambda i: plans[i]):
@@ -167,24 +177,23 @@ class TaskVectorLM(HFLM):
             raise RuntimeError("hf-taskvec patches the last column of a left-padded batch")
         plans = [self._generation_plans[s] for s in strings]
         if self.mode == "hypothesis":
-            self._batch_theta = torch.stack([self._theta(p.theta_key) for p in plans])
+            self._batch_plans = plans
         return super().tok_batch_encode([p.query for p in plans], padding_side, left_truncate_len, truncation)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        theta, self._batch_theta = self._batch_theta, None
-        if theta is None:
+        plans, self._batch_plans = self._batch_plans, None
+        if plans is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        with replace_states(self.blocks[self.layer], theta, -1, first_call_only=True) as record:
-            output = super()._model_generate(context, max_length, stop, **generation_kwargs)
-        if record.patched != 1:
-            raise RuntimeError(f"patch hook fired {record.patched} times on the prompt pass, expected once")
-        return output
+        with self.patched(plans, -1, first_call_only=True):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.mode == "regular":
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        plans = self._plan(requests)
+        return self.loglikelihood_planned(requests, self.plan(requests), disable_tqdm)
+
+    def loglikelihood_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False):
         encoded = []
         for req, plan in zip(requests, plans):
             context, continuation = req.args
@@ -196,7 +205,7 @@ class TaskVectorLM(HFLM):
 
         rows = [self._row_patch(ctx, cont, plan) for (_, ctx, cont), plan in zip(encoded, plans)]
         results: list = [None] * len(requests)
-        # Each part maps a row's tokens to one (θ, position), so _model_call can tell rows apart exactly.
+        # Each part maps a row's tokens to one (θ, layer, position), so _model_call can tell rows apart exactly.
         for part in _partition(range(len(requests)), lambda i: rows[i][0], lambda i: rows[i][1]):
             self._row_patches = {rows[i][0]: rows[i][1] for i in part}
             try:
@@ -214,21 +223,14 @@ class TaskVectorLM(HFLM):
         position = len(context_enc) - 1 - cut
         if position < 0:
             raise ValueError("continuation longer than the model's context: the query was truncated away")
-        return _strip_zeros(tuple(tokens[cut:-1])), (plan.theta_key, position)
+        return _strip_zeros(tuple(tokens[cut:-1])), (plan, position)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if self._row_patches is None:
             return super()._model_call(inps, attn_mask, labels)
-        thetas, positions = [], []
-        for row in inps.tolist():
-            theta_key, position = self._row_patches[_strip_zeros(tuple(row))]
-            thetas.append(self._theta(theta_key))
-            positions.append(position)
-        with replace_states(self.blocks[self.layer], torch.stack(thetas), torch.tensor(positions)) as record:
-            logits = super()._model_call(inps, attn_mask, labels)
-        if record.patched != 1:
-            raise RuntimeError(f"patch hook fired {record.patched} times in one forward pass, expected once")
-        return logits
+        plans, positions = zip(*(self._row_patches[_strip_zeros(tuple(row))] for row in inps.tolist()))
+        with self.patched(list(plans), torch.tensor(positions)):
+            return super()._model_call(inps, attn_mask, labels)
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
         saved, self._row_patches = self._row_patches, None  # its probe batches are not requests
@@ -244,6 +246,14 @@ class TaskVectorLM(HFLM):
                 "have none: run them with mode=regular"
             )
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def get_model_info(self) -> dict:
+        """Goes into the results JSON's ``config``: the mode, and per task the chosen layer and dev curve."""
+        info = super().get_model_info()
+        layer = self.layer if self.layer == AUTO or self.mode == "hypothesis" else None
+        info["taskvec"] = {"mode": self.mode, "layer": layer, "num_dummy": self.num_dummy, "seed": self.seed,
+                           "layer_selection": self.selections}
+        return info
 
 
 def _partition(indices, key, value) -> list[list[int]]:

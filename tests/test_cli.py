@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
     out = tmp_path / "out"
-    cmd = ["lm_eval", "--model", "hf-taskvec", "--model_args", model_args, "--device", "cpu",
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf-taskvec", "--model_args", model_args, "--device", "cpu",
            "--batch_size", "4", "--output_path", str(out), "--log_samples", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ def test_hypothesis_needs_demonstrations(make_lm):
         lm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("layer", [3, -4, 1.5, "3"])
+@pytest.mark.parametrize("layer", [3, -4, 1.5, "3", "middle"])
 def test_layer_out_of_range(make_lm, layer):
     with pytest.raises(ValueError, match="layer="):
         make_lm(mode="hypothesis", layer=layer)
@@ -28,9 +28,10 @@ def test_layer_forms_the_cli_sends(make_lm, layer, block):
     assert make_lm(mode="hypothesis", layer=layer).layer == block
 
 
-def test_hypothesis_needs_a_layer(make_lm):
-    with pytest.raises(ValueError, match="needs a layer"):
-        make_lm(mode="hypothesis")
+def test_auto_layer_needs_the_runs_task(make_lm):
+    lm = make_lm(mode="hypothesis")  # layer=auto is the default
+    with pytest.raises(ValueError, match="validation split of task 'nowhere'.*layer=<block"):
+        lm.generate_until([Instance(r.request_type, {}, r.args, r.idx, ("nowhere", r.idx, 1)) for r in gen_requests()])
 
 
 def test_unknown_mode(make_lm):

@@ -62,7 +62,7 @@ def test_theta_from_full_prompt_at_last_block_reproduces_regular_logits(make_lm,
     lm = make_lm(arch, mode="hypothesis", layer=-1)
     full = context("abcde", "k")
     last = len(lm.blocks) - 1
-    theta = lm.last_token_states([full], [last])[last]
+    theta = lm.last_token_states([[lm.tok_encode(full)]], [last])[0, :, 0]
     query = torch.tensor([lm.tok_encode(split_context(full).query)])
     regular = logits(lm, full)[-1]
     with replace_states(lm.blocks[last], theta, -1) as record:
@@ -79,7 +79,7 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
     ids = torch.tensor([lm.tok_encode(text)])
     base = lm._model_call(ids)
     layers = list(range(len(lm.blocks)))
-    states = lm.last_token_states([text], layers)
+    states = lm.last_token_states([[lm.tok_encode(text)]], layers)[:, :, 0]
     for layer in layers:
         with replace_states(lm.blocks[layer], states[layer], -1) as record:
             out = lm._model_call(ids)
@@ -87,14 +87,24 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
 
 
-def test_extraction_reads_each_rows_last_real_token_under_padding(make_lm):
-    lm = make_lm("gpt2", mode="hypothesis", layer=1)
-    prompts = [context("abcdefgh", "k"), context("a", "b"), context("abc", "d")]
-    batched = lm.last_token_states(prompts, [0, 1, 2])
-    for i, prompt in enumerate(prompts):
-        alone = lm.last_token_states([prompt], [0, 1, 2])
-        for layer in (0, 1, 2):
-            torch.testing.assert_close(batched[layer][i], alone[layer][0], rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, arch):
+    """Families of different prefix and suffix lengths in one batch: left-padded prefix, cache, suffixes."""
+    lm = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
+    families = [[context(d, q) for q in queries] for d, queries in
+                [("abcdefgh", ("k", "mno")), ("a", ("bc", "d")), ("abc", ("de", "f")), ("xy", ("z", "uvw"))]]
+    layers = list(range(len(lm.blocks)))
+    shared = lm.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    for f, family in enumerate(families):
+        for j, prompt in enumerate(family):
+            full = lm.model(torch.tensor([lm.tok_encode(prompt)]), output_hidden_states=True).hidden_states
+            for layer in layers:
+                # hidden_states[layer + 1] is block `layer`'s output, except the last, which is after the final norm
+                if layer < len(layers) - 1:
+                    torch.testing.assert_close(shared[layer, f, j], full[layer + 1][0, -1], rtol=1e-4, atol=1e-4)
+    for layer in layers:  # the last block, against an unshared run of the same reader
+        alone = lm.last_token_states([[lm.tok_encode(families[1][0])]], [layer])[0, 0, 0]
+        torch.testing.assert_close(shared[layer, 1, 0], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_hook_replaces_only_the_given_position_of_each_row(make_lm):
@@ -129,10 +139,10 @@ def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm):
     lm = make_lm("gpt2", mode="hypothesis", layer=1)
     reqs = gen_requests()
     outputs = lm.generate_until(reqs)
-    plans = lm._plan(reqs)
+    plans = lm.plan(reqs)
     for plan, output in zip(plans, outputs):
         query = torch.tensor([lm.tok_encode(plan.query)])
-        with replace_states(lm.blocks[1], lm._theta(plan.theta_key)[None], -1):
+        with replace_states(lm.blocks[1], lm.theta(plan)[None], -1):
             first = lm._model_call(query)[0, -1].argmax().item()
         expected = lm.tok_decode([first])
         assert output.startswith(expected.split("\n")[0])
@@ -143,10 +153,10 @@ def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, recor
     reqs = ll_requests()
     results = lm.loglikelihood(reqs)
     assert records and all(rec.patched == 1 and rec.calls == 1 for *_, rec in records)
-    for req, plan, (logprob, _) in zip(reqs, lm._plan(reqs), results):
+    for req, plan, (logprob, _) in zip(reqs, lm.plan(reqs), results):
         ctx, cont = lm._encode_pair(plan.query, req.args[1])
         ids = torch.tensor([ctx + cont])
-        with replace_states(lm.blocks[1], lm._theta(plan.theta_key)[None], len(ctx) - 1):
+        with replace_states(lm.blocks[1], lm.theta(plan)[None], len(ctx) - 1):
             logp = torch.log_softmax(lm._model_call(ids[:, :-1])[0], -1)
         expected = logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert logprob == pytest.approx(expected, abs=1e-4)
@@ -192,11 +202,11 @@ def test_regular_equals_stock_hflm(make_lm, kind):
 def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
     lm = make_lm("llama", mode="hypothesis", layer=1)
     reqs = gen_requests()
-    plans = lm._plan(reqs)
+    plans = lm.plan(reqs)
     queries = {split_context(r.args[0]).query for r in reqs}
     for plan in plans:
         dummies = plan.theta_key[2]
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
-    assert plans == lm._plan(list(reversed(reqs)))[::-1]
+    assert plans == lm.plan(list(reversed(reqs)))[::-1]
 
 
