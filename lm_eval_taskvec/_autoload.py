@@ -1,6 +1,6 @@
 """Start-up hook that makes the stock ``lm_eval`` command know ``hf-taskvec`` and the ``tv_*`` tasks.
 
-A ``.pth`` file runs :func:`install` at interpreter start-up. It must cost almost nothing, so it imports
+A ``.pth`` file imports the package, which runs :func:`install`, at interpreter start-up. It must cost almost nothing, so it imports
 neither torch nor lm_eval: it only puts a finder on ``sys.meta_path`` that runs our registration right after
 lm_eval itself imports ``lm_eval.models`` (registering earlier would hide every built-in model) and
 ``lm_eval.tasks.manager``. Set ``LM_EVAL_TASKVEC_AUTOLOAD=0`` to switch it off (``import lm_eval_taskvec``
@@ -9,13 +9,11 @@ still registers everything).
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 
 MODEL_NAME = "hf-taskvec"
 MODEL_TARGET = "lm_eval_taskvec.model:TaskVectorLM"
-ENV_SWITCH = "LM_EVAL_TASKVEC_AUTOLOAD"
 
 # Tasks lm-eval loaded in this process, by name: layer=auto reads their validation split through the very
 # task objects of the run (with its --num_fewshot and few-shot settings).
@@ -64,7 +62,7 @@ def add_task_path() -> None:
 _AFTER_IMPORT = {"lm_eval.models": register_model, "lm_eval.tasks.manager": add_task_path}
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:  # duck-typed: importing importlib.abc would cost ~40 ms at every start-up
     def __init__(self, loader, callback):
         self._loader, self._callback = loader, callback
 
@@ -75,8 +73,11 @@ class _Loader(importlib.abc.Loader):
         self._loader.exec_module(module)
         self._callback()
 
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...: whatever the real loader offers
+        return getattr(self._loader, name)
 
-class _AfterImportFinder(importlib.abc.MetaPathFinder):
+
+class _AfterImportFinder:
     """Wraps the real loader of a few lm_eval modules so a callback runs once they are imported."""
 
     def find_spec(self, name, path, target=None):
@@ -91,12 +92,6 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
                 spec.loader = _Loader(spec.loader, callback)
                 return spec
         return None
-
-
-def install_at_startup() -> None:
-    """What the ``.pth`` file runs: :func:`install`, unless the environment switches it off."""
-    if os.environ.get(ENV_SWITCH, "1").lower() not in ("0", "false", "no", "off"):
-        install()
 
 
 def install() -> None:
