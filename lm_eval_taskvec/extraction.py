@@ -1,13 +1,17 @@
-"""Block outputs at the last token of many prompts, computing each family's shared prefix once.
+"""Batched forward passes that compute a shared prefix once and reuse its KV cache.
 
-A family is the prompts [S, x'_1], ..., [S, x'_k] behind one task vector: they share S. The prefix runs once,
-left-padded, into a KV cache that is repeated for the k members; then only the short suffixes run. Both
-passes stop after the deepest block needed, so extraction at layer L never pays for the blocks above it.
+Extraction: a family is the prompts [S, x'_1], ..., [S, x'_k] behind one task vector; they share S. The
+prefix runs once, left-padded, into a KV cache repeated for the k members; then only the short suffixes
+run. Both passes stop after the deepest block needed, so extraction at layer L never pays for blocks above.
+The layer sweep uses the same two steps: the query minus its last token once, then the last token per layer.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +19,82 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from lm_eval_taskvec.layers import read_last_states, stop_after
+
+
+@dataclass
+class Prefix:
+    cache: DynamicCache
+    mask: torch.Tensor  # [batch, width], left-padded
+
+    def extend(self, model: nn.Module, suffixes: list[list[int]], repeat: int = 1):
+        """Run ``suffixes`` (``repeat`` per prefix row, in order) after the cached prefix; mutates the cache."""
+        if repeat > 1:
+            self.cache.batch_repeat_interleave(repeat)
+            self.mask = self.mask.repeat_interleave(repeat, 0)
+        span = max(map(len, suffixes))
+        lengths = self.mask.sum(-1)
+        return model(
+            input_ids=_pad(suffixes, span, left=False).to(self.mask.device),
+            # Right padding after each suffix is harmless: causal attention keeps it out of real tokens.
+            attention_mask=torch.cat([self.mask, self.mask.new_ones(len(suffixes), span)], 1),
+            position_ids=lengths[:, None] + torch.arange(span, device=self.mask.device),
+            use_cache=True,
+            **{_cache_argument(model): self.cache},
+        )
+
+    def copy(self) -> "Prefix":
+        return Prefix(copy.deepcopy(self.cache), self.mask)
+
+
+def prefill(model: nn.Module, prefixes: list[list[int]], stop_block: nn.Module | None = None) -> Prefix:
+    """Run left-padded ``prefixes`` into a fresh KV cache, filling only blocks up to ``stop_block`` if given."""
+    if min(map(len, prefixes)) == 0:
+        raise ValueError("a prompt of one token has no prefix to share")
+    device = next(model.parameters()).device
+    width = max(map(len, prefixes))
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+    prefix = Prefix(DynamicCache(config=model.config), mask)
+    with stop_after(stop_block) if stop_block is not None else nullcontext():
+        model(
+            input_ids=_pad(prefixes, width, left=True).to(device),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **{_cache_argument(model): prefix.cache},
+        )
+    return prefix
+
+
+def last_token_states(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    families: list[list[list[int]]],
+    layers: list[int],
+    batch_size: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Tensor[len(layers), len(families), k, hidden]: each listed block's output at each prompt's last token."""
+    k = len(families[0])
+    if any(len(f) != k for f in families):
+        raise ValueError("every family needs the same number of prompts")
+    deepest = blocks[max(layers)]
+    out = None
+    order = sorted(range(len(families)), key=lambda i: -max(map(len, families[i])))
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="Extracting task vectors", disable=not progress or len(starts) < 2):
+        batch = [families[i] for i in order[start : start + batch_size]]
+        cut = [_common_prefix_length(f) for f in batch]
+        suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
+        last = torch.tensor([len(s) - 1 for s in suffixes])
+        with torch.no_grad():
+            prefix = prefill(model, [f[0][:c] for f, c in zip(batch, cut)], stop_block=deepest)
+            with read_last_states(blocks, layers, last) as found, stop_after(deepest):
+                prefix.extend(model, suffixes, repeat=k)
+        states = torch.stack([found[layer] for layer in layers]).unflatten(1, (len(batch), k))
+        if out is None:
+            out = states.new_empty(len(layers), len(families), k, states.shape[-1])
+        out[:, order[start : start + batch_size]] = states
+    return out
 
 
 def _common_prefix_length(family: list[list[int]]) -> int:
@@ -37,61 +117,3 @@ def _pad(rows: list[list[int]], width: int, left: bool) -> torch.Tensor:
 def _cache_argument(model: nn.Module) -> str:
     """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def last_token_states(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    families: list[list[list[int]]],
-    layers: list[int],
-    batch_size: int,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Tensor[len(layers), len(families), k, hidden]: each listed block's output at each prompt's last token."""
-    k = len(families[0])
-    if any(len(f) != k for f in families):
-        raise ValueError("every family needs the same number of prompts")
-    deepest = blocks[max(layers)]
-    cache_arg = _cache_argument(model)
-    device = next(model.parameters()).device
-    out = None
-    order = sorted(range(len(families)), key=lambda i: -max(map(len, families[i])))
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="Extracting task vectors", disable=not progress or len(starts) < 2):
-        batch = [families[i] for i in order[start : start + batch_size]]
-        cut = [_common_prefix_length(f) for f in batch]
-        if min(cut) == 0:
-            raise ValueError("a prompt of one token has no prefix to share: extraction needs longer prompts")
-        prefixes = [f[0][:c] for f, c in zip(batch, cut)]
-        suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
-
-        width = max(cut)
-        mask = torch.tensor([[0] * (width - c) + [1] * c for c in cut], device=device)
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), stop_after(deepest):
-            model(
-                input_ids=_pad(prefixes, width, left=True).to(device),
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
-                **{cache_arg: cache},
-            )
-        cache.batch_repeat_interleave(k)
-
-        span = max(map(len, suffixes))
-        lengths = mask.sum(-1).repeat_interleave(k)
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
-        with torch.no_grad(), read_last_states(blocks, layers, last) as found, stop_after(deepest):
-            model(
-                input_ids=_pad(suffixes, span, left=False).to(device),
-                # Right padding after each suffix is harmless: causal attention keeps it out of real tokens.
-                attention_mask=torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(len(suffixes), span)], 1),
-                position_ids=lengths[:, None] + torch.arange(span, device=device),
-                use_cache=True,
-                **{cache_arg: cache},
-            )
-        states = torch.stack([found[layer] for layer in layers]).unflatten(1, (len(batch), k))
-        if out is None:
-            out = states.new_empty(len(layers), len(families), k, states.shape[-1])
-        out[:, order[start : start + batch_size]] = states
-    return out

@@ -30,6 +30,7 @@ from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
 EXTRACT_BATCH_SIZE = 16  # used when batch_size=auto
+MAX_BATCH_GROWTH = 8  # query-only batches hold at most this many times batch_size rows
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,16 @@ class TaskVectorLM(HFLM):
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         plans = self.plan(requests)
+        new_tokens = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
+        full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
+        short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
         results: list[str | None] = [None] * len(requests)
         # Each part maps a context string to one plan (the same context from two tasks may differ in θ).
         for part in _partition(range(len(requests)), lambda i: requests[i].args[0], lambda i: plans[i]):
             self._generation_plans = {requests[i].args[0]: plans[i] for i in part}
             try:
-                outputs = super().generate_until([requests[i] for i in part], disable_tqdm=disable_tqdm)
+                with self._grown_batches(full, short):
+                    outputs = super().generate_until([requests[i] for i in part], disable_tqdm=disable_tqdm)
             finally:
                 self._generation_plans = None
             for i, output in zip(part, outputs):
@@ -200,13 +205,18 @@ class TaskVectorLM(HFLM):
             if not plan.query:
                 raise ValueError(f"empty query after the last few-shot delimiter in {context[-80:]!r}")
             encoded.append(((context, continuation), *self._encode_pair(plan.query, continuation)))
+        full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + max(len(e[2]) for e in encoded)
+        with self._grown_batches(full, max(len(e[1]) + len(e[2]) for e in encoded)):
+            return self._loglikelihood_patched(encoded, plans, disable_tqdm)
+
+    def _loglikelihood_patched(self, encoded, plans: list[Plan], disable_tqdm: bool):
         if self.mode == "baseline":
             return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
         rows = [self._row_patch(ctx, cont, plan) for (_, ctx, cont), plan in zip(encoded, plans)]
-        results: list = [None] * len(requests)
+        results: list = [None] * len(encoded)
         # Each part maps a row's tokens to one (θ, layer, position), so _model_call can tell rows apart exactly.
-        for part in _partition(range(len(requests)), lambda i: rows[i][0], lambda i: rows[i][1]):
+        for part in _partition(range(len(encoded)), lambda i: rows[i][0], lambda i: rows[i][1]):
             self._row_patches = {rows[i][0]: rows[i][1] for i in part}
             try:
                 outputs = self._loglikelihood_tokens([encoded[i] for i in part], disable_tqdm=disable_tqdm)
@@ -215,6 +225,18 @@ class TaskVectorLM(HFLM):
             for i, output in zip(part, outputs):
                 results[i] = output
         return results
+
+    @contextmanager
+    def _grown_batches(self, full_tokens: int, short_tokens: int):
+        """Query-only rows are shorter than the few-shot rows ``batch_size`` was chosen for: batch more of them
+        while keeping the tokens per batch (and so memory) within what the user's batch size allows."""
+        saved = self.batch_size_per_gpu
+        if isinstance(saved, int):
+            self.batch_size_per_gpu = saved * max(1, min(MAX_BATCH_GROWTH, full_tokens // max(1, short_tokens)))
+        try:
+            yield
+        finally:
+            self.batch_size_per_gpu = saved
 
     def _row_patch(self, context_enc: list[int], continuation_enc: list[int], plan: Plan):
         """The row HFLM will build for this request (trailing zeros stripped: padding is zeros), and where θ goes."""

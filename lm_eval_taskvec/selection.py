@@ -20,6 +20,7 @@ from lm_eval.api.instance import Instance
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.embedded import cache_dir
+from lm_eval_taskvec.extraction import prefill
 
 CACHE_VERSION = 1
 
@@ -89,27 +90,30 @@ def sweep(lm, task_name: str, dev: list[DevExample]) -> list[float]:
     first = lm.plan(requests, layer=layers[0], extract=False)
     lm.ensure_thetas({(layer, p.theta_key) for p in first for layer in layers})  # one pass, all blocks
     if all(len(ex.choices) == 1 for ex in dev):
-        return [_first_token_accuracy(lm, requests, lm.plan(requests, layer)) for layer in layers]
+        return _first_token_curve(lm, requests, layers)
     curve = []
     for layer in layers:
-        scores = iter(lp for lp, _ in lm.loglikelihood_planned(requests, lm.plan(requests, layer)))
+        scores = iter(lp for lp, _ in lm.loglikelihood_planned(requests, lm.plan(requests, layer), disable_tqdm=True))
         correct = [max(range(len(ex.choices)), key=[next(scores) for _ in ex.choices].__getitem__) == ex.gold
                    for ex in dev]
         curve.append(sum(correct) / len(dev))
     return curve
 
 
-def _first_token_accuracy(lm, requests, plans) -> float:
-    pairs = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(requests, plans)]
-    width = max(len(ctx) for ctx, _ in pairs)
-    inps = torch.zeros(len(pairs), width, dtype=torch.long)
-    for r, (ctx, _) in enumerate(pairs):
-        inps[r, : len(ctx)] = torch.tensor(ctx)
-    positions = torch.tensor([len(ctx) - 1 for ctx, _ in pairs])
-    with lm.patched(plans, positions):
-        logits = lm._model_call(inps.to(lm.device))
-    predicted = logits[torch.arange(len(pairs)), positions.to(logits.device)].argmax(-1).tolist()
-    return sum(p == cont[0] for p, (_, cont) in zip(predicted, pairs)) / len(pairs)
+def _first_token_curve(lm, requests, layers: list[int]) -> list[float]:
+    """First-token accuracy at every layer: the queries minus their last token run once into a KV cache,
+    then each layer re-runs only the last token, patched, from a copy of that cache."""
+    plans = {layer: lm.plan(requests, layer) for layer in layers}
+    pairs = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(requests, plans[layers[0]])]
+    targets = torch.tensor([cont[0] for _, cont in pairs])
+    with torch.no_grad():
+        prefix = prefill(lm.model, [ctx[:-1] for ctx, _ in pairs])
+        curve = []
+        for layer in layers:
+            with lm.patched(plans[layer], -1):
+                logits = prefix.copy().extend(lm.model, [ctx[-1:] for ctx, _ in pairs]).logits[:, -1]
+            curve.append((logits.argmax(-1).cpu() == targets).float().mean().item())
+    return curve
 
 
 def _cache_key(lm, task_name: str, dev: list[DevExample]) -> str:

@@ -126,11 +126,12 @@ def test_hook_replaces_only_the_given_position_of_each_row(make_lm):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(make_lm, records, arch):
+def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(make_lm, records, monkeypatch, arch):
     reqs = gen_requests()
     batched = make_lm(arch, mode="hypothesis", layer=1, batch_size=4).generate_until(reqs)
     assert all(rec.patched == 1 for *_, rec in records)
     assert any(rec.calls > 1 for *_, rec in records)  # decode steps ran through the block, unpatched
+    monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)  # really one row per batch
     single = make_lm(arch, mode="hypothesis", layer=1, batch_size=1).generate_until(reqs)
     assert batched == single
 
@@ -163,9 +164,10 @@ def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, recor
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
-def test_loglikelihood_batched_equals_one_by_one(make_lm, arch):
+def test_loglikelihood_batched_equals_one_by_one(make_lm, monkeypatch, arch):
     reqs = ll_requests()
     batched = make_lm(arch, mode="hypothesis", layer=1, batch_size=8).loglikelihood(reqs)
+    monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)
     single = make_lm(arch, mode="hypothesis", layer=1, batch_size=1).loglikelihood(reqs)
     for (a, ga), (b, gb) in zip(batched, single):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
@@ -210,3 +212,9 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
 
 
+
+
+def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
+    lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
+    lm.generate_until(gen_requests())  # 6 requests: longest context ~4x its query, so one grown batch
+    assert len(records) == 1 and lm.batch_size_per_gpu == 2

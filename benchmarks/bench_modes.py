@@ -1,0 +1,131 @@
+"""Wall time and peak memory of each mode against stock ``--model hf``, in one process, on the same requests.
+
+    python benchmarks/bench_modes.py [--task tv_list_last] [--limit 64] [--batch_size 8] [--threads 1]
+
+Run it on an otherwise idle machine: with another busy process on 2 cores, timings swing 3-15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import threading
+import time
+
+import torch
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 5 ms (MiB)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.mib = (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def requests_of(task, limit: int):
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return [inst for inst in task.instances]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="tv_list_last")
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--layer", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs per mode")
+    parser.add_argument("--pretrained", default="embedded")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from lm_eval.api.samplers import FirstNSampler
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
+    from lm_eval_taskvec.model import TaskVectorLM
+    from lm_eval_taskvec.selection import dev_examples, sweep
+    from lm_eval_taskvec.tasks import task_dir
+
+    path = embedded_model_path() if args.pretrained == EMBEDDED_NAME else args.pretrained
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    common = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch_size)
+    manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
+    task = manager.load([args.task])["tasks"][args.task]
+    per_doc = requests_of(task, args.limit)
+    task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
+    shared = requests_of(task, args.limit)
+
+    stock = HFLM(**common)
+    ours = {mode: TaskVectorLM(mode=mode, layer=args.layer, **common) for mode in ("regular", "hypothesis", "baseline")}
+    sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.limit, layer_cache=False, **common)
+    dev = dev_examples(sweeper, args.task)
+    gen = per_doc[0].args[1]
+    dev_requests = [type(per_doc[0])("generate_until", {}, (ex.context, gen), i, (args.task, i, 1))
+                    for i, ex in enumerate(dev)]
+
+    def fresh(lm, call):
+        def run():
+            lm._theta_cache.clear()  # every repeat extracts θ again
+            return call()
+        return run
+
+    cases = {
+        "stock hf, regular": lambda: stock.generate_until(per_doc, disable_tqdm=True),
+        "hf-taskvec regular": lambda: ours["regular"].generate_until(per_doc, disable_tqdm=True),
+        "hypothesis, per-document S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(per_doc, True)),
+        "hypothesis, shared S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(shared, True)),
+        "baseline": lambda: ours["baseline"].generate_until(per_doc, disable_tqdm=True),
+        "hypothesis on the dev split": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)),
+        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: sweep(sweeper, args.task, dev)),
+    }
+    stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
+    times, memory = {}, {}
+    for name, run in cases.items():
+        best = float("inf")
+        for _ in range(args.repeats):
+            gc.collect()
+            with PeakMemory() as peak:
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+            memory[name] = max(memory.get(name, 0.0), peak.mib)
+        times[name] = best
+
+    base = times["stock hf, regular"]
+    print(f"\n{args.task}: {len(per_doc)} documents, batch size {args.batch_size}, layer {args.layer}, "
+          f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev)} dev documents, "
+          f"{len(model.model.layers) if hasattr(model, 'model') else '?'} blocks")
+    print(f"{'mode':38} {'seconds':>8} {'x stock':>8} {'peak MiB':>9}")
+    for name, seconds in times.items():
+        print(f"{name:38} {seconds:8.2f} {seconds / base:8.2f} {memory[name]:9.1f}")
+    ratio = times["full sweep (all blocks, dev split)"] / times["hypothesis on the dev split"]
+    print(f"{'full sweep / hypothesis on the same split':38} {ratio:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
