@@ -1,7 +1,7 @@
 # Set-up and everyday commands. `make demo` and `make test` each install what they need first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL_ARGS ?= pretrained=embedded,layer=20
+MODEL_ARGS ?= pretrained=embedded
 TASKS ?= tv_letter_to_upper
 
 .PHONY: install demo test

@@ -45,7 +45,7 @@ def _rss() -> int:
 
 def requests_of(task, limit: int):
     task.build_all_requests(limit=limit, rank=0, world_size=1)
-    return [inst for inst in task.instances]
+    return list(task.instances)
 
 
 def main():
@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per mode")
     parser.add_argument("--pretrained", default="embedded")
+    parser.add_argument("--max_gen_toks", type=int, default=None,
+                        help="override the task's limit on new tokens (1 = the paper's first-token protocol)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +78,8 @@ def main():
     common = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch_size)
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
     task = manager.load([args.task])["tasks"][args.task]
+    if args.max_gen_toks is not None:
+        task.set_config(key="generation_kwargs", value={"max_gen_toks": args.max_gen_toks}, update=True)
     per_doc = requests_of(task, args.limit)
     task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
     shared = requests_of(task, args.limit)
@@ -117,7 +121,7 @@ def main():
         times[name] = best
 
     base = times["stock hf, regular"]
-    print(f"\n{args.task}: {len(per_doc)} documents, batch size {args.batch_size}, layer {args.layer}, "
+    print(f"\n{args.task}: {len(per_doc)} documents, generation {gen}, batch size {args.batch_size}, layer {args.layer}, "
           f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev)} dev documents, "
           f"{len(model.model.layers) if hasattr(model, 'model') else '?'} blocks")
     print(f"{'mode':38} {'seconds':>8} {'x stock':>8} {'peak MiB':>9}")

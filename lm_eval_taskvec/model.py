@@ -14,6 +14,7 @@ tokens (right padding, last context token).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from lm_eval_taskvec.contexts import choose_dummies, split_context
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
 from lm_eval_taskvec.extraction import last_token_states
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
+
+log = logging.getLogger(__name__)
 
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
@@ -115,7 +118,9 @@ class TaskVectorLM(HFLM):
         if task not in self.selections:
             from lm_eval_taskvec.selection import select_layer
 
-            self.selections[task] = select_layer(self, task)
+            choice = self.selections[task] = select_layer(self, task)
+            log.info("%s: layer %d of %d, dev accuracy %.2f on %d documents (%s)", task, choice["layer"],
+                     len(self.blocks), choice["dev_accuracy"][choice["layer"]], choice["num_dev"], choice["source"])
         return self.selections[task]["layer"]
 
     def ensure_thetas(self, needed: set[tuple[int, tuple]]) -> None:
