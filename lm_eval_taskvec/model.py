@@ -67,7 +67,8 @@ class TaskVectorLM(HFLM):
         self.seed = _as_int("seed", seed)
         self.num_dev = _as_int("num_dev", num_dev, minimum=1)
         self.layer_cache = bool(layer_cache)
-        self.fewshot_delimiter = fewshot_delimiter or None
+        # The CLI passes "\n" as a backslash and an n: read escapes as Python does.
+        self.fewshot_delimiter = fewshot_delimiter.encode().decode("unicode_escape") if fewshot_delimiter else None
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError("hf-taskvec supports decoder-only (causal) models, got backend=seq2seq")

@@ -107,3 +107,10 @@ def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir
     assert set(choices) == {"tv_letter_to_upper", "tv_list_first"}
     assert all(len(c["dev_accuracy"]) == 3 for c in choices.values())
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_lm_eval_validate_finds_all_18_tasks_without_include_path():
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "validate", "--tasks", "task_vectors"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -78,3 +78,7 @@ def test_explicit_delimiter_that_is_absent(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter="###")
     with pytest.raises(ValueError, match="fewshot_delimiter"):
         lm.generate_until(gen_requests())
+
+
+def test_fewshot_delimiter_escapes_from_the_command_line(make_lm):
+    assert make_lm(mode="baseline", fewshot_delimiter="\\n\\n").fewshot_delimiter == "\n\n"

@@ -218,3 +218,11 @@ def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
     lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
     lm.generate_until(gen_requests())  # 6 requests: longest context ~4x its query, so one grown batch
     assert len(records) == 1 and lm.batch_size_per_gpu == 2
+
+
+def test_documents_sharing_demonstrations_share_theta(make_lm, records):
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    reqs = [Instance("generate_until", {}, (context("abcde", q), dict(GEN)), i, ("t", i, 1)) for i, q in enumerate("klmnop")]
+    plans = lm.plan(reqs)
+    assert len({p.theta_key for p in plans}) <= 3  # all but the dummies' own documents share one θ
+    assert len(lm._theta_cache) == len({p.theta_key for p in plans})

@@ -1,0 +1,79 @@
+"""Hooks on blocks that return a tuple (transformers < 5) behave as on blocks that return a Tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lm_eval_taskvec.layers import find_blocks, read_last_states, replace_states, resolve_layer
+
+
+class TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (x + self.linear(x), "extra")
+
+
+class TupleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(TupleBlock() for _ in range(3))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for block in self.layers:
+            x, extra = block(x)
+            assert extra == "extra"  # the rest of the tuple survives a patch
+        return self.head(x)
+
+
+def test_tuple_outputs_are_patched_and_read():
+    model, x = TupleModel(), torch.randn(2, 5, 4)
+    base = model(x)
+    with read_last_states(model.layers, [1], torch.tensor([4, 2])) as found:
+        model(x)
+    with replace_states(model.layers[1], found[1], torch.tensor([4, 2])) as record:
+        same = model(x)
+    torch.testing.assert_close(same, base)
+    with replace_states(model.layers[1], torch.zeros(2, 4), torch.tensor([4, 2])) as record:
+        changed = model(x)
+    assert record.calls == record.patched == 1
+    assert torch.equal(changed[0, :4], base[0, :4]) and not torch.equal(changed[0, 4], base[0, 4])
+    assert torch.equal(changed[1, :2], base[1, :2]) and not torch.equal(changed[1, 2], base[1, 2])
+
+
+def test_row_mask_patches_only_those_rows():
+    model, x = TupleModel(), torch.randn(3, 5, 4)
+    base = model(x)
+    with replace_states(model.layers[0], torch.zeros(3, 4), -1, rows=torch.tensor([False, True, False])):
+        out = model(x)
+    torch.testing.assert_close(out[[0, 2]], base[[0, 2]])
+    assert not torch.allclose(out[1, -1], base[1, -1])
+
+
+def test_hooks_are_removed_when_an_exception_flies():
+    model = TupleModel()
+    with pytest.raises(RuntimeError, match="boom"):
+        with replace_states(model.layers[0], torch.zeros(1, 4), -1), read_last_states(model.layers, [2], torch.tensor([0])):
+            raise RuntimeError("boom")
+    assert all(not block._forward_hooks for block in model.layers)
+
+
+def test_unsupported_block_output_raises_instead_of_doing_nothing():
+    class DictBlock(nn.Module):
+        def forward(self, x):
+            return {"hidden": x}
+
+    block = DictBlock()
+    with replace_states(block, torch.zeros(1, 4), -1), pytest.raises(TypeError, match="unsupported block output"):
+        block(torch.zeros(1, 2, 4))
+
+
+def test_blocks_found_by_size_and_configured_depth():
+    assert find_blocks(TupleModel()) is not None and len(find_blocks(TupleModel())) == 3
+    assert resolve_layer(-1, 30) == 29 and resolve_layer(0.66, 30) == 19 and resolve_layer(5.0, 30) == 5
