@@ -125,17 +125,21 @@ class TaskVectorLM(HFLM):
         return self.selections[task]["layer"]
 
     def ensure_thetas(self, needed: set[tuple[int, tuple]]) -> None:
-        """Compute every missing θ: one extraction pass over all [S, x'] prompts, for all layers needed."""
-        missing = {(layer, key) for layer, key in needed if (layer, key) not in self._theta_cache}
-        if not missing:
-            return
-        keys = sorted({key for _, key in missing})
-        layers = sorted({layer for layer, _ in missing})
-        families = [[self.tok_encode(demos + delim + x) for x in dummies] for demos, delim, dummies in keys]
-        states = self.last_token_states(families, layers).float().mean(2)  # average over the dummies
-        for li, layer in enumerate(layers):
-            for ki, key in enumerate(keys):
-                self._theta_cache[(layer, key)] = states[li, ki]
+        """Compute every missing θ: one extraction pass per set of layers (a sweep needs all blocks of each
+        [S, x'] prompt; an evaluation needs one layer per task, and stops there)."""
+        layers_of: dict[tuple, set[int]] = defaultdict(set)
+        for layer, key in needed:
+            if (layer, key) not in self._theta_cache:
+                layers_of[key].add(layer)
+        passes: dict[tuple[int, ...], list[tuple]] = defaultdict(list)
+        for key, layers in layers_of.items():
+            passes[tuple(sorted(layers))].append(key)
+        for layers, keys in passes.items():
+            families = [[self.tok_encode(demos + delim + x) for x in dummies] for demos, delim, dummies in keys]
+            states = self.last_token_states(families, list(layers)).float().mean(2)  # average over the dummies
+            for li, layer in enumerate(layers):
+                for ki, key in enumerate(keys):
+                    self._theta_cache[(layer, key)] = states[li, ki]
 
     def last_token_states(self, families: list[list[list[int]]], layers: list[int]) -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
