@@ -28,7 +28,7 @@ from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
 from lm_eval_taskvec.extraction import last_token_states
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
 
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
