@@ -81,13 +81,12 @@ def main():
     if args.max_gen_toks is not None:
         task.set_config(key="generation_kwargs", value={"max_gen_toks": args.max_gen_toks}, update=True)
     per_doc = requests_of(task, args.limit)
-    task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
-    shared = requests_of(task, args.limit)
-
     stock = HFLM(**common)
     ours = {mode: TaskVectorLM(mode=mode, layer=args.layer, **common) for mode in ("regular", "hypothesis", "baseline")}
     sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.limit, layer_cache=False, **common)
-    dev = dev_examples(sweeper, args.task)
+    dev = dev_examples(sweeper, args.task)  # per-document S, like the test requests
+    task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
+    shared = requests_of(task, args.limit)
     gen = per_doc[0].args[1]
     dev_requests = [type(per_doc[0])("generate_until", {}, (ex.context, gen), i, (args.task, i, 1))
                     for i, ex in enumerate(dev)]

@@ -76,6 +76,7 @@ class TaskVectorLM(HFLM):
         self.layer = self._check_layer(layer)
         self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto)
         self._theta_cache: dict[tuple[int, tuple], torch.Tensor] = {}
+        self._task_queries: dict[str, set[str]] = {}  # task -> queries of all its evaluated documents
         self._generation_plans: dict[str, Plan] | None = None  # context -> plan, during generate_until
         self._batch_plans: list[Plan] | None = None  # plans of the batch tok_batch_encode just built
         self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
@@ -103,6 +104,10 @@ class TaskVectorLM(HFLM):
         pools: dict[str, set[str]] = defaultdict(set)
         for req, split in zip(requests, splits):
             pools[req.task_name or ""].add(split.query)
+        for task in pools:
+            if task not in self._task_queries:
+                self._task_queries[task] = _task_queries(task)
+            pools[task] |= self._task_queries[task]
         layers = {task: self.layer_for(task) if layer is None else layer for task in pools}
         plans = []
         for req, split in zip(requests, splits):
@@ -286,6 +291,18 @@ class TaskVectorLM(HFLM):
         info["taskvec"] = {"mode": self.mode, "layer": layer, "num_dummy": self.num_dummy, "seed": self.seed,
                            "layer_selection": self.selections}
         return info
+
+
+def _task_queries(task_name: str) -> set[str]:
+    """Queries of all the evaluated documents of a task lm-eval loaded in this run, so that dummies do not
+    depend on --limit or on how many processes share the documents; empty for tasks we never saw loaded."""
+    from lm_eval_taskvec._autoload import LOADED_TASKS
+
+    task = LOADED_TASKS.get(task_name)
+    if task is None or not hasattr(task, "eval_docs"):
+        return set()
+    queries = (task.doc_to_text(doc) for doc in task.eval_docs)
+    return {q for q in queries if isinstance(q, str)}
 
 
 def _partition(indices, key, value) -> list[list[int]]:

@@ -67,3 +67,19 @@ def test_sweep_curve_matches_single_layer_hypothesis_runs(make_lm, layer_cache):
         hits = [fixed.tok_encode(ex.choices[0])[0] == fixed.tok_encode(g)[0] if g else False
                 for ex, g in zip(dev, firsts)]
         assert curve[layer] == pytest.approx(sum(hits) / len(dev))
+
+
+def test_dummies_come_from_all_the_tasks_documents_not_only_the_limited_ones(make_lm, layer_cache):
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    one = run(lm, limit=1)  # a single document still finds dummies among the task's other documents
+    assert one["results"]["tv_list_first"]["exact_match,none"] in (0.0, 1.0)
+    reqs = _requests(lm, 6)
+    assert lm.plan(reqs[:1])[0] == lm.plan(reqs)[0]  # θ of a document does not depend on --limit
+
+
+def _requests(lm, limit):
+    from lm_eval_taskvec._autoload import LOADED_TASKS
+
+    task = LOADED_TASKS["tv_list_first"]
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return list(task.instances)
