@@ -22,7 +22,7 @@ from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.extraction import prefill
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the sweep itself changes
 
 
 @dataclass
