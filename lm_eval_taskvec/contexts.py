@@ -14,13 +14,9 @@ AUTO_DELIMITERS = ("\n\n", "\n")  # lm-eval's default few-shot delimiter first, 
 
 @dataclass(frozen=True)
 class SplitContext:
-    demos: str  # S: everything before the last delimiter ("" when the context has no demonstrations)
+    demos: str  # S: everything before the last delimiter; [S, x'] is demos + delimiter + x'
     delimiter: str
-    query: str  # x: what the model sees in baseline mode
-
-    def with_query(self, query: str) -> str:
-        """The prompt [S, x'] used to extract a task vector with the dummy query ``query``."""
-        return self.demos + self.delimiter + query
+    query: str  # x: what the model sees in baseline and hypothesis mode
 
 
 def split_context(context: str, delimiter: str | None = None) -> SplitContext:
