@@ -3,8 +3,8 @@
 A ``.pth`` file imports the package, which runs :func:`install`, at interpreter start-up. It must cost almost
 nothing, so it imports neither torch nor lm_eval: it only puts a finder on ``sys.meta_path`` that runs our
 registration right after lm_eval itself imports ``lm_eval.models`` (registering earlier would hide every
-built-in model) and ``lm_eval.tasks.manager``. Set ``LM_EVAL_TASKVEC_AUTOLOAD=0`` to switch it off (``import lm_eval_taskvec``
-still registers everything).
+built-in model) and ``lm_eval.tasks.manager``. ``LM_EVAL_TASKVEC_AUTOLOAD=0`` switches it off
+(``import lm_eval_taskvec`` still registers everything).
 """
 
 from __future__ import annotations
