@@ -87,10 +87,11 @@ def plot(choices: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, choice in choices.items():
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, choice) in enumerate(choices.items()):
         curve = choice["dev_accuracy"]
-        (line,) = ax.plot(curve, lw=1, alpha=0.6, label=name)
+        (line,) = ax.plot(curve, lw=1, alpha=0.7, label=name, color=colors[i % len(colors)])
         ax.plot(choice["layer"], curve[choice["layer"]], "o", color=line.get_color())
     mean = mean_curve(choices)
     best = max(range(len(mean)), key=lambda i: (mean[i], -i))
@@ -99,7 +100,7 @@ def plot(choices: dict, path: Path) -> None:
     ax.set_xlabel("layer (decoder block)")
     ax.set_ylabel("dev accuracy (hypothesis)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
