@@ -38,7 +38,8 @@ def tokenizer():
 
 
 def _configs(vocab: int) -> dict:
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # A wide initialisation keeps random models' greedy outputs input-dependent, so tests can see a wrong patch.
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
     llama_like = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, **common,

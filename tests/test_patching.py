@@ -226,3 +226,26 @@ def test_documents_sharing_demonstrations_share_theta(make_lm, records):
     plans = lm.plan(reqs)
     assert len({p.theta_key for p in plans}) <= 3  # all but the dummies' own documents share one θ
     assert len(lm._theta_cache) == len({p.theta_key for p in plans})
+
+
+@pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
+def test_one_batch_patches_each_task_at_its_own_layer(make_lm, records, monkeypatch, kind):
+    """layer=auto can choose different layers per task; their rows share batches but not layers."""
+
+    def make(task: str, demos: str, queries: str):  # different queries, or the query-only rows coincide
+        if kind == "generate_until":
+            return [Instance(kind, {}, (context(demos, q), dict(GEN)), i, (task, i, 1)) for i, q in enumerate(queries)]
+        return [Instance(kind, {}, (context(demos, q), c), i, (task, i, 1))
+                for i, (q, c) in enumerate(zip(queries, ["K", " LL", "M", "N\nexample"]))]
+
+    mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
+    monkeypatch.setattr(mixed_lm, "layer_for", {"t1": 0, "t2": 2}.get)
+    mixed = getattr(mixed_lm, kind)(make("t1", "abc", "klmn") + make("t2", "xyz", "pqrs"))
+    assert sorted(rec.patched for *_, rec in records) == [1, 1]  # one batch, one hook per layer
+    alone = getattr(make_lm("gpt2", mode="hypothesis", layer=0), kind)(make("t1", "abc", "klmn"))
+    alone += getattr(make_lm("gpt2", mode="hypothesis", layer=2), kind)(make("t2", "xyz", "pqrs"))
+    if kind == "loglikelihood":
+        mixed, alone = [lp for lp, _ in mixed], [lp for lp, _ in alone]
+        assert mixed == pytest.approx(alone, abs=1e-4)
+    else:
+        assert mixed == alone
