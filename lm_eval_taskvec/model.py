@@ -174,7 +174,7 @@ class TaskVectorLM(HFLM):
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         plans = self.plan(requests)
-        new_tokens = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
+        new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
         short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
         results: list[str | None] = [None] * len(requests)
