@@ -81,7 +81,7 @@ def _with_hidden(output, hidden: torch.Tensor):
 
 
 class _StopForward(Exception):
-    """Raised by a reading hook once the last block we need has run, to skip the rest of the model."""
+    """Raised once the deepest block a pass needs has run, to skip the rest of the model."""
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import choose_dummies, split_context
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
 from lm_eval_taskvec.extraction import last_token_states
@@ -177,18 +178,17 @@ class TaskVectorLM(HFLM):
         new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
         short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
-        results: list[str | None] = [None] * len(requests)
-        # Each part maps a context string to one plan (the same context from two tasks may differ in θ).
-        for part in _partition(range(len(requests)), lambda i: requests[i].args[0], lambda i: plans[i]):
+
+        def run(part: list[int]) -> list[str]:
             self._generation_plans = {requests[i].args[0]: plans[i] for i in part}
             try:
                 with self._grown_batches(full, short):
-                    outputs = super().generate_until([requests[i] for i in part], disable_tqdm=disable_tqdm)
+                    return super(TaskVectorLM, self).generate_until([requests[i] for i in part], disable_tqdm)
             finally:
                 self._generation_plans = None
-            for i, output in zip(part, outputs):
-                results[i] = output
-        return results
+
+        # Each part maps a context string to one plan (the same context from two tasks may differ in θ).
+        return _in_parts(len(requests), lambda i: requests[i].args[0], lambda i: plans[i], run)
 
     def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
         if self._generation_plans is None:
@@ -229,17 +229,16 @@ class TaskVectorLM(HFLM):
             return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
         rows = [self._row_patch(ctx, cont, plan) for (_, ctx, cont), plan in zip(encoded, plans)]
-        results: list = [None] * len(encoded)
-        # Each part maps a row's tokens to one (θ, layer, position), so _model_call can tell rows apart exactly.
-        for part in _partition(range(len(encoded)), lambda i: rows[i][0], lambda i: rows[i][1]):
+
+        def run(part: list[int]) -> list:
             self._row_patches = {rows[i][0]: rows[i][1] for i in part}
             try:
-                outputs = self._loglikelihood_tokens([encoded[i] for i in part], disable_tqdm=disable_tqdm)
+                return self._loglikelihood_tokens([encoded[i] for i in part], disable_tqdm=disable_tqdm)
             finally:
                 self._row_patches = None
-            for i, output in zip(part, outputs):
-                results[i] = output
-        return results
+
+        # Each part maps a row's tokens to one (θ, layer, position), so _model_call can tell rows apart exactly.
+        return _in_parts(len(encoded), lambda i: rows[i][0], lambda i: rows[i][1], run)
 
     @contextmanager
     def _grown_batches(self, full_tokens: int, short_tokens: int):
@@ -296,8 +295,6 @@ class TaskVectorLM(HFLM):
 def _task_queries(task_name: str) -> set[str]:
     """Queries of all the evaluated documents of a task lm-eval loaded in this run, so that dummies do not
     depend on --limit or on how many processes share the documents; empty for tasks we never saw loaded."""
-    from lm_eval_taskvec._autoload import LOADED_TASKS
-
     task = LOADED_TASKS.get(task_name)
     if task is None or not hasattr(task, "eval_docs"):
         return set()
@@ -305,10 +302,11 @@ def _task_queries(task_name: str) -> set[str]:
     return {q for q in queries if isinstance(q, str)}
 
 
-def _partition(indices, key, value) -> list[list[int]]:
-    """Split ``indices`` into as few parts as possible such that within a part, equal keys have equal values."""
+def _in_parts(n: int, key, value, run) -> list:
+    """``run`` over items 0..n-1 in as few parts as possible such that within a part, equal keys have equal
+    values; results come back in item order."""
     parts: list[tuple[dict, list[int]]] = []
-    for i in indices:
+    for i in range(n):
         k, v = key(i), value(i)
         for seen, members in parts:
             if seen.setdefault(k, v) == v:
@@ -316,7 +314,11 @@ def _partition(indices, key, value) -> list[list[int]]:
                 break
         else:
             parts.append(({k: v}, [i]))
-    return [members for _, members in parts]
+    results: list = [None] * n
+    for _, members in parts:
+        for i, output in zip(members, run(members)):
+            results[i] = output
+    return results
 
 
 def _strip_zeros(row: tuple) -> tuple:

@@ -107,7 +107,8 @@ def _first_token_curve(lm, requests, layers: list[int]) -> list[float]:
     pairs = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(requests, plans[layers[0]])]
     targets = torch.tensor([cont[0] for _, cont in pairs])
     with torch.no_grad():
-        prefix = prefill(lm.model, [ctx[:-1] for ctx, _ in pairs])
+        # Stopping after the last block fills the cache without computing logits for every prefix token.
+        prefix = prefill(lm.model, [ctx[:-1] for ctx, _ in pairs], stop_block=lm.blocks[-1])
         curve = []
         for layer in layers:
             with lm.patched(plans[layer], -1):
