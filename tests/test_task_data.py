@@ -3,7 +3,6 @@
 import importlib.util
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
