@@ -83,3 +83,27 @@ def _requests(lm, limit):
     task = LOADED_TASKS["tv_list_first"]
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     return list(task.instances)
+
+
+def test_multiple_choice_sweep_matches_fixed_layer_scoring(make_lm, layer_cache, tmp_path):
+    """For a loglikelihood task, each block's dev accuracy is the argmax over its choices' log-probabilities."""
+    rows = [{"q": f"{a} {b}", "choices": [a, b, "c"], "label": i % 2}
+            for i, (a, b) in enumerate(zip("abcdefghijkl", "mnopqrstuvwx"))]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "mc.yaml").write_text(
+        "task: tiny_mc_dev\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files: {tmp_path / 'mc.jsonl'}\n"
+        "training_split: train\nvalidation_split: train\ntest_split: train\nnum_fewshot: 2\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Q: {{q}}\\nA:\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    TaskManager(include_path=str(tmp_path), include_defaults=False).load(["tiny_mc_dev"])
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
+    dev = selection.dev_examples(lm, "tiny_mc_dev")
+    assert all(len(ex.choices) == 3 for ex in dev)
+    curve = selection.sweep(lm, "tiny_mc_dev", dev)
+    requests = [selection.Instance("loglikelihood", {}, (ex.context, c), i, ("tiny_mc_dev", i, 1))
+                for i, ex in enumerate(dev) for c in ex.choices]
+    for layer in range(len(lm.blocks)):
+        scores = [lp for lp, _ in make_lm("gpt2", mode="hypothesis", layer=layer).loglikelihood(requests)]
+        hits = [max(range(3), key=scores[3 * i : 3 * i + 3].__getitem__) == ex.gold for i, ex in enumerate(dev)]
+        assert curve[layer] == pytest.approx(sum(hits) / len(dev))
