@@ -30,7 +30,7 @@ def test_layer_forms_the_cli_sends(make_lm, layer, block):
 
 def test_auto_layer_needs_the_runs_task(make_lm):
     lm = make_lm(mode="hypothesis")  # layer=auto is the default
-    with pytest.raises(ValueError, match="validation split of task 'nowhere'.*layer=<block"):
+    with pytest.raises(ValueError, match="dev documents of task .nowhere.*layer=<block"):
         lm.generate_until([Instance(r.request_type, {}, r.args, r.idx, ("nowhere", r.idx, 1)) for r in gen_requests()])
 
 
