@@ -128,3 +128,24 @@ def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
     task = make_task(splits={"train": rows[1:], "test": rows})
     with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
         make_lm(mode="baseline").generate_until(requests_of(task, limit=1))
+
+
+def test_plans_do_not_depend_on_the_rank(make_lm):
+    """With 2 processes each rank plans only its own requests; each request's dummies and θ (and the layer,
+    see test_selection) are what one process planning every request gives. (Which demonstrations a request
+    gets is lm-eval's business: its sampler draws per rank.)"""
+    task = make_task()
+    by_rank = []
+    for rank in (0, 1):
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(rank=rank, world_size=2)
+        by_rank.append(list(task.instances))
+    everything = make_lm(mode="hypothesis", layer=1)
+    together = everything.plan(by_rank[0] + by_rank[1])
+    alone = []
+    for requests in by_rank:
+        lm = make_lm(mode="hypothesis", layer=1)
+        alone += [(plan, lm.theta(plan)) for plan in lm.plan(requests)]
+    assert [plan for plan, _ in alone] == together and len(together) == 24
+    for (plan, theta), other in zip(alone, together):
+        torch.testing.assert_close(theta, everything.theta(other))

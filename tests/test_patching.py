@@ -253,3 +253,29 @@ def test_one_batch_patches_each_task_at_its_own_layer(make_lm, records, monkeypa
         assert mixed == pytest.approx(alone, abs=1e-4)
     else:
         assert mixed == alone
+
+
+def test_theta_is_the_mean_over_dummies_of_block_outputs_at_the_last_token(make_lm):
+    """θ written out by hand from full forward passes of [S, x'] (hidden_states[L + 1] is block L's output)."""
+    lm = make_lm("llama", mode="hypothesis", layer=1, num_dummy=3)
+    reqs = gen_requests()
+    plan = lm.plan(reqs)[0]
+    assert len(plan.theta_key.dummies) == 3
+    states = [lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True)
+              .hidden_states[2][0, -1] for dummy in plan.theta_key.dummies]
+    torch.testing.assert_close(lm.theta(plan), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(lm.theta(plan), states[0], atol=1e-3)  # the dummies differ: the mean matters
+
+
+def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
+    """The sweep reads every block in one pass; each block's θ must be what a single-layer pass reads."""
+    reqs = gen_requests()
+    lm = make_lm("gpt2", mode="hypothesis", layer=0)
+    keys = {p.theta_key for p in lm.plan(reqs, extract=False)}
+    layers = list(range(len(lm.blocks)))
+    lm.ensure_thetas({(layer, key) for key in keys for layer in layers})
+    for layer in layers:
+        alone = make_lm("gpt2", mode="hypothesis", layer=layer)
+        alone.ensure_thetas({(layer, key) for key in keys})
+        for key in keys:
+            torch.testing.assert_close(lm._theta_cache[(layer, key)], alone._theta_cache[(layer, key)])

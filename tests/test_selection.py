@@ -243,3 +243,14 @@ def test_refresh_sweeps_again_and_rewrites(make_lm, layer_cache):
 def test_only_hypothesis_runs_record_a_layer(make_lm, layer_cache, mode):
     info = run(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
     assert info == {"mode": mode}
+
+
+def test_the_layer_choice_does_not_depend_on_the_rank(make_lm, layer_cache):
+    task = make_task()
+    keys = []
+    for rank in (0, 1):
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(rank=rank, world_size=2)
+        lm = make_lm("llama", mode="hypothesis", num_dev=6)
+        keys.append(selection._cache_key(lm, "tiny", selection.dev_sets(lm, "tiny")))
+    assert keys[0] == keys[1]
