@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -324,16 +325,20 @@ def _valid_choice(choice, num_blocks: int) -> bool:
 
 
 def _write_cache(lm, path, choice: dict) -> None:
-    """Atomic: a temporary file renamed into place, so readers never see half a file. An unwritable cache
-    keeps the choice in memory and says so."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Atomic: a temporary file of its own renamed into place, so concurrent writers and readers never see
+    half a file. An unwritable cache keeps the choice in memory and says so."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: v for k, v in choice.items() if k != "source"}))
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump({k: v for k, v in choice.items() if k != "source"}, file)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as err:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
         lm.warn_once(f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
                      "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder")
 
