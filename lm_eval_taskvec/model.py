@@ -251,13 +251,19 @@ class TaskVectorLM(HFLM):
 
     @contextmanager
     def patched(self, plans: list[Plan], positions, first_call_only: bool = False):
-        """Patch each row's θ at its plan's layer and its position: one hook per distinct layer."""
-        values = torch.stack([self.theta(p) for p in plans])
-        layers = torch.tensor([p.layer for p in plans])
+        """Patch each row's θ at its plan's layer and its position (rows whose plan has no θ stay untouched):
+        one hook per distinct layer, each of which must fire on exactly one forward pass."""
+        thetas = {i: self.theta(p) for i, p in enumerate(plans) if p.theta_key is not None}
+        if not thetas:
+            yield
+            return
+        some = next(iter(thetas.values()))
+        values = torch.stack([thetas.get(i, torch.zeros_like(some)) for i in range(len(plans))])
+        layers = torch.tensor([p.layer if i in thetas else -1 for i, p in enumerate(plans)])
         with ExitStack() as stack:
             records = [
                 stack.enter_context(replace_states(self.blocks[layer], values, positions, layers == layer, first_call_only))
-                for layer in sorted(set(layers.tolist()))
+                for layer in sorted(set(layers.tolist()) - {-1})
             ]
             yield
         if any(r.patched != 1 for r in records):
@@ -267,7 +273,11 @@ class TaskVectorLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        plans = self.plan(requests)
+        return self.generate_planned(requests, self.plan(requests), disable_tqdm)
+
+    def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:
+        """Generate for each request from its plan's query text, with its plan's θ (if any) patched at the
+        query's last token in the prompt's forward pass."""
         new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
         short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
@@ -289,7 +299,7 @@ class TaskVectorLM(HFLM):
         if padding_side != "left":
             raise RuntimeError("hf-taskvec patches the last column of a left-padded batch")
         plans = [self._generation_plans[s] for s in strings]
-        if self.mode == "hypothesis":
+        if any(p.theta_key is not None for p in plans):
             self._batch_plans = plans
         return super().tok_batch_encode([p.query for p in plans], padding_side, left_truncate_len, truncation)
 
@@ -313,7 +323,7 @@ class TaskVectorLM(HFLM):
             return self._loglikelihood_patched(encoded, plans, disable_tqdm)
 
     def _loglikelihood_patched(self, encoded, plans: list[Plan], disable_tqdm: bool):
-        if self.mode == "baseline":
+        if all(p.theta_key is None for p in plans):
             return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
         rows = [self._row_patch(ctx, cont, plan) for (_, ctx, cont), plan in zip(encoded, plans)]

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import tempfile
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -35,6 +35,7 @@ from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.stats import mcnemar_exact
+from lm_eval_taskvec.theta import few_shot_requests
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -133,36 +134,10 @@ def _fold_members(num_docs: int, seed: int) -> tuple[frozenset[int], frozenset[i
 
 def _examples(lm, task, docs: list[tuple[int, dict]]) -> list[DevExample]:
     """``num_dev`` dev prompts over ``docs`` (cycled with fresh demonstrations when there are fewer docs)."""
-    rng = random.Random(lm.seed)
-    picked = rng.sample(docs, min(lm.num_dev, len(docs)))
-    picked = [picked[i % len(picked)] for i in range(lm.num_dev)] if len(picked) < lm.num_dev else picked
-    settings = getattr(task, "taskvec_prompt_settings", None) or {}
-    num_fewshot = task.get_config("num_fewshot")
-    examples = []
-    with _seeded_demos_without_the_document(task, lm.seed) as exclude:
-        for n, (doc_id, doc) in enumerate(picked):
-            exclude(doc)
-            context = task.fewshot_context(doc, num_fewshot, system_instruction=settings.get("system_instruction"),
-                                           gen_prefix=task.doc_to_prefix(doc))
-            requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
-            requests = [r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]]
-            examples.append(DevExample(doc_id, requests, _gold(task, doc)))
-    return examples
-
-
-@contextmanager
-def _seeded_demos_without_the_document(task, seed: int):
-    """Demonstrations drawn with a fixed seed that never include the dev document itself (lm-eval's sampler
-    only drops it when the few-shot split is the test split); the run's own sampler state is restored."""
-    sampler, saved = task.sampler, task.sampler.rnd
-    sample, current = sampler.sample, {}
-    sampler.set_rnd(seed)
-    sampler.sample = lambda n, eval_doc=None, **kwargs: sample(n, eval_doc=current["doc"], **kwargs)
-    try:
-        yield lambda doc: current.update(doc=doc)
-    finally:
-        del sampler.sample
-        sampler.rnd = saved
+    picked = random.Random(lm.seed).sample(docs, min(lm.num_dev, len(docs)))
+    picked = [picked[i % len(picked)] for i in range(lm.num_dev)]
+    requests = few_shot_requests(task, picked, task.get_config("num_fewshot"), lm.seed)
+    return [DevExample(doc_id, reqs, _gold(task, doc)) for (doc_id, doc), reqs in zip(picked, requests)]
 
 
 def _gold(task, doc) -> int | str:
