@@ -18,7 +18,7 @@ import json
 import logging
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from lm_eval.api.registry import register_model
@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
-from lm_eval_taskvec.extraction import last_token_states
+from lm_eval_taskvec.extraction import cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
@@ -57,6 +57,7 @@ class Plan:
     query: str
     theta_key: ThetaKey | None = None
     layer: int | None = None
+    patch: bool = True  # False: regular mode preparing θ for a later hypothesis run (see shared_modes)
 
 
 @register_model("hf-taskvec")
@@ -89,6 +90,7 @@ class TaskVectorLM(HFLM):
         self.layer = self._check_layer(layer)
         self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto), for the results
         self.layer_choices: dict[str, dict] = {}  # layer-cache key -> choice, this process's memory of sweeps
+        self.shared_modes: tuple[str, ...] = ()  # modes evaluated in turn on this instance: regular prepares θ
         self._theta_cache: dict[tuple[int, ThetaKey], torch.Tensor] = {}
         self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
         self._warned: set[str] = set()
@@ -243,8 +245,11 @@ class TaskVectorLM(HFLM):
     def last_token_states(self, families: list[list[list[int]]], layers: list[int]) -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
-        with torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+        with self._autocast():
             return last_token_states(self.model, self.blocks, families, layers, size, progress=self.rank == 0)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
 
     def theta(self, plan: Plan) -> torch.Tensor:
         return self._theta_cache[(plan.layer, plan.theta_key)]
@@ -271,6 +276,10 @@ class TaskVectorLM(HFLM):
 
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.mode == "regular" and "hypothesis" in self.shared_modes:
+            # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
+            plans = [replace(p, query=r.args[0], patch=False) for r, p in zip(requests, self.plan(requests, extract=False))]
+            return self.generate_planned(requests, plans, disable_tqdm)
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         return self.generate_planned(requests, self.plan(requests), disable_tqdm)
@@ -307,8 +316,35 @@ class TaskVectorLM(HFLM):
         plans, self._batch_plans = self._batch_plans, None
         if plans is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if not all(p.patch for p in plans):
+            cache = self._prefill_and_extract(context, generation_kwargs["attention_mask"], plans)
+            if cache is not None:
+                generation_kwargs[cache_argument(self.model)] = cache
+            plans = [p if p.patch else replace(p, theta_key=None) for p in plans]
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def _prefill_and_extract(self, context: torch.Tensor, mask: torch.Tensor, plans: list[Plan]):
+        """For a regular batch whose θ a later hypothesis run needs: run the columns every row shares with its
+        dummy prompts [S, x'] once into the KV cache that generation continues from, and extract θ from that
+        cache with only the dummies' own tokens. Returns the cache, or None when no column is shared."""
+        todo = [r for r, p in enumerate(plans) if p.theta_key is not None and (p.layer, p.theta_key) not in self._theta_cache]
+        if not todo:
+            return None
+        pads = (mask == 0).sum(-1).tolist()
+        families = {r: self.theta_prompts(plans[r].theta_key) for r in todo}
+        cut = min(pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in todo)
+        if cut == 0:
+            return None
+        layers = sorted({plans[r].layer for r in todo})
+        suffixes = [prompt[max(0, cut - pads[r]) :] for r in todo for prompt in families[r]]
+        with torch.no_grad(), self._autocast():
+            prefix = prefill_columns(self.model, context[:, :cut], mask[:, :cut])
+            found = states_after(self.model, self.blocks, prefix.take([r for r in todo for _ in families[r]]), suffixes, layers)
+        for i, r in enumerate(todo):
+            k = len(families[r])
+            self._theta_cache[(plans[r].layer, plans[r].theta_key)] = found[plans[r].layer][i * k : (i + 1) * k].float().mean(0)
+        return prefix.cache
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):

@@ -279,3 +279,23 @@ def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
         alone.ensure_thetas({(layer, key) for key in keys})
         for key in keys:
             torch.testing.assert_close(lm._theta_cache[(layer, key)], alone._theta_cache[(layer, key)])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records, arch):
+    """One model evaluating regular then hypothesis then baseline (as taskvec compare does) gives each mode's
+    separate outputs; regular extracts θ from the KV cache of S it generates from, and θ equals a fresh pass."""
+    reqs = gen_requests()
+    shared = make_lm(arch, mode="regular", layer=1, batch_size=3)
+    shared.shared_modes = ("regular", "hypothesis", "baseline")
+    outputs = {"regular": shared.generate_until(reqs)}
+    assert shared._theta_cache and not records  # θ ready after the regular run, nothing patched
+    separate = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
+    for plan in separate.plan(reqs):
+        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+    for mode in ("hypothesis", "baseline"):
+        shared.mode = mode
+        outputs[mode] = shared.generate_until(reqs)
+    assert outputs["regular"] == make_lm(arch, stock=True, batch_size=3).generate_until(reqs)
+    assert outputs["hypothesis"] == separate.generate_until(reqs)
+    assert outputs["baseline"] == make_lm(arch, mode="baseline", batch_size=3).generate_until(reqs)
