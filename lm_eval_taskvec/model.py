@@ -339,7 +339,7 @@ class TaskVectorLM(HFLM):
         layers = sorted({plans[r].layer for r in todo})
         suffixes = [prompt[max(0, cut - pads[r]) :] for r in todo for prompt in families[r]]
         with torch.no_grad(), self._autocast():
-            prefix = prefill_columns(self.model, context[:, :cut], mask[:, :cut])
+            prefix = prefill_columns(self.model, context[:, :cut], mask[:, :cut], stop_block=self.blocks[-1])
             found = states_after(self.model, self.blocks, prefix.take([r for r in todo for _ in families[r]]), suffixes, layers)
         for i, r in enumerate(todo):
             k = len(families[r])
