@@ -96,6 +96,13 @@ def test_exact_mcnemar_matches_the_hand_computed_binomial_tail():
     assert mcnemar_exact(6, 0) == 2 / 64
 
 
+@pytest.mark.parametrize("a_only, b_only", [(2600, 2400), (30, 50), (100, 3), (0, 7), (4, 4)])
+def test_exact_mcnemar_agrees_with_scipys_binomial_test(a_only, b_only):
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.binomtest(a_only, a_only + b_only, 0.5).pvalue
+    assert mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-12)
+
+
 def test_paired_bootstrap_against_hand_computed_cases():
     # every document differs by the same amount: no resample comes as close to the null as zero
     assert paired_bootstrap([0.7] * 5, [0.2] * 5, iters=999, seed=1) == 1 / 1000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from math import comb
 from numbers import Real
 
 import numpy as np
@@ -17,7 +16,10 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     n = a_only + b_only
     if n == 0:
         return 1.0
-    tail = sum(comb(n, k) for k in range(min(a_only, b_only) + 1))
+    term = tail = 1  # C(n, 0); then C(n, k) from C(n, k - 1), exactly, in integers
+    for k in range(1, min(a_only, b_only) + 1):
+        term = term * (n - k + 1) // k
+        tail += term
     return min(1.0, 2 * tail / 2**n)
 
 
