@@ -61,12 +61,14 @@ def write_run(folder, scores: dict, *, model="hf-taskvec", mode="hypothesis", gr
     config = {"model": model, "model_args": args, "batch_size": "4", "device": "cpu", "limit": limit, "gen_kwargs": {},
               "random_seed": 0, "numpy_seed": 1234, "torch_seed": 1234, "fewshot_seed": 1234}
     if model == "hf-taskvec":
+        selection = {t: {"layer": layer, "dev_accuracy": []} for t, layer in (layers or {}).items()}
         config["taskvec"] = {"mode": mode, "layer": "auto" if mode == "hypothesis" else None, "num_dummy": 2,
-                             "layer_selection": {t: {"layer": layer, "dev_accuracy": []} for t, layer in (layers or {}).items()}}
+                             "layer_selection": selection}
     versions = versions or {}
     data = {"results": results, "groups": {g: results[g] for g in group_values or {}},
             "group_subtasks": {g: list(m) for g, m in (groups or {}).items()}, "configs": configs,
-            "versions": {t: versions.get(t, 1.0) for t in results}, "n-shot": {t: configs.get(t, {}).get("num_fewshot", 5) for t in results},
+            "versions": {t: versions.get(t, 1.0) for t in results},
+            "n-shot": {t: configs.get(t, {}).get("num_fewshot", 5) for t in results},
             "n-samples": n_samples, "config": config, "model_source": model, "model_name": MODEL,
             "lm_eval_version": "0.4.13"}
     path = folder / f"results_{date}.json"
@@ -299,15 +301,39 @@ def test_missing_paths_and_empty_folders_are_refused(tmp_path):
         compare([], limit=3)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"model_args": "pretrained=/nowhere,mode=hypothesis"}, "^model_args: leave out mode=hypothesis; modes"),
+    ({"modes": "regular,hypotesis"}, "^modes: regular,hypotesis is not a list of distinct modes from regular,"),
+    ({"modes": "baseline,baseline"}, "^modes: baseline,baseline is not a list of distinct modes"),
+    ({"seed": "1,2"}, r"^seed: '1,2' has 2 values; give one, or four \(python,numpy,torch,fewshot\)"),
+    ({"seed": "x"}, "^seed: 'x' is not one integer or four separated by commas"),
+])
+def test_running_options_are_checked_before_the_model_loads(tmp_path, options, message):
+    options = {"model_args": "pretrained=/nowhere"} | options  # loading it would fail otherwise
+    with pytest.raises(UsageError, match=message):
+        compare(tasks="tv_letter_to_upper", output_path=tmp_path, **options)
+
+
+def test_seed_is_read_as_lm_evals():
+    from lm_eval_taskvec.comparison.evaluate import _seeds
+
+    assert _seeds(None) == {}
+    assert _seeds("7") == _seeds(7) == dict.fromkeys(
+        ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), 7)
+    assert list(_seeds("0,None,8,52").values()) == [0, None, 8, 52]
+
+
 def taskvec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lm_eval_taskvec.cli", "compare", *args], capture_output=True, text=True)
+    command = [sys.executable, "-m", "lm_eval_taskvec.cli", "compare", *args]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_cli_help_shows_the_defaults():
     done = taskvec("--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for expected in ("RESULTS", "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
+    for expected in ("RESULTS",
+                     "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
                      "(default: taskvec_compare)", "paired bootstrap resamples (default: 10000)", "--log_samples",
                      "taskvec compare --model_args pretrained=embedded --tasks task_vectors"):
         assert expected in text, expected

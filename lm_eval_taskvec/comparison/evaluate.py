@@ -71,7 +71,8 @@ def _check_modes(modes) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or len(set(modes)) != len(modes):
-        raise UsageError(f"modes: {','.join(modes) or 'nothing'} is not a list of distinct modes from {','.join(MODES)}")
+        raise UsageError(f"modes: {','.join(modes) or 'nothing'} is not a list of distinct modes "
+                         f"from {','.join(MODES)}")
     return modes
 
 

@@ -95,17 +95,6 @@ class Run:
     def results(self) -> dict:
         return self.data["results"]
 
-    @property
-    def leaf_tasks(self) -> list[str]:
-        """Tasks (not groups) of this run, in the file's order."""
-        groups = self.groups
-        return [name for name in self.results if name not in groups]
-
-    @property
-    def groups(self) -> set[str]:
-        subtasks = self.data.get("group_subtasks") or {}
-        return set(self.data.get("groups") or {}) | {g for g, members in subtasks.items() if members}
-
     def task_info(self, task: str) -> dict:
         """Per-task settings compared across columns: a difference is flagged in a footnote."""
         config = (self.data.get("configs") or {}).get(task) or {}
@@ -172,7 +161,8 @@ def load_run(path: Path) -> Run:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ResultsPathError(f"RESULTS {path}: not an lm-eval results file (not JSON: {e}); {hint}") from None
     if not (isinstance(data, dict) and isinstance(data.get("results"), dict) and isinstance(data.get("config"), dict)):
-        raise ResultsPathError(f"RESULTS {path}: not an lm-eval results file (no 'results' and 'config' objects); {hint}")
+        raise ResultsPathError(
+            f"RESULTS {path}: not an lm-eval results file (no 'results' and 'config' objects); {hint}")
     if not data["results"]:
         raise ResultsPathError(f"RESULTS {path}: the results file holds no task results; {hint}")
     return Run(path, data)
