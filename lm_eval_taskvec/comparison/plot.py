@@ -10,7 +10,11 @@ MODE_COLORS = {"baseline": "#9e9e9e", "hypothesis": "#1f77b4", "regular": "#ff7f
 
 
 def plot(table: Comparison, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("compare.png needs matplotlib: pip install 'lm-eval-taskvec[plot]', or pass --no_plot "
+                          "(plot=False)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
