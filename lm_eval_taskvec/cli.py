@@ -1,6 +1,7 @@
-"""``taskvec``: the layer sweep as a table and a plot, and the embedded model's path.
+"""``taskvec``: the layer sweep as a table and a plot, the comparison of modes and runs, and the embedded model's path.
 
     taskvec sweep --model_args pretrained=embedded --tasks tv_algorithmic --output_path sweep/
+    taskvec compare --model_args pretrained=embedded --tasks task_vectors --output_path out/
     taskvec embedded-path
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from lm_eval_taskvec.comparison import cli as compare_cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,8 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--output_path", default="taskvec_sweep", help="folder for sweep.json and sweep.png")
     sweep.add_argument("--no_cache", action="store_true", help="sweep again even if a choice is cached")
     commands.add_parser("embedded-path", help="convert the embedded SmolLM2 model once and print its folder")
+    compare = compare_cli.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "embedded-path":
+    if args.command == "compare":
+        compare_cli.run(args, compare)
+    elif args.command == "embedded-path":
         from lm_eval_taskvec.embedded import embedded_model_path
 
         print(embedded_model_path())
