@@ -34,7 +34,9 @@ def run_modes(model_args, tasks, output_path, modes=MODES, *, num_fewshot: int |
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     seeds = _seeds(seed)
     extra = {"device": device} if device else {}
+    modes = tuple(sorted(modes, key=lambda m: m != "regular"))  # regular first: it prepares θ from the same S
     lm = TaskVectorLM(**args, mode=modes[0], batch_size=batch_size, **extra)
+    lm.shared_modes = modes
     # Tasks carry the model args in their metadata, as in an lm_eval run; TaskManager indexes every task
     # folder once, and reads this dict when it loads tasks, so each mode's configs name that mode.
     metadata = dict(args)

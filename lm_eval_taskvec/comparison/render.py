@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from lm_eval_taskvec.comparison.stats import ALPHA
+from lm_eval_taskvec.stats import ALPHA
 from lm_eval_taskvec.comparison.table import Comparison, Row
 
 

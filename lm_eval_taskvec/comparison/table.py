@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_eval_taskvec.comparison.runs import RUNTIME_ARGS, Run, UsageError
-from lm_eval_taskvec.comparison.stats import ALPHA, paired_scores, paired_test
+from lm_eval_taskvec.stats import ALPHA, paired_scores, paired_test
 
 MODE_ORDER = {"baseline": 0, "hypothesis": 1, "regular": 2}  # the paper's B, H, R
 PAPER_METRIC, STRICT_METRIC = "paper_match", "exact_match"
