@@ -90,7 +90,8 @@ class TaskVectorLM(HFLM):
         self.layer = self._check_layer(layer)
         self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto), for the results
         self.layer_choices: dict[str, dict] = {}  # layer-cache key -> choice, this process's memory of sweeps
-        self.shared_modes: tuple[str, ...] = ()  # modes evaluated in turn on this instance: regular prepares θ
+        self.shared_modes: tuple[str, ...] = ()  # modes evaluated in turn on this instance: regular prepares θ,
+        self._forked_baseline: dict[tuple, torch.Tensor] = {}  # and hypothesis generates baseline's answers too
         self._theta_cache: dict[tuple[int, ThetaKey], torch.Tensor] = {}
         self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
         self._warned: set[str] = set()
@@ -282,6 +283,8 @@ class TaskVectorLM(HFLM):
             return self.generate_planned(requests, plans, disable_tqdm)
         if self.mode == "regular":
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        if self.mode == "hypothesis":
+            self._forked_baseline.clear()
         return self.generate_planned(requests, self.plan(requests), disable_tqdm)
 
     def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:
@@ -314,13 +317,26 @@ class TaskVectorLM(HFLM):
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         plans, self._batch_plans = self._batch_plans, None
+        key = _batch_key(context, max_length, stop)
         if plans is None:
+            if key in self._forked_baseline:  # computed alongside hypothesis, from the same query prefill
+                return self._forked_baseline.pop(key)
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         if not all(p.patch for p in plans):
             cache = self._prefill_and_extract(context, generation_kwargs["attention_mask"], plans)
             if cache is not None:
                 generation_kwargs[cache_argument(self.model)] = cache
             plans = [p if p.patch else replace(p, theta_key=None) for p in plans]
+        elif self.mode == "hypothesis" and "baseline" in self.shared_modes and context.shape[1] > 1:
+            # Baseline and hypothesis run the same query tokens and differ from the last one on: prefill the
+            # rest once; baseline continues from a copy, unpatched, and waits for the baseline run.
+            with torch.no_grad(), self._autocast():
+                prefix = prefill_columns(self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1],
+                                         stop_block=self.blocks[-1])
+            rows = list(range(context.shape[0]))
+            self._forked_baseline[key] = super()._model_generate(
+                context, max_length, stop, **generation_kwargs, **{cache_argument(self.model): prefix.take(rows).cache})
+            generation_kwargs[cache_argument(self.model)] = prefix.cache
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
@@ -467,6 +483,11 @@ def _in_parts(n: int, key, value, run) -> list:
         for i, output in zip(members, run(members)):
             results[i] = output
     return results
+
+
+def _batch_key(context: torch.Tensor, max_length: int, stop) -> tuple:
+    """The same query batch in the baseline run as in the hypothesis run that generated its answers."""
+    return context.shape, context.cpu().numpy().tobytes(), max_length, tuple(stop)
 
 
 def _strip_zeros(row: tuple) -> tuple:

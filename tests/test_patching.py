@@ -296,6 +296,7 @@ def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records,
     for mode in ("hypothesis", "baseline"):
         shared.mode = mode
         outputs[mode] = shared.generate_until(reqs)
+        assert bool(shared._forked_baseline) == (mode == "hypothesis")  # baseline's answers, waiting, then used
     assert outputs["regular"] == make_lm(arch, stock=True, batch_size=3).generate_until(reqs)
     assert outputs["hypothesis"] == separate.generate_until(reqs)
     assert outputs["baseline"] == make_lm(arch, mode="baseline", batch_size=3).generate_until(reqs)
