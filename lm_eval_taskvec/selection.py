@@ -319,11 +319,15 @@ def _write_cache(lm, path, choice: dict) -> None:
 
 
 def _log_choice(lm, task_name: str, choice: dict) -> None:
-    for part, scope in ([(f, f"half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
+    """One line per chosen layer; a warning when it does nothing the query alone does not."""
+    for part, scope in ([(f, f" half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
                         else [(choice, "")]):
-        verdict = ("NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p="
-                   f"{part['p_value']:.2f}), so hypothesis mode adds nothing here" if part["no_effect"] else "")
-        log.info("%s%s: block %d (0-based) of %d blocks, dev accuracy %.2f (baseline %.2f, regular %.2f) on %d "
-                 "prompts from %s (%s). %s", task_name, f" {scope}" if scope else "", part["layer"], len(lm.blocks),
-                 part["dev_accuracy"][part["layer"]], part["baseline_accuracy"], part["regular_accuracy"],
-                 part["num_dev"], choice["dev_split"], choice["source"], verdict)
+        line = (f"{task_name}{scope}: block {part['layer']} (0-based) of {len(lm.blocks)} blocks, dev accuracy "
+                f"{part['dev_accuracy'][part['layer']]:.2f} (baseline {part['baseline_accuracy']:.2f}, regular "
+                f"{part['regular_accuracy']:.2f}) on {part['num_dev']} prompts from {choice['dev_split']} "
+                f"({choice['source']})")
+        if part["no_effect"]:
+            log.warning("%s. NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p=%.2f), "
+                        "so hypothesis mode adds nothing here", line, part["p_value"])
+        else:
+            log.info("%s", line)
