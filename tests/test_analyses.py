@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +13,12 @@ import torch
 import transformers
 from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distances
 
+from lm_eval.tasks import TaskManager
+
 from lm_eval_taskvec.analyses import common, conflict, export, geometry, vocab
 from lm_eval_taskvec.model import TaskVectorLM, ThetaKey
 from lm_eval_taskvec.selection import select_layer
+from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import task_vectors
 from tests.conftest import make_model
 from tests.tasks import LETTERS, letter_rows, make_task, requests_of
@@ -134,7 +140,10 @@ def test_conflict_refuses_pairs_without_shared_inputs_and_bad_options(make_lm, t
     assert conflict.parse_pairs(" a:b , c:d ") == [("a", "b"), ("c", "d")]
 
 
-def test_unknown_task_and_layer_are_refused_by_name(make_lm):
+def test_unknown_task_and_layer_are_refused_by_name(make_lm, monkeypatch):
+    # Index only the project's tasks: indexing all of lm-eval's takes half a minute.
+    monkeypatch.setattr(common, "TaskManager", lambda include_path=None: TaskManager(
+        include_path=str(task_dir()), include_defaults=False))
     with pytest.raises(ValueError, match=r"--tasks: .*tv_no_such_task.* is not a registered task"):
         common.load_tasks("tv_letter_to_upper,tv_no_such_task")
     with pytest.raises(ValueError, match=r"--layer 'middle' is not 'auto'"):
@@ -242,3 +251,55 @@ def test_loading_theta_for_another_model_is_refused_naming_both(make_lm, tasks, 
         export.load_thetas(tmp_path / "not.safetensors", lm)
     with pytest.raises(FileNotFoundError, match="theta_path=.*missing.safetensors does not exist"):
         export.load_thetas(tmp_path / "missing.safetensors", lm)
+
+
+def test_a_missing_extra_is_named():
+    with pytest.raises(ImportError, match=r"needs no_such_module: pip install 'lm-eval-taskvec\[analyses\]'"):
+        common.require("no_such_module.manifold")
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command, options, files", [
+    ("geometry", ["--tasks", "upper,double", "--num_sets", "3", "--num_fewshot", "2"], ["geometry.md", "geometry.png"]),
+    ("conflict", ["--pairs", "upper:double", "--num_docs", "4", "--metric", "exact_match"], ["conflict.md", "conflict.png"]),
+    ("vocab", ["--tasks", "upper", "--layers", "0,2", "--num_sets", "2", "--top_k", "3"], ["vocab.md", "vocab.png"]),
+    ("export", ["--tasks", "upper,double", "--num_sets", "2", "--layers", "0.5,2"], ["thetas.safetensors", "thetas.md"]),
+])
+def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypatch, command, options, files):
+    """``taskvec <command>`` parses its options into its module's run (model and tasks stubbed: tiny, in memory)."""
+    from lm_eval_taskvec import cli
+
+    lm = make_lm("gpt2")
+    module = {"geometry": geometry, "conflict": conflict, "vocab": vocab, "export": export}[command]
+    monkeypatch.setattr(module, "open_model", lambda model_args, batch_size, device: lm)
+    monkeypatch.setattr(module, "load_tasks", lambda names, include_path: {n: tasks[n] for n in names.split(",")}
+                        if isinstance(names, str) else {n: tasks[n] for n in names})
+    out = tmp_path / "out"
+    cli.main([command, "--layer", "1", "--output_path", str(out), "--seed", "3", *options])
+    assert all((out / name).stat().st_size > 0 for name in files)
+    rows = (out / (files[0].split(".")[0] + ".csv")).read_text().splitlines()[1:]
+    expected = {"geometry": ["upper,1,3", "double,1,3"], "conflict": ["upper,double,1,4"],
+                "vocab": ["upper,0,", "upper,2,"], "export": ["upper,1,", "upper,2,", "double,1,", "double,2,"]}[command]
+    assert [row[: len(e)] for row, e in zip(rows, expected)] == expected and len(rows) == len(expected)
+
+
+@pytest.mark.slow
+def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lm_eval_taskvec.cli", "export", "--model_args", f"pretrained={tiny_model_dir}",
+           "--tasks", "tv_algorithmic", "--num_sets", "2", "--layer", "1", "--device", "cpu", "--output_path", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = export.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu"))
+    assert sorted(stored.thetas) == sorted((name, 1) for name in [
+        "tv_next_letter", "tv_prev_letter", "tv_list_first", "tv_list_last", "tv_letter_to_upper", "tv_letter_to_lower"])
+    assert stored.get("tv_list_first").info["num_fewshot"] == 5  # the task's own, by default
+    assert "example:" in stored.get("tv_list_first").info["prompt_format"]["example_context"]
