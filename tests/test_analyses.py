@@ -68,7 +68,8 @@ def test_geometry_distances_table_and_files(make_lm, tasks, tmp_path):
     assert [p["task"] for p in saved["tsne"]] == ["upper"] * 5 + ["double"] * 5
     pairs = 10 * 9 // 2
     assert sum(saved["histogram"]["within"]) == 2 * (5 * 4 // 2) and sum(saved["histogram"]["between"]) == pairs - 20
-    assert (out / "geometry.csv").read_text().splitlines()[0] == "task,layer,num_sets,within,nearest_task,between,within_lt_between"
+    header = "task,layer,num_sets,within,nearest_task,between,within_lt_between"
+    assert (out / "geometry.csv").read_text().splitlines()[0] == header
     assert (out / "geometry.md").read_text().startswith("| task | layer |")
     assert (out / "geometry.png").read_bytes()[:4] == PNG
 

@@ -135,7 +135,8 @@ def accuracy(task, docs: list[dict], outputs: list[str]) -> dict[str, float]:
 def _plot(plt, rows: list[dict], metric: str, path: Path) -> None:
     """Grouped bars, as the paper's Figure 6: per pair, regular and patched accuracy w.r.t. A and B."""
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(rows) + 2), 4.2))
-    bars = [("regular_acc_A", "regular, w.r.t. A", "tab:blue", None), ("regular_acc_B", "regular, w.r.t. B", "tab:orange", None),
+    bars = [("regular_acc_A", "regular, w.r.t. A", "tab:blue", None),
+            ("regular_acc_B", "regular, w.r.t. B", "tab:orange", None),
             ("patched_acc_A", "θ of B patched, w.r.t. A", "tab:blue", "//"),
             ("patched_acc_B", "θ of B patched, w.r.t. B", "tab:orange", "//")]
     width = 0.8 / len(bars)
@@ -143,7 +144,8 @@ def _plot(plt, rows: list[dict], metric: str, path: Path) -> None:
         xs = [p + (i - (len(bars) - 1) / 2) * width for p in range(len(rows))]
         ax.bar(xs, [row[key] for row in rows], width, label=label, color=color, hatch=hatch,
                alpha=0.55 if hatch is None else 0.95, edgecolor="white")
-    ax.set_xticks(range(len(rows)), [f"{_short(r['task_A'])}\n← {_short(r['task_B'])}" for r in rows], fontsize=8)
+    ticks = [f"{_short(r['task_A'])}\n← {_short(r['task_B'])}\nblock {r['layer']}" for r in rows]
+    ax.set_xticks(range(len(rows)), ticks, fontsize=8)
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)

@@ -81,8 +81,9 @@ def run(lm, tasks: dict, output_path, layers=("auto",), num_sets: int = 50, num_
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
     saved = save_thetas(out / FILE_NAME, lm, entries)
-    table = write_table([{"task": e.task, "layer": e.layer, "norm": e.theta.norm().item(), "num_fewshot": e.info["num_fewshot"],
-                          "num_sets": num_sets} for e in entries], out / "thetas")
+    listing = [{"task": e.task, "layer": e.layer, "norm": e.theta.norm().item(), "num_fewshot": e.info["num_fewshot"],
+                "num_sets": num_sets} for e in entries]
+    table = write_table(listing, out / "thetas")
     print(f"{table}wrote {out / FILE_NAME} (use: --model_args mode=hypothesis,theta_path={out / FILE_NAME})")
     return saved
 

@@ -60,10 +60,11 @@ def run(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_set
         probs = logits.softmax(-1)
         for block, row_logits, row_probs in zip(blocks, logits, probs):
             top = row_logits.topk(top_k).indices.tolist()
-            tokens = [{"id": i, "text": lm.tok_decode([i]), "logit": row_logits[i].item(), "prob": row_probs[i].item()}
-                      for i in top]
+            pieces = lm.tokenizer.convert_ids_to_tokens(top)
+            tokens = [{"id": i, "text": lm.tok_decode([i]), "token": piece, "logit": row_logits[i].item(),
+                       "prob": row_probs[i].item()} for i, piece in zip(top, pieces)]
             entries.append({"task": name, "layer": block, "num_fewshot": k, "tokens": tokens})
-            rows.append({"task": name, "layer": block, "top_tokens": ", ".join(_shown(t["text"]) for t in tokens)})
+            rows.append({"task": name, "layer": block, "top_tokens": ", ".join(map(_shown, tokens))})
 
     out = Path(output_path)
     table = write_table(rows, out / "vocab")
@@ -76,10 +77,13 @@ def run(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_set
     return result
 
 
-def _shown(text: str) -> str:
-    """A token as a table cell: its text without surrounding spaces, or its repr when that would hide it."""
-    shown = text.strip()
-    return shown if shown and shown.isprintable() else repr(text)
+def _shown(token: dict) -> str:
+    """A token as a table cell: its text without surrounding spaces; its repr when that would hide it (spaces,
+    newlines); the vocabulary entry when it decodes to nothing (special tokens)."""
+    text = token["text"]
+    if text.strip() and text.strip().isprintable():
+        return text.strip()
+    return repr(text) if text else token["token"]
 
 
 def _plot(plt, entries: list[dict], path: Path) -> None:
@@ -89,7 +93,7 @@ def _plot(plt, entries: list[dict], path: Path) -> None:
     image = ax.imshow(probs, cmap="Blues", aspect="auto", vmin=0, vmax=max(probs.max(), 1e-9))
     for r, entry in enumerate(entries):
         for c, token in enumerate(entry["tokens"]):
-            ax.text(c, r, _shown(token["text"])[:12], ha="center", va="center", fontsize=7,
+            ax.text(c, r, _shown(token)[:12], ha="center", va="center", fontsize=7,
                     color="white" if token["prob"] > 0.6 * probs.max() else "black")
     ax.set_yticks(range(len(entries)), [f"{e['task'].removeprefix('tv_')} @{e['layer']}" for e in entries], fontsize=7)
     ax.set_xticks(range(probs.shape[1]), [str(i + 1) for i in range(probs.shape[1])], fontsize=7)
