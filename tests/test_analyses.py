@@ -115,12 +115,12 @@ def test_conflict_scores_both_tasks_and_writes_files(make_lm, tasks, tmp_path):
     assert same["regular_acc_A"] == same["regular_acc_B"] and same["patched_acc_A"] == same["patched_acc_B"]
     for doc in result["pairs"][0]["documents"]:
         letter = doc["context"].rsplit("example:", 1)[1][:-2]
-        assert (doc["answers_A"], doc["answers_B"]) == (letter.upper(), letter * 2)
+        assert (doc["target_A"], doc["target_B"]) == (letter.upper(), letter * 2)
         assert doc["context"].count("\n") == 3  # A's 3 demonstrations, then the query
     scores = result["pairs"][0]["scores"]
     for run in ("regular", "patched"):
         outputs = [d[run] for d in result["pairs"][0]["documents"]]
-        assert scores[run]["B"]["exact_match"] == np.mean([o == d["answers_B"]
+        assert scores[run]["B"]["exact_match"] == np.mean([o == d["target_B"]
                                                            for o, d in zip(outputs, result["pairs"][0]["documents"])])
     out = tmp_path / "out"
     assert json.loads((out / "conflict.json").read_text())["table"] == result["table"]

@@ -3,7 +3,8 @@
 For a pair A:B, queries valid for both tasks get task-A demonstrations (the full regular prompt of A); the
 patched run replaces block L's output at the prompt's last token by θ of task B (θ from B's own
 demonstrations of the same query, at B's layer). Both runs are scored against A's answers and against B's,
-by each task's own ``process_results`` on the generation.
+by each task's own ``process_results`` on the generation, averaged over documents (the tasks' lm-eval filters
+are not applied: the tv_* tasks have none).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def run(lm, tasks: dict, pairs, output_path, layer="auto", num_docs: int = 50, n
         rows.append({"task_A": a, "task_B": b, "layer": block, "num_docs": len(docs),
                      **{f"{run}_acc_{side}": scores[run][side][metric] for run in RUNS for side in "AB"}})
         details.append({"task_A": a, "task_B": b, "layer": block, "scores": scores, "documents": [
-            {"context": req.args[0], "answers_A": tasks[a].doc_to_target(da), "answers_B": tasks[b].doc_to_target(db),
+            {"context": req.args[0], "target_A": tasks[a].doc_to_target(da), "target_B": tasks[b].doc_to_target(db),
              "regular": regular, "patched": patched}
             for req, ((_, da), (_, db)), regular, patched in zip(requests_a, docs, outputs["regular"], outputs["patched"])]})
 
