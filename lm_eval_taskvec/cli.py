@@ -1,13 +1,15 @@
-"""``taskvec``: the layer sweep as a table and a plot, the comparison of modes and runs, and the embedded model's path.
+"""``taskvec``: the layer sweep, the comparison of modes and runs, the paper's analyses of θ, the embedded model.
 
     taskvec sweep --model_args pretrained=embedded --tasks tv_algorithmic --output_path sweep/
     taskvec compare --model_args pretrained=embedded --tasks task_vectors --output_path out/
+    taskvec geometry --tasks task_vectors          # also: conflict, vocab, export
     taskvec embedded-path
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -28,15 +30,54 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--no_cache", action="store_true", help="sweep again even if a choice is cached")
     commands.add_parser("embedded-path", help="convert the embedded SmolLM2 model once and print its folder")
     compare = compare_cli.add_parser(commands)
+    add_analysis_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "compare":
         compare_cli.run(args, compare)
+    elif getattr(args, "analysis", None):
+        importlib.import_module(f"lm_eval_taskvec.analyses.{args.analysis}").main(args)
     elif args.command == "embedded-path":
         from lm_eval_taskvec.embedded import embedded_model_path
 
         print(embedded_model_path())
     else:
         run_sweep(args)
+
+
+def add_analysis_commands(commands) -> None:
+    """The paper's analyses of θ, each run by ``main(args)`` of its module in lm_eval_taskvec.analyses."""
+
+    def command(name: str, help: str, tasks: bool = True) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help)
+        parser.set_defaults(analysis=name)
+        parser.add_argument("--model_args", default="pretrained=embedded", help="as for lm_eval --model hf-taskvec")
+        if tasks:
+            parser.add_argument("--tasks", required=True, help="comma-separated tasks or groups")
+        parser.add_argument("--layer", default="auto",
+                            help="block of θ: auto (each task's layer=auto choice), an index or a fraction of depth")
+        parser.add_argument("--batch_size", default="8")
+        parser.add_argument("--device", default=None)
+        parser.add_argument("--include_path", default=None)
+        parser.add_argument("--output_path", default=f"taskvec_{name}", help="folder for the table, JSON and PNG")
+        parser.add_argument("--seed", type=int, default=1234, help="seed for documents and demonstrations")
+        return parser
+
+    geometry = command("geometry", "θ of many demonstration sets per task: t-SNE, distances within and between tasks")
+    geometry.add_argument("--num_sets", type=int, default=50, help="demonstration sets (θ) per task")
+    geometry.add_argument("--num_fewshot", type=int, default=4, help="demonstrations per set (the paper: 4)")
+    conflict = command("conflict", "demonstrations of task A with θ of task B patched in", tasks=False)
+    conflict.add_argument("--pairs", default=None, help="A:B,... (demonstrations:θ); default: the paper's 5 pairs")
+    conflict.add_argument("--num_docs", type=int, default=50, help="queries per pair")
+    conflict.add_argument("--num_fewshot", type=int, default=4, help="demonstrations per prompt (the paper: 4)")
+    conflict.add_argument("--metric", default="paper_match", help="the tasks' metric in the table and plot")
+    for name, help in (("vocab", "mean θ through the final norm and unembedding: top tokens per task"),
+                       ("export", "mean θ per task and layer as a safetensors file for theta_path=")):
+        parser = command(name, help)
+        parser.add_argument("--layers", default=None, help="several blocks, e.g. 15,18,auto (overrides --layer)")
+        parser.add_argument("--num_sets", type=int, default=50, help="demonstration sets averaged into θ")
+        parser.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per set (default: the task's)")
+        if name == "vocab":
+            parser.add_argument("--top_k", type=int, default=10, help="tokens listed per task and layer")
 
 
 def run_sweep(args) -> None:
