@@ -229,6 +229,32 @@ def test_export_round_trips_theta_exactly_with_its_metadata(make_lm, tasks, tmp_
         loaded_file.get("lower")
 
 
+def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp_path):
+    """Save, load, evaluate: hypothesis mode with theta_path= generates what patching the saved θ by hand at
+    the query's last token generates, with no demonstrations in the prompt."""
+    from lm_eval_taskvec.layers import replace_states
+
+    lm = make_lm("llama", num_dummy=2)
+    export.run(lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=3, seed=5)
+    path = tmp_path / "out" / export.FILE_NAME
+    theta = export.load_thetas(path, lm).get("upper").theta
+    zero_shot = make_task("upper", splits={"train": letter_rows(24), "test": letter_rows(12, 24)}, num_fewshot=0)
+    requests = requests_of(zero_shot, limit=6)
+    assert requests[0].args[0] == f"example:{requests[0].doc['input']}->"  # no demonstrations at all
+    stored = make_lm("llama", mode="hypothesis", theta_path=str(path), fewshot_delimiter=None)
+    outputs = stored.generate_until(requests)
+    by_hand = make_lm("llama", stock=True, batch_size=1)
+    for request, output in zip(requests, outputs):
+        with replace_states(stored.blocks[1], theta[None], -1, first_call_only=True) as record:
+            assert by_hand.generate_until([request]) == [output]
+        assert record.patched == 1
+    assert make_lm("llama", stock=True).generate_until(requests) != outputs  # the query alone answers otherwise
+    info = stored.get_model_info()["taskvec"]
+    assert info["theta_path"] == str(path) and info["theta_source"]["num_blocks"] == 3
+    with pytest.raises(ValueError, match="theta_path=.*only mode=hypothesis"):
+        make_lm("llama", mode="baseline", theta_path=str(path))
+
+
 def test_loading_theta_for_another_model_is_refused_naming_both(make_lm, tasks, tmp_path, tokenizer):
     lm = TaskVectorLM(pretrained=make_model("llama", len(tokenizer)), tokenizer=tokenizer, device="cpu",
                       batch_size=4, fewshot_delimiter="\n")  # its own copy: this test edits a weight
