@@ -308,6 +308,11 @@ class TaskVectorLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         if self.mode == "hypothesis":
             self._forked_baseline.clear()
+            for request in requests:
+                kwargs = request.args[1] or {}
+                if max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1)) > 1:
+                    raise ValueError(f"task {request.task_name!r} asks for num_beams/num_return_sequences > 1: "
+                                     "hypothesis mode patches one θ per prompt row; use greedy or sampled decoding")
         return self.generate_planned(requests, self.plan(requests), disable_tqdm)
 
     def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:

@@ -106,3 +106,10 @@ def test_use_cache_written_by_stock_hf_serves_regular_only(make_lm, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         CachingLM(make_lm(mode="baseline"), path)
     CachingLM(make_lm(mode="regular"), path)  # regular is stock HFLM: its answers are the same
+
+
+@pytest.mark.parametrize("extra", [{"num_beams": 2}, {"num_return_sequences": 2}])
+def test_beam_search_is_refused_before_any_work(make_lm, extra):
+    reqs = [Instance(r.request_type, {}, (r.args[0], {**r.args[1], **extra}), r.idx, r.metadata) for r in gen_requests()]
+    with pytest.raises(ValueError, match="num_beams/num_return_sequences > 1"):
+        make_lm(mode="hypothesis", layer=1).generate_until(reqs)
