@@ -59,10 +59,12 @@ class TaskVectorLM(HFLM):
         layers_path: str | None = None,
         num_dev: int = 50,
         layer_cache: bool = True,
+        device: str | None = None,
         **kwargs,
     ) -> None:
         if pretrained == EMBEDDED_NAME:
             pretrained = embedded_model_path()
+        kwargs["device"] = _device(device)
         self.mode = _check_mode(mode)
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
@@ -326,6 +328,14 @@ def _strip_zeros(row: tuple) -> tuple:
     while end and row[end - 1] == 0:
         end -= 1
     return row[:end]
+
+
+def _device(device: str | None) -> str:
+    """CUDA when available, else the CPU, unless a device is given. HFLM alone defaults to "cuda" (a crash on
+    CPU-only machines); lm_eval's CLI sends "cuda:0" when --device is left out, which counts as not given."""
+    if device is None or (device == "cuda:0" and not torch.cuda.is_available()):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _check_mode(mode) -> str:
