@@ -128,8 +128,9 @@ class TaskVectorLM(HFLM):
             from lm_eval_taskvec.selection import select_layer
 
             choice = self.selections[task] = select_layer(self, task)
-            log.info("%s: layer %d of %d, dev accuracy %.2f on %d documents (%s)", task, choice["layer"],
-                     len(self.blocks), choice["dev_accuracy"][choice["layer"]], choice["num_dev"], choice["source"])
+            log.info("%s: block %d (0-based) of %d blocks, dev accuracy %.2f on %d documents (%s)", task,
+                     choice["layer"], len(self.blocks), choice["dev_accuracy"][choice["layer"]], choice["num_dev"],
+                     choice["source"])
         return self.selections[task]["layer"]
 
     def ensure_thetas(self, needed: set[tuple[int, tuple]]) -> None:
