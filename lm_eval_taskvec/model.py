@@ -35,6 +35,7 @@ MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
 EXTRACT_BATCH_SIZE = 16  # used when batch_size=auto
 MAX_BATCH_GROWTH = 8  # query-only batches hold at most this many times batch_size rows
+CPU_AUTO_BATCH_SIZE = 8  # batch_size=auto on a CPU: nothing to probe (see _detect_batch_size)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class TaskVectorLM(HFLM):
         self._generation_plans: dict[str, Plan] | None = None  # context -> plan, during generate_until
         self._batch_plans: list[Plan] | None = None  # plans of the batch tok_batch_encode just built
         self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
+        self._probe_tokens: int | None = None  # longest prompt + new tokens of the running generate_until
+        self._warned_cpu_auto = False
 
     def _check_layer(self, layer) -> int | str:
         if isinstance(layer, str):
@@ -175,17 +178,18 @@ class TaskVectorLM(HFLM):
 
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        if self.mode == "regular":
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        plans = self.plan(requests)
         new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
+        if self.mode == "regular":
+            with self._probing(full):
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        plans = self.plan(requests)
         short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
 
         def run(part: list[int]) -> list[str]:
             self._generation_plans = {requests[i].args[0]: plans[i] for i in part}
             try:
-                with self._grown_batches(full, short):
+                with self._grown_batches(full, short), self._probing(short):
                     return super(TaskVectorLM, self).generate_until([requests[i] for i in part], disable_tqdm)
             finally:
                 self._generation_plans = None
@@ -271,7 +275,27 @@ class TaskVectorLM(HFLM):
         with self.patched(list(plans), torch.tensor(positions)):
             return super()._model_call(inps, attn_mask, labels)
 
+    @contextmanager
+    def _probing(self, tokens: int):
+        self._probe_tokens = tokens
+        try:
+            yield
+        finally:
+            self._probe_tokens = None
+
     def _detect_batch_size(self, requests=None, pos: int = 0):
+        """batch_size=auto. HFLM probes generation at max_length (8192 tokens for SmolLM2: 16 GB on a CPU);
+        we probe with the longest real prompt. On a CPU there is no out-of-memory error to back off from, so
+        the probe would only grow until the machine swaps: use a fixed size instead and say so."""
+        if self.device.type == "cpu":
+            size = min(self.max_batch_size or CPU_AUTO_BATCH_SIZE, CPU_AUTO_BATCH_SIZE)
+            if not self._warned_cpu_auto:
+                log.warning("batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size %d "
+                            "(set one with --batch_size N)", size)
+                self._warned_cpu_auto = True
+            return size
+        if requests is None and self._probe_tokens is not None:
+            requests, pos = [(None, [0] * self._probe_tokens, [0])], 0  # HFLM's probe length: context + cont - 1
         saved, self._row_patches = self._row_patches, None  # its probe batches are not requests
         try:
             return super()._detect_batch_size(requests, pos)
