@@ -25,9 +25,10 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import choose_dummies, split_context
-from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
+from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
 from lm_eval_taskvec.extraction import last_token_states
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
+from lm_eval_taskvec.report import rounded
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
 
@@ -66,6 +67,7 @@ class TaskVectorLM(HFLM):
         if pretrained == EMBEDDED_NAME:
             pretrained = embedded_model_path()
         kwargs["device"] = _device(device)
+        self.embedded = identity(pretrained) if isinstance(pretrained, str) else None  # what "embedded" is
         self.mode = _check_mode(mode)
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
@@ -315,7 +317,10 @@ class TaskVectorLM(HFLM):
         info = super().get_model_info()
         layer = self.layer if self.layer == AUTO or self.mode == "hypothesis" else None
         info["taskvec"] = {"mode": self.mode, "layer": layer, "num_dummy": self.num_dummy, "seed": self.seed,
-                           "layer_selection": self.selections}
+                           "layer_selection": rounded(self.selections)}
+        if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted
+            info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
+                     "embedded_model": self.embedded}
         return info
 
 
