@@ -140,3 +140,15 @@ def test_no_instruct_warning_with_a_chat_template_or_for_other_models(embedded_d
         templated.loglikelihood(ll_requests())
         TaskVectorLM(pretrained=model_dir, mode="regular", batch_size=4).loglikelihood(ll_requests())
     assert not [r for r in caplog.records if INSTRUCT in r.getMessage()]
+
+
+def test_tv_tasks_load_without_lm_evals_metadata_warning(caplog):
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_taskvec.tasks import task_dir
+
+    with caplog.at_level(logging.WARNING):
+        loaded = TaskManager(include_path=str(task_dir()), include_defaults=False, metadata={"mode": "x"}).load(
+            ["task_vectors"])["tasks"]
+    assert len(loaded) == 18 and all(len(task.test_docs()) > 0 for task in loaded.values())
+    assert [r.getMessage() for r in caplog.records if "--metadata" in r.getMessage()] == []
