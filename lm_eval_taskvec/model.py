@@ -124,7 +124,7 @@ class TaskVectorLM(HFLM):
             dummies = choose_dummies(pools[task], split.query, self.num_dummy, self.seed, task, split.demos)
             plans.append(Plan(split.query, (split.demos, split.delimiter, dummies), layers[task]))
         if extract:
-            self.ensure_thetas({(p.layer, p.theta_key) for p in plans})
+            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{', '.join(sorted(pools))}: extracting θ")
         return plans
 
     def layer_for(self, task: str) -> int:
@@ -139,7 +139,7 @@ class TaskVectorLM(HFLM):
                      choice["source"])
         return self.selections[task]["layer"]
 
-    def ensure_thetas(self, needed: set[tuple[int, tuple]]) -> None:
+    def ensure_thetas(self, needed: set[tuple[int, tuple]], desc: str = "Extracting task vectors") -> None:
         """Compute every missing θ: one extraction pass per set of layers (a sweep needs all blocks of each
         [S, x'] prompt; an evaluation needs one layer per task, and stops there)."""
         layers_of: dict[tuple, set[int]] = defaultdict(set)
@@ -151,16 +151,17 @@ class TaskVectorLM(HFLM):
             passes[tuple(sorted(layers))].append(key)
         for layers, keys in passes.items():
             families = [[self.tok_encode(demos + delim + x) for x in dummies] for demos, delim, dummies in keys]
-            states = self.last_token_states(families, list(layers)).float().mean(2)  # average over the dummies
+            states = self.last_token_states(families, list(layers), desc).float().mean(2)  # average over the dummies
             for li, layer in enumerate(layers):
                 for ki, key in enumerate(keys):
                     self._theta_cache[(layer, key)] = states[li, ki]
 
-    def last_token_states(self, families: list[list[list[int]]], layers: list[int]) -> torch.Tensor:
+    def last_token_states(self, families: list[list[list[int]]], layers: list[int],
+                          desc: str = "Extracting task vectors") -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
         with torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
-            return last_token_states(self.model, self.blocks, families, layers, size, progress=self.rank == 0)
+            return last_token_states(self.model, self.blocks, families, layers, size, self.rank == 0, desc)
 
     def theta(self, plan: Plan) -> torch.Tensor:
         return self._theta_cache[(plan.layer, plan.theta_key)]

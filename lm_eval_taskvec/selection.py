@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from lm_eval.api.instance import Instance
+from tqdm import tqdm
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.embedded import cache_dir
@@ -88,11 +89,13 @@ def sweep(lm, task_name: str, dev: list[DevExample]) -> list[float]:
                 for i, ex in enumerate(dev) for c in ex.choices]
     layers = list(range(len(lm.blocks)))
     first = lm.plan(requests, layer=layers[0], extract=False)
-    lm.ensure_thetas({(layer, p.theta_key) for p in first for layer in layers})  # one pass, all blocks
+    lm.ensure_thetas({(layer, p.theta_key) for p in first for layer in layers},  # one pass, all blocks
+                     f"{task_name}: layer sweep, θ at {len(layers)} blocks")
+    scoring = tqdm(layers, desc=f"{task_name}: layer sweep, scoring {len(layers)} blocks", disable=lm.rank != 0)
     if all(len(ex.choices) == 1 for ex in dev):
-        return _first_token_curve(lm, requests, layers)
+        return _first_token_curve(lm, requests, layers, scoring)
     curve = []
-    for layer in layers:
+    for layer in scoring:
         scores = iter(lp for lp, _ in lm.loglikelihood_planned(requests, lm.plan(requests, layer), disable_tqdm=True))
         correct = [max(range(len(ex.choices)), key=[next(scores) for _ in ex.choices].__getitem__) == ex.gold
                    for ex in dev]
@@ -100,7 +103,7 @@ def sweep(lm, task_name: str, dev: list[DevExample]) -> list[float]:
     return curve
 
 
-def _first_token_curve(lm, requests, layers: list[int]) -> list[float]:
+def _first_token_curve(lm, requests, layers: list[int], scoring) -> list[float]:
     """First-token accuracy at every layer: the queries minus their last token run once into a KV cache,
     then each layer re-runs only the last token, patched, from a copy of that cache."""
     plans = {layer: lm.plan(requests, layer) for layer in layers}
@@ -110,7 +113,7 @@ def _first_token_curve(lm, requests, layers: list[int]) -> list[float]:
         # Stopping after the last block fills the cache without computing logits for every prefix token.
         prefix = prefill(lm.model, [ctx[:-1] for ctx, _ in pairs], stop_block=lm.blocks[-1])
         curve = []
-        for layer in layers:
+        for layer in scoring:  # layers, with a progress bar
             with lm.patched(plans[layer], -1):
                 logits = prefix.copy().extend(lm.model, [ctx[-1:] for ctx, _ in pairs]).logits[:, -1]
             curve.append((logits.argmax(-1).cpu() == targets).float().mean().item())

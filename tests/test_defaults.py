@@ -152,3 +152,13 @@ def test_tv_tasks_load_without_lm_evals_metadata_warning(caplog):
             ["task_vectors"])["tasks"]
     assert len(loaded) == 18 and all(len(task.test_docs()) > 0 for task in loaded.values())
     assert [r.getMessage() for r in caplog.records if "--metadata" in r.getMessage()] == []
+
+
+def test_progress_bars_name_the_task_and_the_phase(make_lm, tmp_path, monkeypatch, capfd):
+    from tests.test_selection import run
+
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
+    run(make_lm(mode="hypothesis", num_dev=6, batch_size=2), limit=4)
+    bars = {line.split("|")[0].rsplit(":", 1)[0].strip() for line in capfd.readouterr().err.replace("\r", "\n").splitlines()}
+    assert {"tv_list_first: layer sweep, θ at 3 blocks", "tv_list_first: layer sweep, scoring 3 blocks",
+            "tv_list_first: extracting θ"} <= bars
