@@ -60,7 +60,7 @@ class TaskVectorLM(HFLM):
         fewshot_delimiter: str | None = None,
         layers_path: str | None = None,
         num_dev: int = 50,
-        layer_cache: bool = True,
+        layer_cache: bool | str = "on",
         device: str | None = None,
         **kwargs,
     ) -> None:
@@ -72,7 +72,7 @@ class TaskVectorLM(HFLM):
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
         self.num_dev = _as_int("num_dev", num_dev, minimum=1)
-        self.layer_cache = bool(layer_cache)
+        self.layer_cache = _layer_cache(layer_cache)
         # The CLI passes "\n" as a backslash and an n: read escapes as Python does.
         self.fewshot_delimiter = fewshot_delimiter.encode().decode("unicode_escape") if fewshot_delimiter else None
         super().__init__(pretrained=pretrained, **kwargs)
@@ -384,6 +384,18 @@ def _device(device: str | None) -> str:
     if device is None or (device == "cuda:0" and not torch.cuda.is_available()):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+LAYER_CACHE = {"on": "on", "true": "on", "yes": "on", "1": "on", "refresh": "refresh",
+               "off": "off", "false": "off", "no": "off", "0": "off"}
+
+
+def _layer_cache(value) -> str:
+    """on: read and write cached layer choices; refresh: sweep again and overwrite; off: neither."""
+    mode = LAYER_CACHE.get(str(value).strip().lower())
+    if mode is None:
+        raise ValueError(f"layer_cache={value!r} is unknown: use on, refresh or off")
+    return mode
 
 
 def _check_mode(mode) -> str:

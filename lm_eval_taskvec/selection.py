@@ -37,12 +37,12 @@ def select_layer(lm, task_name: str) -> dict:
     """The chosen layer and dev curve of ``task_name``: from the disk cache, or a sweep over every block."""
     dev = dev_examples(lm, task_name)
     path = cache_dir() / "layers" / f"{_cache_key(lm, task_name, dev)}.json"
-    if lm.layer_cache and path.exists():
+    if lm.layer_cache == "on" and path.exists():
         return json.loads(path.read_text()) | {"source": str(path)}
     curve = sweep(lm, task_name, dev)
     best = max(range(len(curve)), key=lambda layer: (curve[layer], -layer))
     choice = {"layer": best, "dev_accuracy": curve, "num_dev": len(dev), "task": task_name}
-    if lm.layer_cache:
+    if lm.layer_cache != "off":  # "refresh" overwrites
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(choice))
     return choice | {"source": "sweep"}

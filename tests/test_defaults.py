@@ -162,3 +162,34 @@ def test_progress_bars_name_the_task_and_the_phase(make_lm, tmp_path, monkeypatc
     bars = {line.split("|")[0].rsplit(":", 1)[0].strip() for line in capfd.readouterr().err.replace("\r", "\n").splitlines()}
     assert {"tv_list_first: layer sweep, θ at 3 blocks", "tv_list_first: layer sweep, scoring 3 blocks",
             "tv_list_first: extracting θ"} <= bars
+
+
+def test_layer_cache_on_reads_and_writes_refresh_overwrites_off_does_neither(make_lm, tmp_path, monkeypatch):
+    from tests.test_selection import run
+
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
+
+    def choice(cache):
+        return run(make_lm(mode="hypothesis", num_dev=6, layer_cache=cache), limit=2)["config"]["taskvec"][
+            "layer_selection"]["tv_list_first"]
+
+    assert choice("off")["source"] == "sweep" and not (tmp_path / "layers").exists()
+    swept = choice("on")
+    (path,) = (tmp_path / "layers").glob("*.json")
+    planted = {"layer": 2, "dev_accuracy": [0.0, 0.0, 0.5], "num_dev": 6, "task": "tv_list_first"}
+    path.write_text(json.dumps(planted))
+    assert choice("on") == planted | {"source": str(path)}
+    assert choice("off")["source"] == "sweep" and json.loads(path.read_text()) == planted
+    assert choice("refresh") == swept
+    assert json.loads(path.read_text())["dev_accuracy"] != planted["dev_accuracy"]
+
+
+@pytest.mark.parametrize("given, mode", [(True, "on"), (1, "on"), ("yes", "on"), ("Refresh", "refresh"),
+                                         (False, "off"), (0, "off"), ("no", "off")])
+def test_layer_cache_reads_the_forms_lm_eval_sends(make_lm, given, mode):
+    assert make_lm(mode="hypothesis", layer_cache=given).layer_cache == mode
+
+
+def test_unknown_layer_cache_value_names_the_choices(make_lm):
+    with pytest.raises(ValueError, match="layer_cache='sometimes' is unknown: use on, refresh or off"):
+        make_lm(mode="hypothesis", layer_cache="sometimes")
