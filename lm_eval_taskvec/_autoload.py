@@ -18,6 +18,7 @@ MODEL_TARGET = "lm_eval_taskvec.model:TaskVectorLM"
 # Tasks lm-eval loaded in this process, by name: layer=auto reads their validation split through the very
 # task objects of the run (with its --num_fewshot and few-shot settings).
 LOADED_TASKS: dict = {}
+PROMPT_SETTINGS = ("system_instruction", "apply_chat_template", "fewshot_as_multiturn")
 
 
 def register_model() -> None:
@@ -29,12 +30,14 @@ def register_model() -> None:
 
 
 def add_task_path() -> None:
-    """Make every default-configured TaskManager also scan the project's task folder."""
+    """Make every default-configured TaskManager also scan the project's task folder, and record the tasks
+    lm-eval loads and the prompt settings they build requests with."""
+    from lm_eval.api.task import Task
     from lm_eval.tasks.manager import TaskManager
 
     if getattr(TaskManager.__init__, "_taskvec", False):
         return
-    original = TaskManager.__init__
+    original_init, original_load, original_build = TaskManager.__init__, TaskManager.load, Task.build_all_requests
 
     def __init__(self, *args, include_path=None, include_defaults=True, **kwargs):
         if include_defaults:
@@ -45,21 +48,41 @@ def add_task_path() -> None:
             if not any(os.path.abspath(p) == str(task_dir()) for p in paths):
                 paths.insert(0, str(task_dir()))  # first, so a user's own --include_path overrides ours
             include_path = paths
-        original(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
-
-    original_load = TaskManager.load
+        original_init(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
 
     def load(self, *args, **kwargs):
         loaded = original_load(self, *args, **kwargs)
         LOADED_TASKS.update(loaded.get("tasks", {}))
         return loaded
 
+    def build_all_requests(self, *args, **kwargs):
+        # The same settings shape the dev prompts of layer=auto; chat templates are refused by patched modes.
+        self.taskvec_prompt_settings = {key: kwargs.get(key) for key in PROMPT_SETTINGS}
+        LOADED_TASKS[self.config.task] = self
+        return original_build(self, *args, **kwargs)
+
     __init__._taskvec = True
-    TaskManager.__init__ = __init__
-    TaskManager.load = load
+    TaskManager.__init__, TaskManager.load, Task.build_all_requests = __init__, load, build_all_requests
 
 
-_AFTER_IMPORT = {"lm_eval.models": register_model, "lm_eval.tasks.manager": add_task_path}
+def _guarded(callback):
+    """A registration that finds an lm-eval it does not fit warns once and stands down: it never breaks
+    ``import lm_eval``."""
+
+    def run():
+        try:
+            callback()
+        except Exception as err:  # noqa: BLE001 - any incompatibility, reported
+            import warnings
+
+            warnings.warn(f"lm-eval-taskvec: this lm-eval does not fit the start-up hook ({callback.__name__}: "
+                          f"{err!r}), so hf-taskvec and the tv_* tasks are not registered: install "
+                          "lm-eval>=0.4.13,<0.5", stacklevel=2)
+
+    return run
+
+
+_AFTER_IMPORT = {"lm_eval.models": _guarded(register_model), "lm_eval.tasks.manager": _guarded(add_task_path)}
 
 
 class _Loader:  # duck-typed: importing importlib.abc would cost ~40 ms at every start-up

@@ -134,7 +134,7 @@ def _seed(seeds: list[int | None]) -> None:
 
 
 def run_sweep(args) -> None:
-    from lm_eval_taskvec.report import format_table, plot, rounded, span
+    from lm_eval_taskvec.report import format_table, plot, span
 
     fixed = {"mode": "hypothesis", "layer": "auto", "layer_cache": args.layer_cache}
     if args.limit is not None:
@@ -143,9 +143,8 @@ def run_sweep(args) -> None:
         fixed["num_dev"] = int(args.limit)
     lm = load_model(args, **fixed)
     tasks = load_tasks(args)
-    for name in sorted(tasks):
-        lm.layer_for(name)
-    choices = rounded({name: lm.selections[name] for name in sorted(tasks)})
+    lm.choose_layers(tasks)
+    choices = {name: lm.selections[name] for name in sorted(tasks)}
 
     out = Path(args.output_path)
     out.mkdir(parents=True, exist_ok=True)

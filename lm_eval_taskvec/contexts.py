@@ -1,7 +1,9 @@
-"""Splitting the context lm-eval sends into demonstrations S and query x, and choosing dummy queries.
+"""Where the demonstrations S end and the query x begins, read from lm-eval's own task, never guessed.
 
-lm-eval builds a few-shot context as ``description + demo_1 + delim + ... + demo_k + delim + query``.
-The query is what follows the last few-shot delimiter; everything before it (description included) is S.
+lm-eval renders a context as ``[system instruction + description] + demonstrations + query turn``. The query
+turn is exactly what the task renders for the document (``doc_to_text``, then the target delimiter and
+``gen_prefix`` where one is set), so S is what precedes it: the instruction and description belong to S.
+Requests from a task lm-eval did not load (direct API calls) fall back to the ``fewshot_delimiter`` model arg.
 """
 
 from __future__ import annotations
@@ -9,43 +11,93 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-AUTO_DELIMITERS = ("\n\n", "\n")  # lm-eval's default few-shot delimiter first, then the paper's
-
 
 @dataclass(frozen=True)
-class SplitContext:
-    demos: str  # S: everything before the last delimiter; [S, x'] is demos + delimiter + x'
-    delimiter: str
+class Split:
+    demos: str  # S: everything before the query; [S, x'] is demos + x'
     query: str  # x: what the model sees in baseline and hypothesis mode
 
 
-def split_context(context: str, delimiter: str | None = None) -> SplitContext:
-    """Split at the last ``delimiter``; ``None`` tries lm-eval's "\\n\\n", then "\\n".
-
-    Fails loudly on a context with no demonstrations, since S would be empty and θ meaningless.
-    """
-    candidates = (delimiter,) if delimiter else AUTO_DELIMITERS
-    for delim in candidates:
-        demos, found, query = context.rpartition(delim)
-        if found and demos.strip():
-            return SplitContext(demos, delim, query)
-    shown = " or ".join(repr(d) for d in candidates)
-    raise ValueError(
-        f"context has no demonstrations (no few-shot delimiter {shown} after a non-empty prefix): "
-        f"{context[-80:]!r}. Run the task with --num_fewshot k >= 1, or set the model arg "
-        "fewshot_delimiter to the task's delimiter."
+def rendered_queries(task, doc) -> tuple[str, ...]:
+    """The query turn(s) lm-eval appends after the demonstrations of ``doc``, rendered as ``fewshot_context``
+    renders them; a multiple-input task (e.g. Winogrande) renders one per choice."""
+    if not hasattr(task, "build_qa_turn"):
+        raise ValueError(
+            f"task {getattr(task, 'task_name', task)!r} is not a YAML (ConfigurableTask) task, so its query cannot "
+            "be told from its demonstrations: pass the model arg fewshot_delimiter=<the task's delimiter>"
+        )
+    gen_prefix = task.doc_to_prefix(doc)
+    if task.multiple_input:
+        texts, delimiter = task.doc_to_choice(doc), ""
+    else:
+        texts, delimiter = [task.doc_to_text(doc)], task.config.target_delimiter
+    return tuple(
+        "".join(m.to_text() for m in task.build_qa_turn(q=q, gen_prefix=gen_prefix, tgt_delim=delimiter, few_delim=""))
+        for q in texts
     )
 
 
-def choose_dummies(pool, query: str, k: int, seed: int, task: str, demos: str) -> tuple[str, ...]:
-    """``k`` dummy queries from ``pool``, never equal to ``query``, reproducible.
+def rendered_answer(task, doc) -> str:
+    """What a generation must produce after the query: the text a demonstration of ``doc`` puts after it."""
+    query = rendered_queries(task, doc)[0]
+    choices = task.doc_to_choice(doc) if task.config.doc_to_choice else None
+    turns = task.build_qa_turn(q=task.doc_to_text(doc), c=choices, a=task.doc_to_target(doc),
+                               gen_prefix=task.doc_to_prefix(doc), tgt_delim=task.config.target_delimiter, few_delim="")
+    demo = "".join(m.to_text() for m in turns)
+    if not demo.startswith(query) or len(demo) == len(query):
+        raise ValueError(f"task {task.config.task!r}: cannot tell the answer from the query in the demonstration {demo!r}")
+    return demo[len(query) :]
 
-    The pool is shuffled once per task and demonstrations, and each document takes the first k
-    entries that differ from its own query: documents sharing S therefore share dummies, and so θ.
+
+def split_for_task(context: str, queries: tuple[str, ...], num_fewshot: int, task_name: str) -> Split:
+    """Split ``context`` before the rendered query it ends with; refuse a context without demonstrations."""
+    if not any(queries):
+        raise ValueError(f"task {task_name!r} renders an empty query for this document: nothing to patch θ onto")
+    matches = [q for q in queries if q and context.endswith(q)]
+    if not matches:
+        raise ValueError(
+            f"the context of task {task_name!r} does not end with the query the task renders ({queries[0][-60:]!r}); "
+            "chat templates (--apply_chat_template, --fewshot_as_multiturn) are not supported in hypothesis and "
+            f"baseline mode: run without them. Context ends with: {context[-80:]!r}"
+        )
+    query = max(matches, key=len)
+    demos = context[: len(context) - len(query)]
+    if num_fewshot < 1 or not demos.strip():
+        raise ValueError(
+            f"task {task_name!r} runs {num_fewshot}-shot: its context has no demonstrations to compress into θ "
+            "(a description or system instruction alone is not a demonstration). Run it with --num_fewshot k >= 1."
+        )
+    return Split(demos, query)
+
+
+def split_at_delimiter(context: str, delimiter: str) -> Split:
+    """Split at the last ``delimiter``: for requests of tasks lm-eval did not load."""
+    demos, found, query = context.rpartition(delimiter)
+    if not found or not demos.strip():
+        raise ValueError(
+            f"context has no demonstrations (no few-shot delimiter {delimiter!r} after a non-empty prefix): "
+            f"{context[-80:]!r}. Run the task with --num_fewshot k >= 1, or set the model arg fewshot_delimiter "
+            "to the task's delimiter."
+        )
+    if not query:
+        raise ValueError(f"empty query after the last few-shot delimiter {delimiter!r} in {context[-80:]!r}")
+    return Split(demos + delimiter, query)
+
+
+def read_escapes(text: str) -> str:
+    r"""The CLI passes "\n" as a backslash and an n: read Python escapes, keeping non-ASCII characters intact."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def choose_dummies(pool, own: tuple[str, ...], k: int, seed: int, task: str, demos: str) -> tuple[str, ...]:
+    """``k`` dummy queries from ``pool``, never one of the document's ``own`` queries, reproducible.
+
+    The pool is shuffled once per task and demonstrations, and each document takes the first k entries that
+    are not its own: documents sharing S therefore share dummies, and so θ.
     """
     order = sorted(set(pool))
     random.Random(f"{seed}|{task}|{demos}").shuffle(order)
-    chosen = tuple(q for q in order if q != query)[:k]
+    chosen = tuple(q for q in order if q not in own)[:k]
     if len(chosen) < k:
         raise ValueError(
             f"need num_dummy={k} dummy queries but only {len(chosen)} other documents' queries exist "

@@ -42,18 +42,27 @@ class Prefix:
             **{_cache_argument(model): self.cache},
         )
 
-    def copy(self) -> "Prefix":
-        return Prefix(copy.deepcopy(self.cache), self.mask)
+    def take(self, rows: list[int]) -> "Prefix":
+        """A copy holding the given prefix rows (repeats allowed), e.g. one per choice of a question."""
+        cache = copy.deepcopy(self.cache)
+        index = torch.tensor(rows, device=self.mask.device)
+        cache.batch_select_indices(index)
+        return Prefix(cache, self.mask[index])
 
 
 def prefill(model: nn.Module, prefixes: list[list[int]], stop_block: nn.Module | None = None) -> Prefix:
-    """Run left-padded ``prefixes`` into a fresh KV cache, filling only blocks up to ``stop_block`` if given."""
-    if min(map(len, prefixes)) == 0:
-        raise ValueError("a prompt of one token has no prefix to share")
+    """Run left-padded ``prefixes`` into a fresh KV cache, filling only blocks up to ``stop_block`` if given.
+
+    Prefixes are all empty (then nothing runs) or all non-empty: a row of padding only has nothing to attend to.
+    """
     device = next(model.parameters()).device
     width = max(map(len, prefixes))
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device, dtype=torch.long)
     prefix = Prefix(DynamicCache(config=model.config), mask)
+    if width == 0:
+        return prefix
+    if min(map(len, prefixes)) == 0:
+        raise ValueError("prefixes must be all empty or all non-empty")
     with stop_after(stop_block) if stop_block is not None else nullcontext():
         model(
             input_ids=_pad(prefixes, width, left=True).to(device),
@@ -85,6 +94,7 @@ def last_token_states(
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
         batch = [families[i] for i in order[start : start + batch_size]]
         cut = [_common_prefix_length(f) for f in batch]
+        cut = cut if min(cut) > 0 else [0] * len(cut)  # a family sharing nothing: no prefix for this batch
         suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
         last = torch.tensor([len(s) - 1 for s in suffixes])
         with torch.no_grad():

@@ -14,6 +14,7 @@ tokens (right padding, last context token).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
@@ -24,19 +25,30 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
-from lm_eval_taskvec.contexts import choose_dummies, split_context
+from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
 from lm_eval_taskvec.extraction import last_token_states
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
-from lm_eval_taskvec.report import rounded
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
 
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
+LAYER_CACHE = {"on": ("on", "true", "yes", "1"), "refresh": ("refresh",), "off": ("off", "false", "no", "0")}
 EXTRACT_BATCH_SIZE = 16  # used when batch_size=auto
 MAX_BATCH_GROWTH = 8  # query-only batches hold at most this many times batch_size rows
 CPU_AUTO_BATCH_SIZE = 8  # batch_size=auto on a CPU: nothing to probe (see _detect_batch_size)
+CACHE_MARKER = "__hf_taskvec_identity__"  # the --use_cache database records which mode wrote it
+
+
+@dataclass(frozen=True)
+class ThetaKey:
+    """Identifies θ: the prompts [S, x'] exactly as the regular path would tokenize them."""
+
+    demos: str
+    dummies: tuple[str, ...]
+    strip: bool  # likelihood requests: trailing whitespace of the context moves onto the continuation
+    max_tokens: int | None = None  # left-truncate each prompt to this many tokens, as regular mode does
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class Plan:
     """What one request becomes: the query the model sees and, in hypothesis mode, which θ to patch where."""
 
     query: str
-    theta_key: tuple | None = None  # (demos, delimiter, dummies): identifies θ
+    theta_key: ThetaKey | None = None
     layer: int | None = None
 
 
@@ -60,7 +72,7 @@ class TaskVectorLM(HFLM):
         fewshot_delimiter: str | None = None,
         layers_path: str | None = None,
         num_dev: int = 50,
-        layer_cache: bool | str = "on",
+        layer_cache: str | bool = "on",
         device: str | None = None,
         **kwargs,
     ) -> None:
@@ -71,18 +83,19 @@ class TaskVectorLM(HFLM):
         self.mode = _check_mode(mode)
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
-        self.num_dev = _as_int("num_dev", num_dev, minimum=1)
-        self.layer_cache = _layer_cache(layer_cache)
-        # The CLI passes "\n" as a backslash and an n: read escapes as Python does.
-        self.fewshot_delimiter = fewshot_delimiter.encode().decode("unicode_escape") if fewshot_delimiter else None
+        self.num_dev = _as_int("num_dev", num_dev, minimum=2)
+        self.layer_cache = _check_layer_cache(layer_cache)
+        self.fewshot_delimiter = read_escapes(fewshot_delimiter) if fewshot_delimiter else None
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError("hf-taskvec supports decoder-only (causal) models, got backend=seq2seq")
         self.blocks = find_blocks(self.model, layers_path)
         self.layer = self._check_layer(layer)
-        self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto)
-        self._theta_cache: dict[tuple[int, tuple], torch.Tensor] = {}
-        self._task_queries: dict[str, set[str]] = {}  # task -> queries of all its evaluated documents
+        self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto), for the results
+        self.layer_choices: dict[str, dict] = {}  # layer-cache key -> choice, this process's memory of sweeps
+        self._theta_cache: dict[tuple[int, ThetaKey], torch.Tensor] = {}
+        self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
+        self._warned: set[str] = set()
         self._generation_plans: dict[str, Plan] | None = None  # context -> plan, during generate_until
         self._batch_plans: list[Plan] | None = None  # plans of the batch tok_batch_encode just built
         self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
@@ -103,55 +116,133 @@ class TaskVectorLM(HFLM):
             raise ValueError(f"layer={layer!r} is not a block index, a fraction of depth or 'auto'")
         return resolve_layer(layer, len(self.blocks))
 
-    # ------------------------------------------------------------------ planning and θ extraction
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message)
+
+    # ------------------------------------------------------------------ splitting, planning and θ extraction
+    def split(self, request) -> tuple[Split, tuple[str, ...]]:
+        """S and x of a request, and the document's own queries (never its dummies)."""
+        task = LOADED_TASKS.get(request.task_name)
+        context = request.args[0]
+        if task is not None and request.doc:
+            if (getattr(task, "taskvec_prompt_settings", None) or {}).get("apply_chat_template"):
+                raise ValueError(
+                    f"task {request.task_name!r} was rendered with a chat template (--apply_chat_template), which "
+                    f"hides where its demonstrations end: mode={self.mode} supports plain few-shot prompts only. "
+                    "Run without --apply_chat_template (and --fewshot_as_multiturn)."
+                )
+            own = rendered_queries(task, request.doc)
+            return split_for_task(context, own, task.get_config("num_fewshot") or 0, request.task_name), own
+        if self.fewshot_delimiter is None:
+            raise ValueError(
+                f"task {request.task_name!r} was not loaded by lm-eval in this process, so its demonstrations cannot "
+                "be told from its query: evaluate it through lm_eval / lm_eval.simple_evaluate, or pass the model "
+                "arg fewshot_delimiter=<the task's few-shot delimiter, e.g. \\n>"
+            )
+        self.warn_once(f"task {request.task_name!r}: not loaded by lm-eval here, so its contexts are split at the "
+                       f"last fewshot_delimiter={self.fewshot_delimiter!r} (model arg)")
+        split = split_at_delimiter(context, self.fewshot_delimiter)
+        return split, (split.query,)
+
+    def query_pool(self, task_name: str) -> set[str]:
+        """The rendered queries of every evaluated document of a loaded task, so that dummies depend neither
+        on --limit nor on how many processes share the documents; empty for tasks lm-eval did not load."""
+        task = LOADED_TASKS.get(task_name)
+        if task is None or not hasattr(task, "eval_docs"):
+            return set()
+        known = self._query_pools.get(task_name)
+        if known is None or known[0] is not task:
+            known = self._query_pools[task_name] = (task, {q for doc in task.eval_docs for q in rendered_queries(task, doc)})
+        return known[1]
+
     def plan(self, requests, layer: int | None = None, extract: bool = True) -> list[Plan]:
         """Split every request's context; in hypothesis mode also choose dummies and the layer (``layer``
         overrides it for every task), and compute the θ not cached yet unless ``extract`` is false."""
-        splits = [split_context(req.args[0], self.fewshot_delimiter) for req in requests]
+        splits = [self.split(req) for req in requests]
+        for req, (split, _) in zip(requests, splits):
+            self._check_query(req, split.query)
         if self.mode == "baseline":
-            return [Plan(s.query) for s in splits]
+            return [Plan(split.query) for split, _ in splits]
         pools: dict[str, set[str]] = defaultdict(set)
-        for req, split in zip(requests, splits):
-            pools[req.task_name or ""].add(split.query)
-        for task in pools:
-            if task not in self._task_queries:
-                self._task_queries[task] = _task_queries(task)
-            pools[task] |= self._task_queries[task]
-        layers = {task: self.layer_for(task) if layer is None else layer for task in pools}
+        for req, (split, _) in zip(requests, splits):
+            pools[req.task_name] |= self.query_pool(req.task_name) or {split.query}
+        if layer is None:
+            self.choose_layers(pools)
         plans = []
-        for req, split in zip(requests, splits):
-            task = req.task_name or ""
-            dummies = choose_dummies(pools[task], split.query, self.num_dummy, self.seed, task, split.demos)
-            plans.append(Plan(split.query, (split.demos, split.delimiter, dummies), layers[task]))
+        for req, (split, own) in zip(requests, splits):
+            dummies = choose_dummies(pools[req.task_name], own, self.num_dummy, self.seed, req.task_name, split.demos)
+            key = self._theta_key(req, split, dummies)
+            plans.append(Plan(split.query, key, self.layer_for(req) if layer is None else layer))
         if extract:
             self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{', '.join(sorted(pools))}: extracting θ")
         return plans
 
-    def layer_for(self, task: str) -> int:
+    def _budget(self, request, query: str) -> int:
+        """How many context tokens the regular path keeps for this request (HFLM truncates from the left)."""
+        if request.request_type == "generate_until":
+            return self.max_length - int((request.args[1] or {}).get("max_gen_toks") or self.max_gen_toks)
+        return self.max_length + 1 - len(self._encode_pair(query, request.args[1])[1])
+
+    def _check_query(self, request, query: str) -> None:
+        strip = request.request_type != "generate_until"
+        if strip and not query.rstrip():
+            raise ValueError(f"task {request.task_name!r}: the query {query!r} is only whitespace, nothing to score after")
+        if request.request_type not in ("generate_until", "loglikelihood"):
+            return
+        length, budget = len(self.tok_encode(query.rstrip() if strip else query)), self._budget(request, query)
+        if length > budget:
+            raise ValueError(
+                f"task {request.task_name!r}: the query alone is {length} tokens, more than the {budget} the model's "
+                f"max_length={self.max_length} leaves for it; hf-taskvec never cuts the query: raise max_length"
+            )
+
+    def _theta_key(self, request, split: Split, dummies: tuple[str, ...]) -> ThetaKey:
+        key = ThetaKey(split.demos, dummies, strip=request.request_type != "generate_until")
+        budget = self._budget(request, split.query)
+        if max(map(len, self.theta_prompts(key))) <= budget:
+            return key
+        self.warn_once(f"task {request.task_name!r}: demonstrations longer than max_length={self.max_length}; "
+                       "θ's prompts are left-truncated as regular mode truncates the full prompt")
+        return ThetaKey(key.demos, key.dummies, key.strip, budget)
+
+    def theta_prompts(self, key: ThetaKey) -> list[list[int]]:
+        """Tokens of [S, x'] for each dummy x', tokenized (and truncated) as the regular path does."""
+        texts = [key.demos + dummy for dummy in key.dummies]
+        tokens = [self.tok_encode(text.rstrip() if key.strip else text) for text in texts]
+        return [t[-key.max_tokens :] for t in tokens] if key.max_tokens else tokens
+
+    def layer_for(self, request) -> int:
+        """Block L for a request: the fixed layer, or layer=auto's choice for its task (per fold if cross-fitted)."""
         if self.layer != AUTO:
             return self.layer
-        if task not in self.selections:
-            from lm_eval_taskvec.selection import select_layer
+        from lm_eval_taskvec.selection import layer_of_document
 
-            choice = self.selections[task] = select_layer(self, task)
-            log.info("%s: block %d (0-based) of %d blocks, dev accuracy %.2f on %d documents (%s)", task,
-                     choice["layer"], len(self.blocks), choice["dev_accuracy"][choice["layer"]], choice["num_dev"],
-                     choice["source"])
-        return self.selections[task]["layer"]
+        return layer_of_document(self.selections[request.task_name], request.doc_id)
 
-    def ensure_thetas(self, needed: set[tuple[int, tuple]], desc: str = "Extracting task vectors") -> None:
+    def choose_layers(self, task_names) -> None:
+        """Run (or recall) layer=auto's choice for each task, before its requests are planned."""
+        if self.layer != AUTO:
+            return
+        from lm_eval_taskvec.selection import select_layer
+
+        for name in sorted(set(task_names)):
+            self.selections[name] = select_layer(self, name)
+
+    def ensure_thetas(self, needed: set[tuple[int, ThetaKey]], desc: str = "Extracting task vectors") -> None:
         """Compute every missing θ: one extraction pass per set of layers (a sweep needs all blocks of each
         [S, x'] prompt; an evaluation needs one layer per task, and stops there)."""
-        layers_of: dict[tuple, set[int]] = defaultdict(set)
+        layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
         for layer, key in needed:
             if (layer, key) not in self._theta_cache:
                 layers_of[key].add(layer)
-        passes: dict[tuple[int, ...], list[tuple]] = defaultdict(list)
+        passes: dict[tuple[int, ...], list[ThetaKey]] = defaultdict(list)
         for key, layers in layers_of.items():
             passes[tuple(sorted(layers))].append(key)
         for layers, keys in passes.items():
-            families = [[self.tok_encode(demos + delim + x) for x in dummies] for demos, delim, dummies in keys]
-            states = self.last_token_states(families, list(layers), desc).float().mean(2)  # average over the dummies
+            states = self.last_token_states([self.theta_prompts(key) for key in keys], list(layers), desc)
+            states = states.float().mean(2)  # average over the dummies
             for li, layer in enumerate(layers):
                 for ki, key in enumerate(keys):
                     self._theta_cache[(layer, key)] = states[li, ki]
@@ -240,12 +331,7 @@ class TaskVectorLM(HFLM):
         return self.loglikelihood_planned(requests, self.plan(requests), disable_tqdm)
 
     def loglikelihood_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False):
-        encoded = []
-        for req, plan in zip(requests, plans):
-            context, continuation = req.args
-            if not plan.query:
-                raise ValueError(f"empty query after the last few-shot delimiter in {context[-80:]!r}")
-            encoded.append(((context, continuation), *self._encode_pair(plan.query, continuation)))
+        encoded = [(req.args, *self._encode_pair(plan.query, req.args[1])) for req, plan in zip(requests, plans)]
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + max(len(e[2]) for e in encoded)
         with self._grown_batches(full, max(len(e[1]) + len(e[2]) for e in encoded)):
             return self._loglikelihood_patched(encoded, plans, disable_tqdm)
@@ -330,26 +416,40 @@ class TaskVectorLM(HFLM):
             )
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
+    def set_cache_hook(self, cache_hook) -> None:
+        """``--use_cache`` keys answers on the request alone: refuse a database another mode or setting wrote."""
+        database = getattr(cache_hook, "dbdict", None)
+        if database is not None:
+            identity = json.dumps(self.answer_identity(), sort_keys=True)
+            stored = database.get(CACHE_MARKER)
+            if stored is None and len(database) and self.mode != "regular":
+                stored = "answers of another model (none of hf-taskvec's marks)"
+            if stored is not None and stored != identity:
+                raise ValueError(
+                    f"--use_cache {database.filename} holds {stored}, and this run is {identity}: lm-eval keys cached "
+                    "answers on the request alone, so each mode and setting needs its own --use_cache path"
+                )
+            database[CACHE_MARKER] = identity
+        super().set_cache_hook(cache_hook)
+
+    def answer_identity(self) -> dict:
+        """Everything besides the request that decides an answer (the model itself is the user's cache path)."""
+        identity = {"model": "hf-taskvec", "mode": self.mode}
+        if self.mode == "hypothesis":
+            identity |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed, "num_dev": self.num_dev}
+        return identity
+
     def get_model_info(self) -> dict:
-        """Goes into the results JSON's ``config``: the mode, and per task the chosen layer and dev curve."""
+        """Goes into the results JSON's ``config``: the mode and, in hypothesis mode, the layer per task."""
         info = super().get_model_info()
-        layer = self.layer if self.layer == AUTO or self.mode == "hypothesis" else None
-        info["taskvec"] = {"mode": self.mode, "layer": layer, "num_dummy": self.num_dummy, "seed": self.seed,
-                           "layer_selection": rounded(self.selections)}
+        info["taskvec"] = {"mode": self.mode}
+        if self.mode == "hypothesis":
+            info["taskvec"] |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed,
+                                "layer_selection": self.selections}
         if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted
             info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
                      "embedded_model": self.embedded}
         return info
-
-
-def _task_queries(task_name: str) -> set[str]:
-    """Queries of all the evaluated documents of a task lm-eval loaded in this run, so that dummies do not
-    depend on --limit or on how many processes share the documents; empty for tasks we never saw loaded."""
-    task = LOADED_TASKS.get(task_name)
-    if task is None or not hasattr(task, "eval_docs"):
-        return set()
-    queries = (task.doc_to_text(doc) for doc in task.eval_docs)
-    return {q for q in queries if isinstance(q, str)}
 
 
 def _in_parts(n: int, key, value, run) -> list:
@@ -386,16 +486,12 @@ def _device(device: str | None) -> str:
     return device
 
 
-LAYER_CACHE = {"on": "on", "true": "on", "yes": "on", "1": "on", "refresh": "refresh",
-               "off": "off", "false": "off", "no": "off", "0": "off"}
-
-
-def _layer_cache(value) -> str:
-    """on: read and write cached layer choices; refresh: sweep again and overwrite; off: neither."""
-    mode = LAYER_CACHE.get(str(value).strip().lower())
-    if mode is None:
-        raise ValueError(f"layer_cache={value!r} is unknown: use on, refresh or off")
-    return mode
+def _check_layer_cache(value) -> str:
+    text = str(value).strip().lower()
+    for setting, spellings in LAYER_CACHE.items():
+        if text in spellings:
+            return setting
+    raise ValueError(f"layer_cache={value!r} is unknown: use on (read and write), refresh (sweep again, write) or off")
 
 
 def _check_mode(mode) -> str:

@@ -1,132 +1,350 @@
-"""Choosing the layer L per (model, task) on the task's validation split, never on test answers.
+"""``layer=auto``: choose block L per (model, task) on documents that are never scored.
 
-One extraction pass gives θ at every block for the dev prompts; each block is then scored by one patched
-pass over the dev queries. Generation tasks are scored as the paper does: the patched run's first token
-against the target's first token. Multiple-choice tasks are scored by accuracy over the choices. The best
-block wins (ties go to the lower block). Choices are cached on disk, keyed by the model's identity (name,
-revision, dtype, a fingerprint of its weights), the task, its dev prompts (format, demonstrations, seed)
-and the number of dummies, so a rerun skips the sweep and a changed model or format never reuses a choice.
+Dev documents come from the first source that is disjoint from the evaluated documents (compared by their
+rendered queries): the validation split; else the few-shot pool, leave-one-out; else the evaluated documents
+themselves, cross-fitted (each half is scored at the layer chosen on the other half). A dev document never
+appears among its own demonstrations. Each dev prompt is built by lm-eval's own task object (its few-shot
+settings and system instruction) and turned into lm-eval's own requests.
+
+One extraction pass gives θ at every block. Each block is then scored from a shared KV cache of every dev
+query minus its last token: only the last token (patched) and the continuation run again. Generation tasks
+are scored as the paper does (first generated token against the target's first token), multiple-choice
+tasks by accuracy over the choices. The best block wins, ties to the lower block; the unpatched query alone
+(baseline) and the full prompt (regular) are scored on the same prompts, and a best block no better than
+the baseline by an exact McNemar test is reported as ``no_effect``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 from lm_eval.api.instance import Instance
 from tqdm import tqdm
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
+from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.extraction import prefill
+from lm_eval_taskvec.stats import mcnemar_exact
 
-CACHE_VERSION = 2  # bump when the sweep itself changes
+log = logging.getLogger("lm_eval.taskvec")
+
+CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice changes
+MIN_DEV_DOCS = 10  # fewer disjoint documents than this: try the next source
+ROW_CHUNK = 64  # dev rows scored per batch
 
 
 @dataclass
 class DevExample:
-    context: str
-    choices: list[str]  # continuations, target delimiter included; generation tasks: [target]
-    gold: int
+    doc_id: int  # index in the split the document came from
+    requests: list[Instance]  # lm-eval's own requests for it: one per choice, or one generation
+    gold: int | str  # index of the right choice, or the text a generation must start with
+
+
+@dataclass
+class DevSet:
+    split: str  # where the documents came from, for the record
+    examples: list[DevExample]
+    scored: frozenset[int] | None = None  # cross-fit: the evaluated documents scored at this set's layer
 
 
 def select_layer(lm, task_name: str) -> dict:
-    """The chosen layer and dev curve of ``task_name``: from the disk cache, or a sweep over every block."""
-    dev = dev_examples(lm, task_name)
-    path = cache_dir() / "layers" / f"{_cache_key(lm, task_name, dev)}.json"
-    if lm.layer_cache == "on" and path.exists():
-        return json.loads(path.read_text()) | {"source": str(path)}
-    curve = sweep(lm, task_name, dev)
-    best = max(range(len(curve)), key=lambda layer: (curve[layer], -layer))
-    choice = {"layer": best, "dev_accuracy": curve, "num_dev": len(dev), "task": task_name}
-    if lm.layer_cache != "off":  # "refresh" overwrites
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(choice))
-    return choice | {"source": "sweep"}
+    """The chosen layer(s) and dev curves of ``task_name``: from memory, the disk cache, or a sweep."""
+    sets = dev_sets(lm, task_name)
+    key = _cache_key(lm, task_name, sets)
+    if key in lm.layer_choices:
+        return lm.layer_choices[key]
+    path = cache_dir() / "layers" / f"{key}.json"
+    choice = _read_cache(path, len(lm.blocks)) if lm.layer_cache == "on" else None
+    if choice is None:
+        choice = _sweep_sets(lm, task_name, sets) | {"source": "sweep"}
+        if lm.layer_cache != "off":
+            _write_cache(lm, path, choice)
+    else:
+        choice["source"] = str(path)
+    lm.layer_choices[key] = choice
+    _log_choice(lm, task_name, choice)
+    return choice
 
 
-def dev_examples(lm, task_name: str) -> list[DevExample]:
-    """Up to ``num_dev`` validation documents of the run's own task object, with its few-shot settings."""
+def layer_of_document(choice: dict, doc_id: int) -> int:
+    """The layer an evaluated document is scored at: one per task, or its half's when cross-fitted."""
+    if "folds" not in choice:
+        return choice["layer"]
+    for fold in choice["folds"]:
+        if doc_id in _fold_members(choice["num_docs"], choice["fold_seed"])[fold["scored_fold"]]:
+            return fold["layer"]
+    raise RuntimeError(f"document {doc_id} is in neither cross-fitted half of task {choice['task']!r}")
+
+
+# ---------------------------------------------------------------------------------------------- dev documents
+def dev_sets(lm, task_name: str) -> list[DevSet]:
+    """One dev set, or two for a cross-fitted task: each a list of dev prompts as lm-eval's requests."""
     task = LOADED_TASKS.get(task_name)
     if task is None:
         raise ValueError(
-            f"layer=auto chooses the layer on the validation split of task {task_name!r}, which only runs made "
-            "through lm_eval or lm_eval.simple_evaluate provide: pass layer=<block index or fraction> instead"
+            f"layer=auto chooses the layer on dev documents of task {task_name!r}, which only runs made through "
+            "lm_eval or lm_eval.simple_evaluate provide: pass layer=<block index or fraction> instead"
         )
-    if not task.has_validation_docs():
-        raise ValueError(f"layer=auto needs a validation split, and task {task_name!r} has none: pass layer=<block>")
-    num_fewshot = task.get_config("num_fewshot") or 0
-    if num_fewshot < 1:
+    if (task.get_config("num_fewshot") or 0) < 1:
         raise ValueError(f"layer=auto needs demonstrations: run {task_name!r} with --num_fewshot k >= 1")
-    docs = list(task.validation_docs())
-    picked = sorted(random.Random(lm.seed).sample(range(len(docs)), min(lm.num_dev, len(docs))))
-    saved = task.sampler.rnd  # leave the run's own few-shot draws untouched
-    task.sampler.set_rnd(lm.seed)
-    try:
-        contexts = [task.fewshot_context(docs[i], num_fewshot) for i in picked]
-    finally:
-        task.sampler.rnd = saved
-    delimiter = task.get_config("target_delimiter")
+    evaluated = list(task.eval_docs)
+    scored_queries = {q for doc in evaluated for q in rendered_queries(task, doc)}
+
+    def disjoint(docs):
+        return [(i, d) for i, d in enumerate(docs) if not scored_queries & set(rendered_queries(task, d))]
+
+    if task.has_validation_docs() and task.has_test_docs():
+        docs = disjoint(task.validation_docs())
+        if len(docs) >= MIN_DEV_DOCS:
+            return [DevSet(task.config.validation_split, _examples(lm, task, docs))]
+    fewshot_split = task.fewshot_cfg.split if hasattr(task, "fewshot_cfg") else None
+    if fewshot_split:
+        docs = disjoint(task.fewshot_docs())
+        if len(docs) >= MIN_DEV_DOCS + task.get_config("num_fewshot"):
+            return [DevSet(f"{fewshot_split} (leave-one-out)", _examples(lm, task, docs))]
+    halves = _fold_members(len(evaluated), lm.seed)
+    if min(map(len, halves)) < MIN_DEV_DOCS // 2:
+        raise ValueError(
+            f"task {task_name!r} has no dev documents apart from the {len(evaluated)} it scores, too few to "
+            "cross-fit: pass layer=<block index or fraction of depth>, e.g. layer=0.6"
+        )
+    split = task.config.test_split or task.config.validation_split
+    return [DevSet(f"{split} (cross-fit: scored on the other half)",
+                   _examples(lm, task, [(i, evaluated[i]) for i in sorted(halves[1 - fold])]), halves[fold])
+            for fold in (0, 1)]
+
+
+@lru_cache(maxsize=64)
+def _fold_members(num_docs: int, seed: int) -> tuple[frozenset[int], frozenset[int]]:
+    order = list(range(num_docs))
+    random.Random(f"{seed}|folds").shuffle(order)
+    return frozenset(order[: num_docs // 2]), frozenset(order[num_docs // 2 :])
+
+
+def _examples(lm, task, docs: list[tuple[int, dict]]) -> list[DevExample]:
+    """``num_dev`` dev prompts over ``docs`` (cycled with fresh demonstrations when there are fewer docs)."""
+    rng = random.Random(lm.seed)
+    picked = rng.sample(docs, min(lm.num_dev, len(docs)))
+    picked = [picked[i % len(picked)] for i in range(lm.num_dev)] if len(picked) < lm.num_dev else picked
+    settings = getattr(task, "taskvec_prompt_settings", None) or {}
+    num_fewshot = task.get_config("num_fewshot")
     examples = []
-    for i, context in zip(picked, contexts):
-        doc, target = docs[i], task.doc_to_target(docs[i])
-        if task.get_config("output_type") == "generate_until":
-            target = target[0] if isinstance(target, list) else target
-            examples.append(DevExample(context, [delimiter + str(target)], 0))
-        else:
-            choices = task.doc_to_choice(doc)
-            gold = target if isinstance(target, int) else choices.index(target)
-            examples.append(DevExample(context, [delimiter + c for c in choices], gold))
+    with _seeded_demos_without_the_document(task, lm.seed) as exclude:
+        for n, (doc_id, doc) in enumerate(picked):
+            exclude(doc)
+            context = task.fewshot_context(doc, num_fewshot, system_instruction=settings.get("system_instruction"),
+                                           gen_prefix=task.doc_to_prefix(doc))
+            requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
+            requests = [r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]]
+            examples.append(DevExample(doc_id, requests, _gold(task, doc)))
     return examples
 
 
-def sweep(lm, task_name: str, dev: list[DevExample]) -> list[float]:
-    """Dev accuracy of hypothesis mode at every block."""
-    requests = [Instance("loglikelihood", {}, (ex.context, c), i, (task_name, i, 1))
-                for i, ex in enumerate(dev) for c in ex.choices]
+@contextmanager
+def _seeded_demos_without_the_document(task, seed: int):
+    """Demonstrations drawn with a fixed seed that never include the dev document itself (lm-eval's sampler
+    only drops it when the few-shot split is the test split); the run's own sampler state is restored."""
+    sampler, saved = task.sampler, task.sampler.rnd
+    sample, current = sampler.sample, {}
+    sampler.set_rnd(seed)
+    sampler.sample = lambda n, eval_doc=None, **kwargs: sample(n, eval_doc=current["doc"], **kwargs)
+    try:
+        yield lambda doc: current.update(doc=doc)
+    finally:
+        del sampler.sample
+        sampler.rnd = saved
+
+
+def _gold(task, doc) -> int | str:
+    if task.get_config("output_type") == "generate_until":
+        return rendered_answer(task, doc)
+    target, choices = task.doc_to_target(doc), task.doc_to_choice(doc)
+    return target if isinstance(target, int) else choices.index(target)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _sweep_sets(lm, task_name: str, sets: list[DevSet]) -> dict:
+    results = [_score(lm, task_name, dev) for dev in sets]
+    if len(results) == 1:
+        return {"task": task_name, **_summary(*results[0]), "dev_split": sets[0].split,
+                "dev_docs": sorted({ex.doc_id for ex in sets[0].examples})}
+    pooled = [torch.cat(parts, -1) for parts in zip(*results)]
+    folds = [_summary(*result) | {"scored_fold": fold, "dev_docs": sorted({ex.doc_id for ex in dev.examples})}
+             for fold, (dev, result) in enumerate(zip(sets, results))]
+    n = len(LOADED_TASKS[task_name].eval_docs)
+    return {"task": task_name, **_summary(*pooled), "dev_split": sets[0].split, "folds": folds,
+            "num_docs": n, "fold_seed": lm.seed}
+
+
+def _summary(layer_hits: torch.Tensor, baseline: torch.Tensor, regular: torch.Tensor) -> dict:
+    curve = layer_hits.float().mean(-1)
+    best = max(range(len(curve)), key=lambda layer: (curve[layer].item(), -layer))
+    gained = int((layer_hits[best] & ~baseline).sum())
+    lost = int((~layer_hits[best] & baseline).sum())
+    p_value = mcnemar_exact(gained, lost)
+    return {"layer": best, "dev_accuracy": [round(v, 4) for v in curve.tolist()],
+            "baseline_accuracy": round(baseline.float().mean().item(), 4),
+            "regular_accuracy": round(regular.float().mean().item(), 4),
+            "no_effect": not (gained > lost and p_value < 0.05), "p_value": round(p_value, 4),
+            "num_dev": layer_hits.shape[-1]}
+
+
+def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per dev prompt: right at each block (Tensor[blocks, prompts]), right in baseline, right in regular."""
+    requests = [r for ex in dev.examples for r in ex.requests]
+    plans = lm.plan(requests, layer=0, extract=False)
     layers = list(range(len(lm.blocks)))
-    first = lm.plan(requests, layer=layers[0], extract=False)
-    lm.ensure_thetas({(layer, p.theta_key) for p in first for layer in layers},  # one pass, all blocks
+    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers},  # one pass, all blocks
                      f"{task_name}: layer sweep, θ at {len(layers)} blocks")
-    scoring = tqdm(layers, desc=f"{task_name}: layer sweep, scoring {len(layers)} blocks", disable=lm.rank != 0)
-    if all(len(ex.choices) == 1 for ex in dev):
-        return _first_token_curve(lm, requests, layers, scoring)
-    curve = []
-    for layer in scoring:
-        scores = iter(lp for lp, _ in lm.loglikelihood_planned(requests, lm.plan(requests, layer), disable_tqdm=True))
-        correct = [max(range(len(ex.choices)), key=[next(scores) for _ in ex.choices].__getitem__) == ex.gold
-                   for ex in dev]
-        curve.append(sum(correct) / len(dev))
-    return curve
+    generation = requests[0].request_type == "generate_until"
+    if generation:
+        targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
+        if not all(targets):
+            raise ValueError(f"task {task_name!r} has a dev document with an empty target: nothing to score")
+        queries = [(lm.tok_encode(p.query), t) for p, t in zip(plans, targets)]
+        fulls = [(lm.tok_encode(r.args[0])[-lm.max_length + 1 :], t) for r, t in zip(requests, targets)]
+    else:
+        queries = [lm._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
+        fulls = [lm._encode_pair(*r.args) for r in requests]
+    desc = f"{task_name}: dev accuracy by block"
+    per_block = _fork_scores(lm, queries, [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
+    baseline = _fork_scores(lm, queries, [None])[0]
+    regular = _fork_scores(lm, fulls, [None])[0]
+    return tuple(_hits(dev, scores, generation) for scores in (per_block, baseline, regular))
 
 
-def _first_token_curve(lm, requests, layers: list[int], scoring) -> list[float]:
-    """First-token accuracy at every layer: the queries minus their last token run once into a KV cache,
-    then each layer re-runs only the last token, patched, from a copy of that cache."""
-    plans = {layer: lm.plan(requests, layer) for layer in layers}
-    pairs = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(requests, plans[layers[0]])]
-    targets = torch.tensor([cont[0] for _, cont in pairs])
-    with torch.no_grad():
-        # Stopping after the last block fills the cache without computing logits for every prefix token.
-        prefix = prefill(lm.model, [ctx[:-1] for ctx, _ in pairs], stop_block=lm.blocks[-1])
-        curve = []
-        for layer in scoring:  # layers, with a progress bar
-            with lm.patched(plans[layer], -1):
-                logits = prefix.copy().extend(lm.model, [ctx[-1:] for ctx, _ in pairs]).logits[:, -1]
-            curve.append((logits.argmax(-1).cpu() == targets).float().mean().item())
-    return curve
+def _hits(dev: DevSet, scores: torch.Tensor, generation: bool) -> torch.Tensor:
+    """Right or wrong per dev prompt, from _fork_scores' per-row scores [..., rows, 2]: the first token for a
+    generation, the choice with the highest log-likelihood otherwise."""
+    if generation:
+        return scores[..., 1] > 0
+    hits, row = [], 0
+    for ex in dev.examples:
+        k = len(ex.requests)
+        hits.append(scores[..., row : row + k, 0].argmax(-1) == ex.gold)
+        row += k
+    return torch.stack(hits, -1)
 
 
-def _cache_key(lm, task_name: str, dev: list[DevExample]) -> str:
-    model, h = lm.model, hashlib.sha256()
+def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, desc: str | None = None) -> torch.Tensor:
+    """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
+    context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
+    and whether its first token is the argmax. Contexts minus their last token run once into a KV cache (rows
+    with the same context share it); each patch re-runs only the last context token and the continuation."""
+    out = torch.empty(len(patches), len(rows), 2)
+    chunks = range(0, len(rows), ROW_CHUNK)
+    bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
+    for start in chunks:
+        chunk = rows[start : start + ROW_CHUNK]
+        contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in chunk))
+        which = [contexts.index(tuple(ctx)) for ctx, _ in chunk]
+        shared = [list(c[:-1]) for c in contexts] if min(map(len, contexts)) > 1 else [[] for _ in contexts]
+        suffixes = [ctx[len(shared[w]) :] + cont[:-1] for (ctx, cont), w in zip(chunk, which)]
+        at = torch.tensor([len(ctx) - len(shared[w]) - 1 for (ctx, _), w in zip(chunk, which)])
+        with torch.no_grad():
+            prefix = prefill(lm.model, shared, stop_block=lm.blocks[-1])
+            for p, plans in enumerate(patches):
+                with lm.patched(plans[start : start + ROW_CHUNK], at) if plans else nullcontext():
+                    logprobs = torch.log_softmax(prefix.take(which).extend(lm.model, suffixes).logits.float(), -1)
+                for r, (_, cont) in enumerate(chunk):
+                    span = logprobs[r, at[r] : at[r] + len(cont)].cpu()
+                    out[p, start + r, 0] = span.gather(1, torch.tensor(cont)[:, None]).sum()
+                    out[p, start + r, 1] = float(span[0].argmax().item() == cont[0])
+                bar.update()
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def _cache_key(lm, task_name: str, sets: list[DevSet]) -> str:
+    model = lm.model
     config = model.config.to_dict()
-    identity = [CACHE_VERSION, config.get("_name_or_path"), getattr(lm, "revision", None), str(model.dtype),
-                json.dumps(config, sort_keys=True, default=str), task_name, lm.num_dummy, lm.seed,
-                lm.fewshot_delimiter, [(ex.context, ex.choices, ex.gold) for ex in dev]]
-    h.update(json.dumps(identity, default=str).encode())
-    for tensor in (model.get_input_embeddings().weight, next(lm.blocks[-1].parameters())):
-        h.update(tensor.detach().float().flatten()[:65536].cpu().numpy().tobytes())  # weights fingerprint
-    return h.hexdigest()[:24]
+    identity = [CACHE_VERSION, config.get("_name_or_path"), getattr(model.config, "_commit_hash", None),
+                getattr(lm, "revision", None), str(model.dtype), json.dumps(config, sort_keys=True, default=str),
+                weights_fingerprint(model), len(lm.blocks), task_name, lm.num_dummy, lm.seed,
+                [(dev.split, sorted(dev.scored or ()), [(ex.doc_id, [r.args for r in ex.requests], ex.gold)
+                                                          for ex in dev.examples]) for dev in sets]]
+    return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:24]
+
+
+def weights_fingerprint(model) -> str:
+    """Changes when any weight changes: every tensor's sum and norm (in float64) and a strided sample of it.
+    Remembered per model until a parameter is replaced or modified in place (torch's version counters)."""
+    state = tuple((name, param.data_ptr(), param._version) for name, param in model.named_parameters())
+    remembered = getattr(model, "_taskvec_fingerprint", None)
+    if remembered is not None and remembered[0] == state:
+        return remembered[1]
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+            summary = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.numpy().tobytes() + summary.cpu().numpy().tobytes())
+    model._taskvec_fingerprint = (state, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _read_cache(path, num_blocks: int) -> dict | None:
+    """A cached choice, or None (with a warning) for anything that is not one for a model of this depth."""
+    try:
+        choice = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("layer cache %s is unreadable (%s): sweeping again", path, err)
+        return None
+    if not _valid_choice(choice, num_blocks):
+        log.warning("layer cache %s does not hold a layer choice for a model of %d blocks: sweeping again", path,
+                    num_blocks)
+        return None
+    return choice
+
+
+def _valid_choice(choice, num_blocks: int) -> bool:
+    def valid_part(part) -> bool:
+        curve = part.get("dev_accuracy") if isinstance(part, dict) else None
+        return (type(part.get("layer")) is int and 0 <= part["layer"] < num_blocks and isinstance(curve, list)
+                and len(curve) == num_blocks and all(type(v) in (int, float) for v in curve))
+
+    if not isinstance(choice, dict) or not valid_part(choice):
+        return False
+    folds = choice.get("folds")
+    return folds is None or (isinstance(folds, list) and len(folds) == 2 and all(map(valid_part, folds))
+                             and type(choice.get("num_docs")) is int and type(choice.get("fold_seed")) is int)
+
+
+def _write_cache(lm, path, choice: dict) -> None:
+    """Atomic: a temporary file renamed into place, so readers never see half a file. An unwritable cache
+    keeps the choice in memory and says so."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({k: v for k, v in choice.items() if k != "source"}))
+        os.replace(tmp, path)
+    except OSError as err:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        lm.warn_once(f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
+                     "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder")
+
+
+def _log_choice(lm, task_name: str, choice: dict) -> None:
+    for part, scope in ([(f, f"half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
+                        else [(choice, "")]):
+        verdict = ("NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p="
+                   f"{part['p_value']:.2f}), so hypothesis mode adds nothing here" if part["no_effect"] else "")
+        log.info("%s%s: block %d (0-based) of %d blocks, dev accuracy %.2f (baseline %.2f, regular %.2f) on %d "
+                 "prompts from %s (%s). %s", task_name, f" {scope}" if scope else "", part["layer"], len(lm.blocks),
+                 part["dev_accuracy"][part["layer"]], part["baseline_accuracy"], part["regular_accuracy"],
+                 part["num_dev"], choice["dev_split"], choice["source"], verdict)

@@ -91,6 +91,8 @@ def make_lm(model_factory, tokenizer):
 
         cls = HFLM if stock else TaskVectorLM
         kwargs.setdefault("batch_size", 4)
+        if not stock:  # hand-made requests come from no loaded task: split them at the paper's delimiter
+            kwargs.setdefault("fewshot_delimiter", "\n")
         return cls(pretrained=model_factory(arch), tokenizer=tokenizer, device="cpu", **kwargs)
 
     return build

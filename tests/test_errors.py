@@ -30,7 +30,7 @@ def test_layer_forms_the_cli_sends(make_lm, layer, block):
 
 def test_auto_layer_needs_the_runs_task(make_lm):
     lm = make_lm(mode="hypothesis")  # layer=auto is the default
-    with pytest.raises(ValueError, match="validation split of task 'nowhere'.*layer=<block"):
+    with pytest.raises(ValueError, match="dev documents of task .nowhere.*layer=<block"):
         lm.generate_until([Instance(r.request_type, {}, r.args, r.idx, ("nowhere", r.idx, 1)) for r in gen_requests()])
 
 
@@ -82,3 +82,27 @@ def test_explicit_delimiter_that_is_absent(make_lm):
 
 def test_fewshot_delimiter_escapes_from_the_command_line(make_lm):
     assert make_lm(mode="baseline", fewshot_delimiter="\\n\\n").fewshot_delimiter == "\n\n"
+
+
+def test_use_cache_never_hands_one_modes_answers_to_another(make_lm, tmp_path):
+    from lm_eval.api.model import CachingLM
+
+    path = str(tmp_path / "answers.db")
+    baseline = CachingLM(make_lm(mode="baseline"), path)
+    baseline.generate_until(gen_requests())  # answers land in the database
+    CachingLM(make_lm(mode="baseline"), path)  # the same mode reuses them
+    with pytest.raises(ValueError, match="holds .*baseline.*own --use_cache path"):
+        CachingLM(make_lm(mode="hypothesis", layer=1), path)
+    with pytest.raises(ValueError, match="own --use_cache path"):
+        CachingLM(make_lm(mode="hypothesis", layer=2), str(tmp_path / "other.db")).lm  # marks layer 2
+        CachingLM(make_lm(mode="hypothesis", layer=1), str(tmp_path / "other.db"))
+
+
+def test_use_cache_written_by_stock_hf_serves_regular_only(make_lm, tmp_path):
+    from lm_eval.api.model import CachingLM
+
+    path = str(tmp_path / "stock.db")
+    CachingLM(make_lm(stock=True), path).generate_until(gen_requests())
+    with pytest.raises(ValueError, match="another model"):
+        CachingLM(make_lm(mode="baseline"), path)
+    CachingLM(make_lm(mode="regular"), path)  # regular is stock HFLM: its answers are the same

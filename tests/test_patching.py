@@ -7,7 +7,6 @@ import torch
 from lm_eval.api.instance import Instance
 
 import lm_eval_taskvec.model as model_module
-from lm_eval_taskvec.contexts import split_context
 from lm_eval_taskvec.layers import replace_states
 from tests.conftest import ARCHITECTURES
 
@@ -16,6 +15,11 @@ GEN = {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}
 
 def context(demos: str, query: str) -> str:
     return "".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{query}->"
+
+
+def query_of(context: str) -> str:
+    """The query of a context built by ``context``, written out independently of the code under test."""
+    return "example:" + context.rsplit("\nexample:", 1)[1]
 
 
 def gen_requests(task: str = "t"):
@@ -63,7 +67,7 @@ def test_theta_from_full_prompt_at_last_block_reproduces_regular_logits(make_lm,
     full = context("abcde", "k")
     last = len(lm.blocks) - 1
     theta = lm.last_token_states([[lm.tok_encode(full)]], [last])[0, :, 0]
-    query = torch.tensor([lm.tok_encode(split_context(full).query)])
+    query = torch.tensor([lm.tok_encode("example:k->")])
     regular = logits(lm, full)[-1]
     with replace_states(lm.blocks[last], theta, -1) as record:
         patched = lm._model_call(query)[0, -1]
@@ -190,7 +194,7 @@ def test_same_query_with_different_demonstrations_gets_its_own_theta(make_lm):
 def test_baseline_equals_stock_hflm_on_the_query_alone(make_lm, kind):
     reqs = gen_requests() if kind == "generate_until" else ll_requests()
     ours = getattr(make_lm("qwen2", mode="baseline"), kind)(reqs)
-    query_only = [Instance(kind, {}, (split_context(r.args[0]).query, r.args[1]), r.idx, ("t", r.idx, 1)) for r in reqs]
+    query_only = [Instance(kind, {}, (query_of(r.args[0]), r.args[1]), r.idx, ("t", r.idx, 1)) for r in reqs]
     stock = getattr(make_lm("qwen2", stock=True), kind)(query_only)
     assert ours == stock
 
@@ -205,9 +209,9 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
     lm = make_lm("llama", mode="hypothesis", layer=1)
     reqs = gen_requests()
     plans = lm.plan(reqs)
-    queries = {split_context(r.args[0]).query for r in reqs}
+    queries = {query_of(r.args[0]) for r in reqs}
     for plan in plans:
-        dummies = plan.theta_key[2]
+        dummies = plan.theta_key.dummies
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
 
@@ -239,7 +243,7 @@ def test_one_batch_patches_each_task_at_its_own_layer(make_lm, records, monkeypa
                 for i, (q, c) in enumerate(zip(queries, ["K", " LL", "M", "N\nexample"]))]
 
     mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
-    monkeypatch.setattr(mixed_lm, "layer_for", {"t1": 0, "t2": 2}.get)
+    monkeypatch.setattr(mixed_lm, "layer_for", lambda request: {"t1": 0, "t2": 2}[request.task_name])
     mixed = getattr(mixed_lm, kind)(make("t1", "abc", "klmn") + make("t2", "xyz", "pqrs"))
     assert sorted(rec.patched for *_, rec in records) == [1, 1]  # one batch, one hook per layer
     alone = getattr(make_lm("gpt2", mode="hypothesis", layer=0), kind)(make("t1", "abc", "klmn"))
@@ -249,3 +253,29 @@ def test_one_batch_patches_each_task_at_its_own_layer(make_lm, records, monkeypa
         assert mixed == pytest.approx(alone, abs=1e-4)
     else:
         assert mixed == alone
+
+
+def test_theta_is_the_mean_over_dummies_of_block_outputs_at_the_last_token(make_lm):
+    """θ written out by hand from full forward passes of [S, x'] (hidden_states[L + 1] is block L's output)."""
+    lm = make_lm("llama", mode="hypothesis", layer=1, num_dummy=3)
+    reqs = gen_requests()
+    plan = lm.plan(reqs)[0]
+    assert len(plan.theta_key.dummies) == 3
+    states = [lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True)
+              .hidden_states[2][0, -1] for dummy in plan.theta_key.dummies]
+    torch.testing.assert_close(lm.theta(plan), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(lm.theta(plan), states[0], atol=1e-3)  # the dummies differ: the mean matters
+
+
+def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
+    """The sweep reads every block in one pass; each block's θ must be what a single-layer pass reads."""
+    reqs = gen_requests()
+    lm = make_lm("gpt2", mode="hypothesis", layer=0)
+    keys = {p.theta_key for p in lm.plan(reqs, extract=False)}
+    layers = list(range(len(lm.blocks)))
+    lm.ensure_thetas({(layer, key) for key in keys for layer in layers})
+    for layer in layers:
+        alone = make_lm("gpt2", mode="hypothesis", layer=layer)
+        alone.ensure_thetas({(layer, key) for key in keys})
+        for key in keys:
+            torch.testing.assert_close(lm._theta_cache[(layer, key)], alone._theta_cache[(layer, key)])

@@ -1,15 +1,19 @@
-"""layer=auto: a sweep over every block on the validation split, cached on disk, visible in the results."""
+"""layer=auto: swept on documents that are never scored, cached safely, reported in the results."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec import selection
 from lm_eval_taskvec.tasks import task_dir
+from tests.tasks import letter_rows, make_task, requests_of
 
 
 @pytest.fixture
@@ -18,32 +22,152 @@ def layer_cache(tmp_path, monkeypatch):
     return tmp_path / "layers"
 
 
-def run(lm, task="tv_list_first", limit=4):
+def run(lm, task="tv_list_first", limit=4, **kwargs):
     tasks = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit)
+    return simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit, **kwargs)
+
+
+def queries(examples) -> list[str]:
+    return [ex.requests[0].args[0].rpartition("\n")[2] for ex in examples]
 
 
 def test_auto_sweeps_every_block_on_validation_and_reports_the_curve(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    out = run(lm)
-    chosen = out["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    chosen = run(lm)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
     curve = chosen["dev_accuracy"]
     assert len(curve) == len(lm.blocks) and chosen["source"] == "sweep" and chosen["num_dev"] == 6
+    assert chosen["dev_split"] == "validation" and len(chosen["dev_docs"]) == 6
     assert chosen["layer"] == max(range(len(curve)), key=lambda i: (curve[i], -i))  # ties -> lowest
+    assert {"baseline_accuracy", "regular_accuracy", "no_effect", "p_value"} <= chosen.keys()
     assert len(list(layer_cache.glob("*.json"))) == 1
 
 
-def test_dev_prompts_come_from_validation_never_test(make_lm, layer_cache):
+def test_validation_dev_documents_are_validation_rows(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=10)
-    run(lm)  # loads the task object the sweep reads
+    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
     data = [json.loads(line) for line in (task_dir() / "data" / "tv_list_first.jsonl").read_text().splitlines()]
-    split_of = {row["input"]: row["split"] for row in data}
-    dev = selection.dev_examples(lm, "tv_list_first")
-    queries = [ex.context.rpartition("\n")[2].removeprefix("example:").removesuffix("->") for ex in dev]
-    assert len(queries) == 10 and all(split_of[q] == "validation" for q in queries)
+    split_of = {f"example:{row['input']}->": row["split"] for row in data}
+    (dev,) = selection.dev_sets(lm, "tv_list_first")
+    assert dev.split == "validation" and dev.scored is None
+    assert len(dev.examples) == 10 and {split_of[q] for q in queries(dev.examples)} == {"validation"}
 
 
-def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, model_factory, layer_cache):
+def test_leave_one_out_over_the_fewshot_pool_when_there_is_no_validation_split(make_lm, layer_cache):
+    task = make_task(splits={"train": letter_rows(30), "test": letter_rows(20, 30)}, num_fewshot=4)
+    requests_of(task, limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=30)
+    (dev,) = selection.dev_sets(lm, "tiny")
+    assert dev.split == "train (leave-one-out)" and len({ex.doc_id for ex in dev.examples}) == 30
+    train = {f"example:{row['input']}->" for row in letter_rows(30)}
+    for ex in dev.examples:
+        context, own = ex.requests[0].args[0], ex.requests[0].doc
+        assert queries([ex])[0] in train
+        assert f"example:{own['input']}->{own['answers'][0]}\n" not in context  # never its own demonstration
+
+
+@pytest.mark.parametrize("splits", ["test only", "every split the same"])
+def test_tasks_without_disjoint_dev_documents_are_cross_fitted(make_lm, layer_cache, splits):
+    rows = letter_rows(26)
+    layout = {"test": rows} if splits == "test only" else {"train": rows, "validation": rows, "test": rows}
+    task = make_task(splits=layout, fewshot_split="test", num_fewshot=3)
+    requests_of(task, limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=20)
+    halves = selection.dev_sets(lm, "tiny")
+    assert [dev.split for dev in halves] == ["test (cross-fit: scored on the other half)"] * 2
+    assert halves[0].scored | halves[1].scored == set(range(26)) and not halves[0].scored & halves[1].scored
+    for dev in halves:
+        dev_docs = {ex.doc_id for ex in dev.examples}
+        assert dev_docs and not dev_docs & dev.scored  # tuned on the other half only
+        for ex in dev.examples:
+            own = ex.requests[0].doc
+            assert f"example:{own['input']}->{own['answers'][0]}\n" not in ex.requests[0].args[0]
+
+
+def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_cache, monkeypatch):
+    task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
+    requests = requests_of(task)
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=12, layer_cache="off")
+    halves = selection.dev_sets(lm, "tiny")
+    fake = iter([[0, 1, 0], [2, 0, 0]])  # block-wise hits: half 0's dev set picks block 1, half 1's picks block 0
+    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
+        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
+    choice = selection.select_layer(lm, "tiny")
+    assert [fold["layer"] for fold in choice["folds"]] == [1, 0]
+    for request, plan in zip(requests, lm.plan(requests, extract=False)):
+        assert plan.layer == (1 if request.doc_id in halves[0].scored else 0)
+
+
+def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache):
+    lm = make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="off")
+    first = run(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    second = run(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    assert first["source"] == second["source"] == "sweep" and len(lm.layer_choices) == 2
+    assert not layer_cache.exists()  # layer_cache=off writes nothing
+
+
+def test_single_token_queries(make_lm, layer_cache):
+    task = make_task(doc_to_text="{{input}}", target_delimiter="=", num_fewshot=2)
+    requests_of(task, limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=8)
+    assert len(lm.tok_encode("b")) == 1
+    assert selection.select_layer(lm, "tiny")["num_dev"] == 8
+
+
+def fixed_layer_hits(make_lm, arch, mode, requests, layer=None):
+    lm = make_lm(arch, mode=mode, layer=0 if layer is None else layer)
+    if requests[0].request_type == "generate_until":
+        one = [Instance("generate_until", r.doc, (r.args[0], {**r.args[1], "max_gen_toks": 1}), r.idx, r.metadata)
+               for r in requests]
+        return [lm.tok_encode(g, add_special_tokens=False)[:1] for g in lm.generate_until(one)]
+    return [lp for lp, _ in lm.loglikelihood(requests)]
+
+
+def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_lm, layer_cache):
+    """Each block's dev accuracy, and baseline's and regular's, equal what the evaluation paths generate."""
+    run(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
+    (dev,) = selection.dev_sets(lm, "tv_list_first")
+    per_block, baseline, regular = selection._score(lm, "tv_list_first", dev)
+    requests = [ex.requests[0] for ex in dev.examples]
+    targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
+    for layer in range(len(lm.blocks)):
+        firsts = fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer)
+        assert per_block[layer].tolist() == [f == t for f, t in zip(firsts, targets)]
+    for mode, hits in (("baseline", baseline), ("regular", regular)):
+        assert hits.tolist() == [f == t for f, t in zip(fixed_layer_hits(make_lm, "gpt2", mode, requests), targets)]
+
+
+def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache):
+    task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", fewshot_delimiter="\n\n",
+                     output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
+    requests_of(task, limit=1)
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
+    (dev,) = selection.dev_sets(lm, "tiny")
+    assert all(len(ex.requests) == 3 and ex.gold == 0 for ex in dev.examples)
+    per_block, baseline, regular = selection._score(lm, "tiny", dev)
+    requests = [r for ex in dev.examples for r in ex.requests]
+
+    def argmax_right(scores):
+        return [max(range(3), key=scores[3 * i : 3 * i + 3].__getitem__) == 0 for i in range(len(dev.examples))]
+
+    for layer in range(len(lm.blocks)):
+        assert per_block[layer].tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer))
+    for mode, hits in (("baseline", baseline), ("regular", regular)):
+        assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
+
+
+def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
+    baseline = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    same = torch.stack([baseline, baseline & False])
+    summary = selection._summary(same, baseline, baseline)
+    assert summary["layer"] == 0 and summary["no_effect"] and summary["p_value"] == 1.0
+    gains = torch.stack([baseline | True, baseline])  # 8 documents gained, none lost: p = 2 / 2**8
+    summary = selection._summary(gains, baseline, baseline)
+    assert not summary["no_effect"] and summary["p_value"] == round(2 / 256, 4)
+    assert summary["dev_accuracy"] == [1.0, 0.2] and summary["baseline_accuracy"] == 0.2
+
+
+def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
     first = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     again = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     assert again["tv_list_first"]["source"].endswith(".json")
@@ -53,57 +177,80 @@ def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, mo
     assert len(list(layer_cache.glob("*.json"))) == 2
 
 
-def test_sweep_curve_matches_single_layer_hypothesis_runs(make_lm, layer_cache):
-    """The sweep's batched scoring equals scoring each block on its own through the normal patched path."""
-    lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
-    run(lm, limit=3)
-    dev = selection.dev_examples(lm, "tv_list_first")
-    curve = selection.sweep(lm, "tv_list_first", dev)
-    for layer in range(len(lm.blocks)):
-        fixed = make_lm("gpt2", mode="hypothesis", layer=layer)
-        reqs = [selection.Instance("generate_until", {}, (ex.context, {"until": ["\n"], "max_gen_toks": 1,
-                                   "do_sample": False}), i, ("tv_list_first", i, 1)) for i, ex in enumerate(dev)]
-        firsts = fixed.generate_until(reqs)
-        hits = [fixed.tok_encode(ex.choices[0])[0] == fixed.tok_encode(g)[0] if g else False
-                for ex, g in zip(dev, firsts)]
-        assert curve[layer] == pytest.approx(sum(hits) / len(dev))
+def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, model_factory, tokenizer, layer_cache):
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=6)
+    sets = selection.dev_sets(lm, "tv_list_first")
+    key = selection._cache_key(lm, "tv_list_first", sets)
+    assert selection._cache_key(make_lm("llama", mode="hypothesis", num_dev=6), "tv_list_first", sets) == key
+    assert selection._cache_key(make_lm("llama", mode="hypothesis", num_dev=6, num_dummy=3), "tv_list_first", sets) != key
+    edited = copy.deepcopy(model_factory("llama"))
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3  # one weight, off any strided sample
+    other = TaskVectorLM(pretrained=edited, tokenizer=tokenizer, device="cpu", mode="hypothesis", num_dev=6)
+    edited_key = selection._cache_key(other, "tv_list_first", sets)
+    assert edited_key != key
+    with torch.no_grad():
+        edited.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # in place, after a fingerprint was remembered
+    assert selection._cache_key(other, "tv_list_first", sets) not in (key, edited_key)
 
 
-def test_dummies_come_from_all_the_tasks_documents_not_only_the_limited_ones(make_lm, layer_cache):
-    lm = make_lm("llama", mode="hypothesis", layer=1)
-    one = run(lm, limit=1)  # a single document still finds dummies among the task's other documents
-    assert one["results"]["tv_list_first"]["exact_match,none"] in (0.0, 1.0)
-    reqs = _requests(lm, 6)
-    assert lm.plan(reqs[:1])[0] == lm.plan(reqs)[0]  # θ of a document does not depend on --limit
+@pytest.mark.parametrize("content", [
+    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2",  # truncated
+    "[1, 2, 3]",  # not an object
+    "{\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # wrong type
+    "{\"layer\": 7, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # out of range
+    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2]}",  # curve of the wrong length
+    "{\"layer\": true, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # a bool is not a layer
+])
+def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
+    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=6)
+    path = layer_cache / f"{selection._cache_key(lm, 'tv_list_first', selection.dev_sets(lm, 'tv_list_first'))}.json"
+    layer_cache.mkdir(parents=True)
+    path.write_text(content)
+    choice = selection.select_layer(lm, "tv_list_first")
+    assert choice["source"] == "sweep" and "sweeping again" in caplog.text
+    assert json.loads(path.read_text())["dev_accuracy"] == choice["dev_accuracy"]  # healed
 
 
-def _requests(lm, limit):
-    from lm_eval_taskvec._autoload import LOADED_TASKS
+def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
+    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=6)
+    monkeypatch.setattr(selection.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    choice = selection.select_layer(lm, "tv_list_first")
+    assert choice["source"] == "sweep" and "not writable" in caplog.text
+    assert selection.select_layer(lm, "tv_list_first") is choice  # remembered, not swept again
+    assert not list(layer_cache.glob("*"))  # no temporary file left behind
 
-    task = LOADED_TASKS["tv_list_first"]
-    task.build_all_requests(limit=limit, rank=0, world_size=1)
-    return list(task.instances)
+
+@pytest.mark.parametrize("spelling, setting", [("no", "off"), ("off", "off"), ("false", "off"), ("0", "off"),
+                                               (False, "off"), (True, "on"), ("refresh", "refresh")])
+def test_layer_cache_spellings(make_lm, spelling, setting):
+    assert make_lm(mode="hypothesis", layer=1, layer_cache=spelling).layer_cache == setting
 
 
-def test_multiple_choice_sweep_matches_fixed_layer_scoring(make_lm, layer_cache, tmp_path):
-    """For a loglikelihood task, each block's dev accuracy is the argmax over its choices' log-probabilities."""
-    rows = [{"q": f"{a} {b}", "choices": [a, b, "c"], "label": i % 2}
-            for i, (a, b) in enumerate(zip("abcdefghijkl", "mnopqrstuvwx"))]
-    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "mc.yaml").write_text(
-        "task: tiny_mc_dev\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files: {tmp_path / 'mc.jsonl'}\n"
-        "training_split: train\nvalidation_split: train\ntest_split: train\nnum_fewshot: 2\n"
-        "output_type: multiple_choice\ndoc_to_text: \"Q: {{q}}\\nA:\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    TaskManager(include_path=str(tmp_path), include_defaults=False).load(["tiny_mc_dev"])
-    lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
-    dev = selection.dev_examples(lm, "tiny_mc_dev")
-    assert all(len(ex.choices) == 3 for ex in dev)
-    curve = selection.sweep(lm, "tiny_mc_dev", dev)
-    requests = [selection.Instance("loglikelihood", {}, (ex.context, c), i, ("tiny_mc_dev", i, 1))
-                for i, ex in enumerate(dev) for c in ex.choices]
-    for layer in range(len(lm.blocks)):
-        scores = [lp for lp, _ in make_lm("gpt2", mode="hypothesis", layer=layer).loglikelihood(requests)]
-        hits = [max(range(3), key=scores[3 * i : 3 * i + 3].__getitem__) == ex.gold for i, ex in enumerate(dev)]
-        assert curve[layer] == pytest.approx(sum(hits) / len(dev))
+def test_refresh_sweeps_again_and_rewrites(make_lm, layer_cache):
+    run(make_lm("llama", mode="hypothesis", num_dev=6))
+    again = run(make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="refresh"))
+    assert again["config"]["taskvec"]["layer_selection"]["tv_list_first"]["source"] == "sweep"
+    assert len(list(layer_cache.glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("mode", ["regular", "baseline"])
+def test_only_hypothesis_runs_record_a_layer(make_lm, layer_cache, mode):
+    info = run(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
+    assert info == {"mode": mode}
+
+
+def test_the_layer_choice_does_not_depend_on_the_rank(make_lm, layer_cache):
+    task = make_task()
+    keys = []
+    for rank in (0, 1):
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(rank=rank, world_size=2)
+        lm = make_lm("llama", mode="hypothesis", num_dev=6)
+        keys.append(selection._cache_key(lm, "tiny", selection.dev_sets(lm, "tiny")))
+    assert keys[0] == keys[1]

@@ -1,0 +1,151 @@
+"""S and x come from lm-eval's own task object: each prompt shape's split, written out literally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter
+from tests.tasks import make_task, requests_of
+
+FIRST_TWO = {"sampler": "first_n"}  # demonstrations: the first two train rows, a and b
+MC = {"output_type": "multiple_choice", "doc_to_choice": "{{[answers[0], 'zz']}}", "doc_to_target": 0}
+
+
+def split_first(lm, build=None, **config):
+    task = make_task(fewshot_config=FIRST_TWO, num_fewshot=2, **config)
+    request = requests_of(task, limit=1, **(build or {}))[0]
+    return lm.split(request)[0]
+
+
+@pytest.mark.parametrize(
+    "config, build, demos, query",
+    [
+        ({"description": "Make it big.\n\n"}, None,
+         "Make it big.\n\nexample:a->A\nexample:b->B\n", "example:fc->"),
+        ({}, {"system_instruction": "Be brief."},
+         "Be brief.example:a->A\nexample:b->B\n", "example:fc->"),
+        ({"description": "Make it big."}, {"system_instruction": "Be brief."},
+         "Be brief.\nMake it big.example:a->A\nexample:b->B\n", "example:fc->"),
+        ({"doc_to_text": "Q: {{input}}\nA:", "fewshot_delimiter": "\n\n", "target_delimiter": " "}, None,
+         "Q: a\nA: A\n\nQ: b\nA: B\n\n", "Q: fc\nA:"),
+        ({"gen_prefix": "Answer:", "target_delimiter": " "}, None,
+         "example:a-> Answer: A\nexample:b-> Answer: B\n", "example:fc-> Answer:"),
+        ({"doc_to_text": "Q: {{input}}", "fewshot_delimiter": "\n\n", "target_delimiter": "\n\n", **MC}, None,
+         "Q: a\n\nA\n\nQ: b\n\nB\n\n", "Q: fc"),
+        ({"doc_to_text": "Q: {{input}} A: ", **MC}, None,
+         "Q: a A: A\nQ: b A: B\n", "Q: fc A: "),
+    ],
+    ids=["description", "system-instruction", "both", "multi-line-query", "gen-prefix", "target-delimiter-blank-line",
+         "query-ending-in-a-space"],
+)
+def test_split_of_each_prompt_shape(make_lm, config, build, demos, query):
+    split = split_first(make_lm(mode="baseline"), build, **config)
+    assert (split.demos, split.query) == (demos, query)
+
+
+def test_zero_shot_with_a_description_is_refused(make_lm):
+    task = make_task(num_fewshot=0, description="Make it big.\n\n")
+    with pytest.raises(ValueError, match="0-shot.*no demonstrations.*--num_fewshot"):
+        make_lm(mode="baseline").split(requests_of(task, limit=1)[0])
+
+
+def test_empty_query_is_refused(make_lm):
+    rows = [{"input": "", "answers": ["x"]}] + [{"input": c, "answers": [c]} for c in "abcd"]
+    task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_text="{{input}}")
+    with pytest.raises(ValueError, match="empty query"):
+        make_lm(mode="hypothesis", layer=1).generate_until(requests_of(task, limit=2))
+
+
+def test_chat_template_is_refused_with_the_fix(make_lm, tokenizer):
+    lm = make_lm(mode="hypothesis", layer=1)
+    lm.tokenizer.chat_template = "{% for m in messages %}<{{m.role}}>{{m.content}}{% endfor %}<assistant>"
+    try:
+        task = make_task()
+        requests = requests_of(task, limit=2, apply_chat_template=True, chat_template=lm.apply_chat_template)
+        with pytest.raises(ValueError, match="chat template.*Run without --apply_chat_template"):
+            lm.generate_until(requests)
+    finally:
+        lm.tokenizer.chat_template = None
+
+
+def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
+    from tests.test_patching import gen_requests
+
+    lm = make_lm(mode="baseline", fewshot_delimiter=None)
+    with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
+        lm.generate_until(gen_requests("never_loaded"))
+
+
+def test_delimiters_keep_non_ascii_and_read_escapes():
+    assert read_escapes("\\n") == "\n" and read_escapes("§\\n→") == "§\n→"
+    split = split_at_delimiter("a->A§b->B§c->", read_escapes("§"))
+    assert (split.demos, split.query) == ("a->A§b->B§", "c->")
+
+
+def test_dummies_never_include_the_documents_own_query(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    task = make_task(num_fewshot=1, fewshot_config=FIRST_TWO)  # every document shares S: one dummy order for all
+    requests = requests_of(task)
+    for request, plan in zip(requests, lm.plan(requests, extract=False)):
+        own = f"example:{request.doc['input']}->"
+        assert plan.query == own and own not in plan.theta_key.dummies and len(plan.theta_key.dummies) == 2
+    assert choose_dummies(["x", "y", "z"], ("x",), 2, 0, "t", "S") in {("y", "z"), ("z", "y")}
+
+
+def test_dummies_do_not_depend_on_limit(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    task = make_task()
+    first = lm.plan(requests_of(task, limit=1), extract=False)[0]
+    assert lm.plan(requests_of(task)[:1], extract=False)[0] == first
+
+
+def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_space(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    task = make_task(doc_to_text="Q: {{input}} A: ", **MC)
+    request = requests_of(task, limit=1)[0]
+    plan = lm.plan([request], extract=False)[0]
+    read_at = [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)]
+    patched_at = lm._encode_pair(plan.query, request.args[1])[0][-1]
+    assert lm.tok_decode([patched_at]).endswith(":") and read_at == [patched_at, patched_at]
+
+
+def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, caplog):
+    lm = make_lm(mode="hypothesis", layer=1)
+    task = make_task(description="Make it big. " * 60)  # about 300 tokens; the tiny models hold 256
+    request = requests_of(task, limit=1)[0]
+    plan = lm.plan([request])[0]
+    budget = lm.max_length - 4  # max_gen_toks of the task
+    assert plan.theta_key.max_tokens == budget and "left-truncated" in caplog.text
+    full = [lm.tok_encode(plan.theta_key.demos + d) for d in plan.theta_key.dummies]
+    assert all(len(f) > budget for f in full)
+    states = [lm.model(torch.tensor([f[-budget:]]), output_hidden_states=True).hidden_states[2][0, -1] for f in full]
+    torch.testing.assert_close(lm.theta(plan), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
+    rows = [{"input": "ab" * 300, "answers": ["x"]}] + [{"input": c, "answers": [c]} for c in "abcd"]
+    task = make_task(splits={"train": rows[1:], "test": rows})
+    with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
+        make_lm(mode="baseline").generate_until(requests_of(task, limit=1))
+
+
+def test_plans_do_not_depend_on_the_rank(make_lm):
+    """With 2 processes each rank plans only its own requests; each request's dummies and θ (and the layer,
+    see test_selection) are what one process planning every request gives. (Which demonstrations a request
+    gets is lm-eval's business: its sampler draws per rank.)"""
+    task = make_task()
+    by_rank = []
+    for rank in (0, 1):
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(rank=rank, world_size=2)
+        by_rank.append(list(task.instances))
+    everything = make_lm(mode="hypothesis", layer=1)
+    together = everything.plan(by_rank[0] + by_rank[1])
+    alone = []
+    for requests in by_rank:
+        lm = make_lm(mode="hypothesis", layer=1)
+        alone += [(plan, lm.theta(plan)) for plan in lm.plan(requests)]
+    assert [plan for plan, _ in alone] == together and len(together) == 24
+    for (plan, theta), other in zip(alone, together):
+        torch.testing.assert_close(theta, everything.theta(other))
