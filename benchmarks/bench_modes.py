@@ -68,9 +68,9 @@ def main():
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lm_eval_taskvec import selection
     from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
     from lm_eval_taskvec.model import TaskVectorLM
-    from lm_eval_taskvec.selection import dev_examples, sweep
     from lm_eval_taskvec.tasks import task_dir
 
     path = embedded_model_path() if args.pretrained == EMBEDDED_NAME else args.pretrained
@@ -83,13 +83,13 @@ def main():
     per_doc = requests_of(task, args.limit)
     stock = HFLM(**common)
     ours = {mode: TaskVectorLM(mode=mode, layer=args.layer, **common) for mode in ("regular", "hypothesis", "baseline")}
-    sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.limit, layer_cache=False, **common)
-    dev = dev_examples(sweeper, args.task)  # per-document S, like the test requests
+    together = TaskVectorLM(mode="regular", layer=args.layer, **common)
+    together.shared_modes = ("regular", "hypothesis", "baseline")
+    sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.limit, layer_cache="off", **common)
+    (dev,) = selection.dev_sets(sweeper, args.task)  # per-document S, like the test requests
+    dev_requests = [r for ex in dev.examples for r in ex.requests]
     task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
     shared = requests_of(task, args.limit)
-    gen = per_doc[0].args[1]
-    dev_requests = [type(per_doc[0])("generate_until", {}, (ex.context, gen), i, (args.task, i, 1))
-                    for i, ex in enumerate(dev)]
 
     def fresh(lm, call):
         def run():
@@ -97,14 +97,26 @@ def main():
             return call()
         return run
 
+    def separately():
+        for mode in ("regular", "hypothesis", "baseline"):
+            ours[mode].generate_until(per_doc, disable_tqdm=True)
+
+    def all_modes_together():
+        for mode in ("regular", "hypothesis", "baseline"):
+            together.mode = mode
+            together.generate_until(per_doc, disable_tqdm=True)
+        together.mode = "regular"
+
     cases = {
         "stock hf, regular": lambda: stock.generate_until(per_doc, disable_tqdm=True),
         "hf-taskvec regular": lambda: ours["regular"].generate_until(per_doc, disable_tqdm=True),
         "hypothesis, per-document S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(per_doc, True)),
         "hypothesis, shared S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(shared, True)),
         "baseline": lambda: ours["baseline"].generate_until(per_doc, disable_tqdm=True),
+        "3 modes, separate runs": fresh(ours["hypothesis"], separately),
+        "3 modes, one model (shared S)": fresh(together, all_modes_together),
         "hypothesis on the dev split": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)),
-        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: sweep(sweeper, args.task, dev)),
+        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: selection._score(sweeper, args.task, dev)),
     }
     stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
     times, memory = {}, {}
@@ -120,8 +132,9 @@ def main():
         times[name] = best
 
     base = times["stock hf, regular"]
+    gen = per_doc[0].args[1]
     print(f"\n{args.task}: {len(per_doc)} documents, generation {gen}, batch size {args.batch_size}, layer {args.layer}, "
-          f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev)} dev documents, "
+          f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev_requests)} dev prompts, "
           f"{len(model.model.layers) if hasattr(model, 'model') else '?'} blocks")
     print(f"{'mode':38} {'seconds':>8} {'x stock':>8} {'peak MiB':>9}")
     for name, seconds in times.items():

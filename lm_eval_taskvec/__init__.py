@@ -7,7 +7,7 @@
 from lm_eval_taskvec._autoload import install as _install
 
 __version__ = "0.1.0"
-__all__ = ["TaskVectorLM", "task_dir"]
+__all__ = ["TaskVectorLM", "compare", "task_dir"]
 
 _install()
 
@@ -17,6 +17,10 @@ def __getattr__(name):
         from lm_eval_taskvec.model import TaskVectorLM
 
         return TaskVectorLM
+    if name == "compare":
+        from lm_eval_taskvec.comparison import compare
+
+        return compare
     if name == "task_dir":
         from lm_eval_taskvec.tasks import task_dir
 

@@ -1,8 +1,10 @@
-"""taskvec: the layer sweep of hf-taskvec as a table and a plot, and the embedded model's folder.
+"""taskvec: the layer sweep of hf-taskvec as a table and a plot, one table of every mode and run, and the
+embedded model's folder.
 
 examples:
   taskvec sweep --tasks tv_algorithmic --output_path sweep/
   taskvec sweep --model_args pretrained=HuggingFaceTB/SmolLM2-360M --tasks tv_letter_to_upper --limit 20
+  taskvec compare --tasks task_vectors --output_path out/
   taskvec embedded-path
 """
 
@@ -16,6 +18,8 @@ from functools import partial
 from pathlib import Path
 
 from lm_eval._cli.utils import MergeDictAction, SplitArgs, _int_or_none_list_arg_type
+
+from lm_eval_taskvec.comparison import cli as compare_cli
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -76,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("embedded-path", formatter_class=_Formatter,
                         help="fetch and convert the embedded SmolLM2 model once, print its folder",
                         description="Fetch and convert the embedded SmolLM2-135M-Instruct once; print its folder.")
+    compare = compare_cli.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "embedded-path":
+    if args.command == "compare":
+        compare_cli.run(args, compare)
+    elif args.command == "embedded-path":
         from lm_eval_taskvec.embedded import embedded_model_path
 
         print(embedded_model_path())

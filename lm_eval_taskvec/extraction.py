@@ -39,7 +39,7 @@ class Prefix:
             attention_mask=torch.cat([self.mask, self.mask.new_ones(len(suffixes), span)], 1),
             position_ids=lengths[:, None] + torch.arange(span, device=self.mask.device),
             use_cache=True,
-            **{_cache_argument(model): self.cache},
+            **{cache_argument(model): self.cache},
         )
 
     def take(self, rows: list[int]) -> "Prefix":
@@ -58,18 +58,23 @@ def prefill(model: nn.Module, prefixes: list[list[int]], stop_block: nn.Module |
     device = next(model.parameters()).device
     width = max(map(len, prefixes))
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device, dtype=torch.long)
-    prefix = Prefix(DynamicCache(config=model.config), mask)
-    if width == 0:
-        return prefix
-    if min(map(len, prefixes)) == 0:
+    if width and min(map(len, prefixes)) == 0:
         raise ValueError("prefixes must be all empty or all non-empty")
+    return prefill_columns(model, _pad(prefixes, width, left=True).to(device), mask, stop_block)
+
+
+def prefill_columns(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, stop_block: nn.Module | None = None):
+    """Run the left-padded columns ``input_ids`` into a fresh KV cache, exactly as ``generate`` would."""
+    prefix = Prefix(DynamicCache(config=model.config), mask)
+    if input_ids.shape[1] == 0:
+        return prefix
     with stop_after(stop_block) if stop_block is not None else nullcontext():
         model(
-            input_ids=_pad(prefixes, width, left=True).to(device),
+            input_ids=input_ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
-            **{_cache_argument(model): prefix.cache},
+            **{cache_argument(model): prefix.cache},
         )
     return prefix
 
@@ -93,14 +98,12 @@ def last_token_states(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
         batch = [families[i] for i in order[start : start + batch_size]]
-        cut = [_common_prefix_length(f) for f in batch]
+        cut = [common_prefix_length(f) for f in batch]
         cut = cut if min(cut) > 0 else [0] * len(cut)  # a family sharing nothing: no prefix for this batch
         suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
-        last = torch.tensor([len(s) - 1 for s in suffixes])
         with torch.no_grad():
             prefix = prefill(model, [f[0][:c] for f, c in zip(batch, cut)], stop_block=deepest)
-            with read_last_states(blocks, layers, last) as found, stop_after(deepest):
-                prefix.extend(model, suffixes, repeat=k)
+            found = states_after(model, blocks, prefix, suffixes, layers, repeat=k)
         states = torch.stack([found[layer] for layer in layers]).unflatten(1, (len(batch), k))
         if out is None:
             out = states.new_empty(len(layers), len(families), k, states.shape[-1])
@@ -108,7 +111,17 @@ def last_token_states(
     return out
 
 
-def _common_prefix_length(family: list[list[int]]) -> int:
+def states_after(model: nn.Module, blocks: nn.ModuleList, prefix: Prefix, suffixes: list[list[int]], layers: list[int],
+                 repeat: int = 1) -> dict[int, torch.Tensor]:
+    """Run ``suffixes`` after ``prefix`` (``repeat`` per prefix row) only up to the deepest listed block, and
+    return each listed block's output at each suffix's last token: {layer: Tensor[rows, hidden]}."""
+    last = torch.tensor([len(s) - 1 for s in suffixes])
+    with read_last_states(blocks, layers, last) as found, stop_after(blocks[max(layers)]):
+        prefix.extend(model, suffixes, repeat=repeat)
+    return found
+
+
+def common_prefix_length(family: list[list[int]]) -> int:
     """Longest shared token prefix, leaving every member at least one token of its own."""
     shortest = min(len(tokens) for tokens in family)
     n = 0
@@ -125,6 +138,6 @@ def _pad(rows: list[list[int]], width: int, left: bool) -> torch.Tensor:
     return out
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

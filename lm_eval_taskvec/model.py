@@ -18,7 +18,7 @@ import json
 import logging
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from lm_eval.api.registry import register_model
@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
-from lm_eval_taskvec.extraction import last_token_states
+from lm_eval_taskvec.extraction import cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
@@ -58,6 +58,7 @@ class Plan:
     query: str
     theta_key: ThetaKey | None = None
     layer: int | None = None
+    patch: bool = True  # False: regular mode preparing θ for a later hypothesis run (see shared_modes)
 
 
 @register_model("hf-taskvec")
@@ -93,6 +94,8 @@ class TaskVectorLM(HFLM):
         self.layer = self._check_layer(layer)
         self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto), for the results
         self.layer_choices: dict[str, dict] = {}  # layer-cache key -> choice, this process's memory of sweeps
+        self.shared_modes: tuple[str, ...] = ()  # modes evaluated in turn on this instance: regular prepares θ,
+        self._forked_baseline: dict[tuple, torch.Tensor] = {}  # and hypothesis generates baseline's answers too
         self._theta_cache: dict[tuple[int, ThetaKey], torch.Tensor] = {}
         self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
         self._warned: set[str] = set()
@@ -251,21 +254,30 @@ class TaskVectorLM(HFLM):
                           desc: str = "Extracting task vectors") -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
-        with torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+        with self._autocast():
             return last_token_states(self.model, self.blocks, families, layers, size, self.rank == 0, desc)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
 
     def theta(self, plan: Plan) -> torch.Tensor:
         return self._theta_cache[(plan.layer, plan.theta_key)]
 
     @contextmanager
     def patched(self, plans: list[Plan], positions, first_call_only: bool = False):
-        """Patch each row's θ at its plan's layer and its position: one hook per distinct layer."""
-        values = torch.stack([self.theta(p) for p in plans])
-        layers = torch.tensor([p.layer for p in plans])
+        """Patch each row's θ at its plan's layer and its position (rows whose plan has no θ stay untouched):
+        one hook per distinct layer, each of which must fire on exactly one forward pass."""
+        thetas = {i: self.theta(p) for i, p in enumerate(plans) if p.theta_key is not None}
+        if not thetas:
+            yield
+            return
+        some = next(iter(thetas.values()))
+        values = torch.stack([thetas.get(i, torch.zeros_like(some)) for i in range(len(plans))])
+        layers = torch.tensor([p.layer if i in thetas else -1 for i, p in enumerate(plans)])
         with ExitStack() as stack:
             records = [
                 stack.enter_context(replace_states(self.blocks[layer], values, positions, layers == layer, first_call_only))
-                for layer in sorted(set(layers.tolist()))
+                for layer in sorted(set(layers.tolist()) - {-1})
             ]
             yield
         if any(r.patched != 1 for r in records):
@@ -287,12 +299,23 @@ class TaskVectorLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self._warn_instruct()
+        if self.mode == "regular" and "hypothesis" in self.shared_modes:
+            # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
+            plans = [replace(p, query=r.args[0], patch=False) for r, p in zip(requests, self.plan(requests, extract=False))]
+            return self.generate_planned(requests, plans, disable_tqdm)
+        if self.mode == "regular":
+            new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
+            with self._probing(len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens):
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        if self.mode == "hypothesis":
+            self._forked_baseline.clear()
+        return self.generate_planned(requests, self.plan(requests), disable_tqdm)
+
+    def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:
+        """Generate for each request from its plan's query text, with its plan's θ (if any) patched at the
+        query's last token in the prompt's forward pass."""
         new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
         full = len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens
-        if self.mode == "regular":
-            with self._probing(full):
-                return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        plans = self.plan(requests)
         short = len(self.tok_encode(max((p.query for p in plans), key=len))) + new_tokens
 
         def run(part: list[int]) -> list[str]:
@@ -312,16 +335,56 @@ class TaskVectorLM(HFLM):
         if padding_side != "left":
             raise RuntimeError("hf-taskvec patches the last column of a left-padded batch")
         plans = [self._generation_plans[s] for s in strings]
-        if self.mode == "hypothesis":
+        if any(p.theta_key is not None for p in plans):
             self._batch_plans = plans
         return super().tok_batch_encode([p.query for p in plans], padding_side, left_truncate_len, truncation)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         plans, self._batch_plans = self._batch_plans, None
+        key = _batch_key(context, max_length, stop)
         if plans is None:
+            if key in self._forked_baseline:  # computed alongside hypothesis, from the same query prefill
+                return self._forked_baseline.pop(key)
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if not all(p.patch for p in plans):
+            cache = self._prefill_and_extract(context, generation_kwargs["attention_mask"], plans)
+            if cache is not None:
+                generation_kwargs[cache_argument(self.model)] = cache
+            plans = [p if p.patch else replace(p, theta_key=None) for p in plans]
+        elif self.mode == "hypothesis" and "baseline" in self.shared_modes and context.shape[1] > 1:
+            # Baseline and hypothesis run the same query tokens and differ from the last one on: prefill the
+            # rest once; baseline continues from a copy, unpatched, and waits for the baseline run.
+            with torch.no_grad(), self._autocast():
+                prefix = prefill_columns(self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1],
+                                         stop_block=self.blocks[-1])
+            rows = list(range(context.shape[0]))
+            self._forked_baseline[key] = super()._model_generate(
+                context, max_length, stop, **generation_kwargs, **{cache_argument(self.model): prefix.take(rows).cache})
+            generation_kwargs[cache_argument(self.model)] = prefix.cache
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def _prefill_and_extract(self, context: torch.Tensor, mask: torch.Tensor, plans: list[Plan]):
+        """For a regular batch whose θ a later hypothesis run needs: run the columns every row shares with its
+        dummy prompts [S, x'] once into the KV cache that generation continues from, and extract θ from that
+        cache with only the dummies' own tokens. Returns the cache, or None when no column is shared."""
+        todo = [r for r, p in enumerate(plans) if p.theta_key is not None and (p.layer, p.theta_key) not in self._theta_cache]
+        if not todo:
+            return None
+        pads = (mask == 0).sum(-1).tolist()
+        families = {r: self.theta_prompts(plans[r].theta_key) for r in todo}
+        cut = min(pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in todo)
+        if cut == 0:
+            return None
+        layers = sorted({plans[r].layer for r in todo})
+        suffixes = [prompt[max(0, cut - pads[r]) :] for r in todo for prompt in families[r]]
+        with torch.no_grad(), self._autocast():
+            prefix = prefill_columns(self.model, context[:, :cut], mask[:, :cut], stop_block=self.blocks[-1])
+            found = states_after(self.model, self.blocks, prefix.take([r for r in todo for _ in families[r]]), suffixes, layers)
+        for i, r in enumerate(todo):
+            k = len(families[r])
+            self._theta_cache[(plans[r].layer, plans[r].theta_key)] = found[plans[r].layer][i * k : (i + 1) * k].float().mean(0)
+        return prefix.cache
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -337,7 +400,7 @@ class TaskVectorLM(HFLM):
             return self._loglikelihood_patched(encoded, plans, disable_tqdm)
 
     def _loglikelihood_patched(self, encoded, plans: list[Plan], disable_tqdm: bool):
-        if self.mode == "baseline":
+        if all(p.theta_key is None for p in plans):
             return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
         rows = [self._row_patch(ctx, cont, plan) for (_, ctx, cont), plan in zip(encoded, plans)]
@@ -469,6 +532,11 @@ def _in_parts(n: int, key, value, run) -> list:
         for i, output in zip(members, run(members)):
             results[i] = output
     return results
+
+
+def _batch_key(context: torch.Tensor, max_length: int, stop) -> tuple:
+    """The same query batch in the baseline run as in the hypothesis run that generated its answers."""
+    return context.shape, context.cpu().numpy().tobytes(), max_length, tuple(stop)
 
 
 def _strip_zeros(row: tuple) -> tuple:

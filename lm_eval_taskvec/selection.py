@@ -21,7 +21,8 @@ import json
 import logging
 import os
 import random
-from contextlib import contextmanager, nullcontext, suppress
+import tempfile
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -34,6 +35,7 @@ from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.stats import mcnemar_exact
+from lm_eval_taskvec.theta import few_shot_requests
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -132,36 +134,10 @@ def _fold_members(num_docs: int, seed: int) -> tuple[frozenset[int], frozenset[i
 
 def _examples(lm, task, docs: list[tuple[int, dict]]) -> list[DevExample]:
     """``num_dev`` dev prompts over ``docs`` (cycled with fresh demonstrations when there are fewer docs)."""
-    rng = random.Random(lm.seed)
-    picked = rng.sample(docs, min(lm.num_dev, len(docs)))
-    picked = [picked[i % len(picked)] for i in range(lm.num_dev)] if len(picked) < lm.num_dev else picked
-    settings = getattr(task, "taskvec_prompt_settings", None) or {}
-    num_fewshot = task.get_config("num_fewshot")
-    examples = []
-    with _seeded_demos_without_the_document(task, lm.seed) as exclude:
-        for n, (doc_id, doc) in enumerate(picked):
-            exclude(doc)
-            context = task.fewshot_context(doc, num_fewshot, system_instruction=settings.get("system_instruction"),
-                                           gen_prefix=task.doc_to_prefix(doc))
-            requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
-            requests = [r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]]
-            examples.append(DevExample(doc_id, requests, _gold(task, doc)))
-    return examples
-
-
-@contextmanager
-def _seeded_demos_without_the_document(task, seed: int):
-    """Demonstrations drawn with a fixed seed that never include the dev document itself (lm-eval's sampler
-    only drops it when the few-shot split is the test split); the run's own sampler state is restored."""
-    sampler, saved = task.sampler, task.sampler.rnd
-    sample, current = sampler.sample, {}
-    sampler.set_rnd(seed)
-    sampler.sample = lambda n, eval_doc=None, **kwargs: sample(n, eval_doc=current["doc"], **kwargs)
-    try:
-        yield lambda doc: current.update(doc=doc)
-    finally:
-        del sampler.sample
-        sampler.rnd = saved
+    picked = random.Random(lm.seed).sample(docs, min(lm.num_dev, len(docs)))
+    picked = [picked[i % len(picked)] for i in range(lm.num_dev)]
+    requests = few_shot_requests(task, picked, task.get_config("num_fewshot"), lm.seed)
+    return [DevExample(doc_id, reqs, _gold(task, doc)) for (doc_id, doc), reqs in zip(picked, requests)]
 
 
 def _gold(task, doc) -> int | str:
@@ -325,26 +301,34 @@ def _valid_choice(choice, num_blocks: int) -> bool:
 
 
 def _write_cache(lm, path, choice: dict) -> None:
-    """Atomic: a temporary file renamed into place, so readers never see half a file. An unwritable cache
-    keeps the choice in memory and says so."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Atomic: a temporary file of its own renamed into place, so concurrent writers and readers never see
+    half a file. An unwritable cache keeps the choice in memory and says so."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: v for k, v in choice.items() if k != "source"}))
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump({k: v for k, v in choice.items() if k != "source"}, file)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as err:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
         lm.warn_once(f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
                      "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder")
 
 
 def _log_choice(lm, task_name: str, choice: dict) -> None:
-    for part, scope in ([(f, f"half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
+    """One line per chosen layer; a warning when it does nothing the query alone does not."""
+    for part, scope in ([(f, f" half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
                         else [(choice, "")]):
-        verdict = ("NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p="
-                   f"{part['p_value']:.2f}), so hypothesis mode adds nothing here" if part["no_effect"] else "")
-        log.info("%s%s: block %d (0-based) of %d blocks, dev accuracy %.2f (baseline %.2f, regular %.2f) on %d "
-                 "prompts from %s (%s). %s", task_name, f" {scope}" if scope else "", part["layer"], len(lm.blocks),
-                 part["dev_accuracy"][part["layer"]], part["baseline_accuracy"], part["regular_accuracy"],
-                 part["num_dev"], choice["dev_split"], choice["source"], verdict)
+        line = (f"{task_name}{scope}: block {part['layer']} (0-based) of {len(lm.blocks)} blocks, dev accuracy "
+                f"{part['dev_accuracy'][part['layer']]:.2f} (baseline {part['baseline_accuracy']:.2f}, regular "
+                f"{part['regular_accuracy']:.2f}) on {part['num_dev']} prompts from {choice['dev_split']} "
+                f"({choice['source']})")
+        if part["no_effect"]:
+            log.warning("%s. NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p=%.2f), "
+                        "so hypothesis mode adds nothing here", line, part["p_value"])
+        else:
+            log.info("%s", line)

@@ -6,8 +6,9 @@
     python scripts/build_tasks.py --allow-missing  # skip data files that do not exist yet
     python scripts/build_tasks.py tv_antonyms ...  # only these tasks
 
-Splits are a pure function of the task's set of inputs (seeded shuffle of the sorted inputs),
-so rerunning is idempotent and independent of row order. Exits 1 and lists the problems if any.
+Splits are a pure function of the task's set of inputs (seeded shuffle of the sorted inputs), and
+so is the order of the rows within each split (another seeded shuffle, so that --limit takes a
+random sample): rerunning is idempotent and independent of row order. Exits 1 and lists the problems if any.
 """
 
 import argparse
@@ -63,17 +64,30 @@ def min_size(task: str) -> int:
 
 
 def assign_splits(task: str, rows: list[dict]) -> list[dict]:
-    """Rows with a `split` field; letter tasks get one copy of every row per split."""
+    """Rows with a `split` field, split by split, each split in a seeded shuffled order.
+
+    Letter tasks get one copy of every row per split. The shuffle makes any prefix (``--limit``) a
+    random sample: source files are often sorted by answer (all the "Europe" places first).
+    """
     rows = [{k: v for k, v in r.items() if k != "split"} for r in rows]  # other keys: flagged later
     if task in LETTER_TASKS:
-        return [{**r, "split": split} for split in SPLITS for r in rows]
-    order = sorted({r["input"] for r in rows})
-    random.Random(f"{SEED}:{task}").shuffle(order)
-    n_train = round(FRACTIONS["train"] * len(order))
-    n_val = round(FRACTIONS["validation"] * len(order))
-    split_of = {x: "train" if i < n_train else "validation" if i < n_train + n_val else "test"
-                for i, x in enumerate(order)}
-    return [{**r, "split": split_of[r["input"]]} for r in rows]
+        split_rows = {split: rows for split in SPLITS}
+    else:
+        order = sorted({r["input"] for r in rows})
+        random.Random(f"{SEED}:{task}").shuffle(order)
+        n_train = round(FRACTIONS["train"] * len(order))
+        n_val = round(FRACTIONS["validation"] * len(order))
+        split_of = {x: "train" if i < n_train else "validation" if i < n_train + n_val else "test"
+                    for i, x in enumerate(order)}
+        split_rows = {split: [r for r in rows if split_of[r["input"]] == split] for split in SPLITS}
+    return [{**r, "split": split} for split in SPLITS for r in shuffled(task, split, split_rows[split])]
+
+
+def shuffled(task: str, split: str, rows: list[dict]) -> list[dict]:
+    """``rows`` in an order that depends only on their content and a per-split seed (idempotent)."""
+    ordered = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+    random.Random(f"{SEED}:{task}:{split}:order").shuffle(ordered)
+    return ordered
 
 
 def validate(task: str, rows: list[dict]) -> list[str]:

@@ -3,8 +3,8 @@
 They run in document order in a copy of this checkout, with a fresh ``.venv`` (the README's own set-up
 commands create it) and a fresh model cache, on the CPU. Three departures, each visible in the test ids:
 - ``make test`` is skipped: it is the command running this test;
-- runs get a small limit: ``--limit 5`` for ``lm_eval`` and ``taskvec sweep``, ``LIMIT=5`` for ``make demo``,
-  ``limit=5`` for ``simple_evaluate``;
+- runs get a small limit: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec compare``,
+  ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``;
 - commands that need the Hugging Face Hub (a Hub model or a task from lm-eval's own catalogue) are skipped
   when it cannot be reached or ``HF_HUB_OFFLINE`` is set.
 What each command printed and how long it took goes to ``docs_run.md`` in pytest's temporary folder.
@@ -79,12 +79,16 @@ def _hub_reachable() -> bool:
 
 def _limited(command: str) -> tuple[str, dict]:
     """The command with a small limit where it would run a model over whole tasks, and extra environment."""
+    command = re.split(r"\s+#\s", command, maxsplit=1)[0]  # a trailing comment would swallow an added option
     if re.match(r"(make demo)\b", command):
         return command, {"LIMIT": str(LIMIT)}
-    runs_model = re.match(r"lm_eval\b", command) and "--model " in command or re.match(r"taskvec sweep\b", command)
-    if runs_model and "--limit" not in command:
+    runs_model = re.match(r"lm_eval\b", command) and "--model " in command or \
+        re.match(r"taskvec (sweep|compare)\b.*--tasks", command)
+    if not runs_model:
+        return command, {}
+    if "--limit" not in command:
         return f"{command} --limit {LIMIT}", {}
-    return command, {}
+    return re.sub(r"--limit\s+(\d+)", lambda m: f"--limit {min(int(m.group(1)), LIMIT)}", command), {}
 
 
 ALL = [(doc, *step) for doc in DOCS for step in steps(doc)]

@@ -75,5 +75,10 @@ def test_unsupported_block_output_raises_instead_of_doing_nothing():
 
 
 def test_blocks_found_by_size_and_configured_depth():
-    assert find_blocks(TupleModel()) is not None and len(find_blocks(TupleModel())) == 3
+    model = TupleModel()
+    model.decoys = nn.ModuleList(nn.Linear(1, 1) for _ in range(3))  # same length, fewer parameters
+    assert find_blocks(model) is model.layers
+    model.config = type("Config", (), {"num_hidden_layers": 3})()
+    model.bigger = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))  # more parameters, not the configured depth
+    assert find_blocks(model) is model.layers
     assert resolve_layer(-1, 30) == 29 and resolve_layer(0.66, 30) == 19 and resolve_layer(5.0, 30) == 5

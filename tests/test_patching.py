@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -279,3 +281,53 @@ def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
         alone.ensure_thetas({(layer, key) for key in keys})
         for key in keys:
             torch.testing.assert_close(lm._theta_cache[(layer, key)], alone._theta_cache[(layer, key)])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records, arch):
+    """One model evaluating regular then hypothesis then baseline (as taskvec compare does) gives each mode's
+    separate outputs; regular extracts θ from the KV cache of S it generates from, and θ equals a fresh pass."""
+    reqs = gen_requests()
+    shared = make_lm(arch, mode="regular", layer=1, batch_size=3)
+    shared.shared_modes = ("regular", "hypothesis", "baseline")
+    outputs = {"regular": shared.generate_until(reqs)}
+    assert shared._theta_cache and not records  # θ ready after the regular run, nothing patched
+    separate = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
+    for plan in separate.plan(reqs):
+        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+    for mode in ("hypothesis", "baseline"):
+        shared.mode = mode
+        outputs[mode] = shared.generate_until(reqs)
+        assert bool(shared._forked_baseline) == (mode == "hypothesis")  # baseline's answers, waiting, then used
+    assert outputs["regular"] == make_lm(arch, stock=True, batch_size=3).generate_until(reqs)
+    assert outputs["hypothesis"] == separate.generate_until(reqs)
+    assert outputs["baseline"] == make_lm(arch, mode="baseline", batch_size=3).generate_until(reqs)
+
+
+def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeypatch):
+    reqs = gen_requests("t1") + [Instance("generate_until", {}, (context("xyz", q), dict(GEN)), 10 + i, ("t2", i, 1))
+                                 for i, q in enumerate(["k", "lm", "n", "op"])]
+    layer_of = {"t1": 0, "t2": 2}
+    shared = make_lm("gpt2", mode="regular", layer=0, batch_size=16)
+    shared.shared_modes = ("regular", "hypothesis")
+    monkeypatch.setattr(shared, "layer_for", lambda request: layer_of[request.task_name])
+    shared.generate_until(reqs)
+    separate = make_lm("gpt2", mode="hypothesis", layer=0)
+    monkeypatch.setattr(separate, "layer_for", lambda request: layer_of[request.task_name])
+    plans = separate.plan(reqs)
+    assert {p.layer for p in plans} == {0, 2}
+    for plan in plans:
+        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_without_theta_stay_untouched_in_a_patched_batch(make_lm):
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    reqs = gen_requests()
+    plans = lm.plan(reqs)
+    mixed = [plans[0], replace(plans[1], theta_key=None)]
+    ids = torch.tensor([lm.tok_encode(p.query) for p in mixed[:1]] * 2)
+    base = lm._model_call(ids)
+    with lm.patched(mixed, -1):
+        out = lm._model_call(ids)
+    torch.testing.assert_close(out[1], base[1])
+    assert not torch.allclose(out[0, -1], base[0, -1], atol=1e-4)

@@ -254,3 +254,42 @@ def test_the_layer_choice_does_not_depend_on_the_rank(make_lm, layer_cache):
         lm = make_lm("llama", mode="hypothesis", num_dev=6)
         keys.append(selection._cache_key(lm, "tiny", selection.dev_sets(lm, "tiny")))
     assert keys[0] == keys[1]
+
+
+def test_concurrent_writers_never_leave_half_a_cache_file(make_lm, layer_cache, caplog):
+    import threading
+
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    path = layer_cache / "key.json"
+    choices = [{"layer": layer, "dev_accuracy": [0.5] * 3, "padding": "y" * 200_000} for layer in (0, 2)]
+    seen, stop = [], threading.Event()
+
+    def write(choice):
+        for _ in range(40):
+            selection._write_cache(lm, path, choice)
+
+    def read():
+        while not stop.is_set():
+            seen.append(selection._read_cache(path, 3))
+
+    writers = [threading.Thread(target=write, args=(c,)) for c in choices]
+    reader = threading.Thread(target=read)
+    reader.start()
+    [w.start() for w in writers]
+    [w.join() for w in writers]
+    stop.set()
+    reader.join()
+    assert all(s is None or s["layer"] in (0, 2) for s in seen) and any(s is not None for s in seen)
+    assert "sweeping again" not in caplog.text  # no reader ever saw a partial file
+    assert [p.name for p in layer_cache.iterdir()] == ["key.json"]  # no temporary file left
+
+
+def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, layer_cache, monkeypatch, caplog):
+    task = make_task()
+    requests_of(task, limit=1)
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=10, layer_cache="off")
+    same = torch.tensor([True, False] * 5)
+    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (torch.stack([same] * 3), same, same))
+    choice = selection.select_layer(lm, "tiny")
+    assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
+    assert "tiny: block 0 (0-based) of 3 blocks" in caplog.text and "NO EFFECT" in caplog.text

@@ -5,6 +5,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,11 +139,106 @@ def test_generation_settings(loaded):
     ],
 )
 def test_metrics(generation, answers, exact, paper, paper_knowledge):
-    doc = {"input": "x", "answers": answers}
+    doc = {"input": "x", "answers": answers, "task": "tv_country_capital"}
     assert utils.process_results(doc, [generation]) == {"exact_match": exact, "paper_match": paper}
     assert utils.process_results_knowledge(doc, [generation])["paper_match"] == paper_knowledge
 
 
+@pytest.mark.parametrize(
+    "task, generation, answers, paper_knowledge",
+    [
+        ("tv_location_continent", "A", ["Asia"], 0),  # "A" also starts Africa, Antarctica, Australia
+        ("tv_location_continent", "A", ["Africa"], 0),
+        ("tv_location_continent", "As", ["Asia"], 1),  # Asia alone starts with "As"
+        ("tv_location_continent", "Af", ["Asia"], 0),  # a cut of another answer
+        ("tv_location_continent", "North is", ["North America"], 1),
+        ("tv_location_continent", "Asian", ["Asia"], 1),  # extends the answer
+        ("tv_country_capital", "Port", ["Port Louis"], 0),  # Port Moresby, Port Vila, ...
+        ("tv_country_capital", "Asunci", ["Asunción", "Asuncion"], 1),  # spellings of one acceptable answer
+        ("tv_country_capital", "Asunci", ["Asunción"], 0),  # "Asuncion" would not be acceptable here
+    ],
+)
+def test_knowledge_prefix_must_identify_one_answer_of_the_task(loaded, task, generation, answers, paper_knowledge):
+    doc = {"input": "x", "answers": answers, "task": task}
+    assert loaded["tasks"][task].process_results(doc, [generation])["paper_match"] == paper_knowledge
+
+
+def test_knowledge_prefix_rule_reads_the_answer_set_it_is_given():
+    assert utils.paper_match("A", ["Asia"], {"Asia", "Europe"})
+    assert not utils.paper_match("A", ["Asia"], {"Asia", "Africa"})
+    assert not utils.paper_match("A", ["Asia"])  # no answer set (non-knowledge tasks): no cuts at all
+
+
+def test_every_document_names_its_task_for_the_answer_set(loaded):
+    for name, task in loaded["tasks"].items():
+        assert {doc["task"] for doc in task.test_docs()} == {name}
+    assert utils.answer_set("tv_location_continent") == {
+        "Africa", "Antarctica", "Asia", "Australia", "Europe", "North America", "Oceania", "South America"}
+
+
 def test_load_ignores_model_args():
     ds = utils.load(tv_task="tv_letter_to_upper", pretrained="x", layer=3.0, version=1.0)
-    assert set(ds) == set(build.SPLITS) and ds["test"][0] == {"input": "a", "answers": ["A"]}
+    assert set(ds) == set(build.SPLITS)
+    assert {"input": "a", "answers": ["A"], "task": "tv_letter_to_upper"} in list(ds["test"])
+
+
+PREFIX = 20  # a typical --limit
+
+
+def _mix(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each label as a class index, and the split's share of each class."""
+    codes = {label: i for i, label in enumerate(sorted(set(labels)))}
+    idx = np.array([codes[label] for label in labels])
+    return idx, np.bincount(idx, minlength=len(codes)) / len(idx)
+
+
+def _distances(samples: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """Total-variation distance between each row's class mix and ``whole``."""
+    counts = (samples[..., None] == np.arange(len(whole))).sum(axis=-2)
+    return 0.5 * np.abs(counts / samples.shape[-1] - whole).sum(axis=-1)
+
+
+def label_distance(labels: list[str], n: int = PREFIX) -> float:
+    """Total-variation distance between the answer mix of the first ``n`` documents and of the whole split."""
+    idx, whole = _mix(labels)
+    return float(_distances(idx[:n], whole))
+
+
+def far_threshold(labels: list[str], n: int = PREFIX, draws: int = 5000) -> float:
+    """The 99.9th percentile of ``label_distance`` over uniformly random n-document samples of the split:
+    a prefix farther than that is less representative than 999 of 1000 random samples. Shuffled data is
+    such a sample; a split sorted by answer lies far beyond (0.6-0.9 against thresholds of 0.3-0.6 here)."""
+    idx, whole = _mix(labels)
+    orders = np.random.default_rng(0).random((draws, len(idx))).argsort(axis=1)[:, :n]
+    return float(np.quantile(_distances(idx[orders], whole), 0.999))
+
+
+def split_labels(name: str) -> dict[str, list[str]]:
+    ds = utils.load(tv_task=name)
+    return {s: [answers[0] for answers in ds[s]["answers"]] for s in build.SPLITS}
+
+
+@pytest.mark.parametrize("name", build.TASKS)
+def test_first_20_documents_of_every_split_have_the_splits_answer_mix(name):
+    """--limit 20 must score a sample of the split, not one class (sorted data gave 19 x Europe)."""
+    for split, labels in split_labels(name).items():
+        if len(set(labels)) == len(labels):
+            continue  # every answer distinct: every sample is equally far from the mix
+        distance, threshold = label_distance(labels), far_threshold(labels)
+        assert distance <= threshold, f"{name} {split}: first {PREFIX} docs at TV {distance:.2f} > {threshold:.2f}"
+
+
+def test_the_answer_mix_check_catches_data_sorted_by_answer():
+    for name in ("tv_location_continent", "tv_location_religion", "tv_person_language"):
+        labels = sorted(split_labels(name)["test"])
+        assert label_distance(labels) > far_threshold(labels), name
+
+
+def test_every_split_is_stored_shuffled_independently_of_the_source_order():
+    rows = [{"input": f"w{i:03d}", "answers": ["AB"[i % 2]]} for i in range(200)]
+    built = build.assign_splits("tv_fr_en", rows)
+    assert build.assign_splits("tv_fr_en", rows[::-1]) == built
+    assert [r["split"] for r in built] == sorted((r["split"] for r in built), key=build.SPLITS.index)
+    for split in build.SPLITS:
+        inputs = [r["input"] for r in built if r["split"] == split]
+        assert inputs != sorted(inputs)

@@ -1,0 +1,94 @@
+"""Running hf-taskvec's modes in one process: the model loads once, each mode goes through lm-eval's own
+evaluator and its results (and samples) are written where ``lm_eval --output_path <out>/<mode>`` writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm_eval_taskvec.comparison.runs import UsageError
+
+MODES = ("regular", "hypothesis", "baseline")
+SEED_KEYS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+
+
+def run_modes(model_args, tasks, output_path, modes=MODES, *, num_fewshot: int | None = None, limit=None,
+              batch_size="8", device: str | None = None, gen_kwargs=None, include_path: str | None = None,
+              seed=None, log_samples: bool = False) -> list[Path]:
+    """Evaluate ``tasks`` in each of ``modes`` with one loaded ``TaskVectorLM``; returns the results files.
+
+    The options mean what lm_eval's do; ``seed`` is lm_eval's ``--seed`` (one integer, or four separated by
+    commas: python, numpy, torch, few-shot). ``model_args`` must not hold ``mode``: ``modes`` chooses them.
+    """
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import simple_parse_args_string
+
+    import lm_eval_taskvec  # noqa: F401  (registers the tv_* task folder even when the start-up hook is off)
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    modes = _check_modes(modes)
+    args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
+    if "mode" in args:
+        raise UsageError(f"model_args: leave out mode={args['mode']}; modes (--modes) chooses the modes to run")
+    task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    seeds = _seeds(seed)
+    extra = {"device": device} if device else {}
+    modes = tuple(sorted(modes, key=lambda m: m != "regular"))  # regular first: it prepares θ from the same S
+    lm = TaskVectorLM(**args, mode=modes[0], batch_size=batch_size, **extra)
+    lm.shared_modes = modes
+    # Tasks carry the model args in their metadata, as in an lm_eval run; TaskManager indexes every task
+    # folder once, and reads this dict when it loads tasks, so each mode's configs name that mode.
+    metadata = dict(args)
+    manager = TaskManager(include_path=include_path, metadata=metadata)
+    written = []
+    for mode in modes:
+        lm.mode = mode
+        metadata["mode"] = mode
+        tracker = EvaluationTracker(output_path=str(Path(output_path) / mode))
+        results = lm_eval.simple_evaluate(
+            model=lm, model_args=args | {"mode": mode}, tasks=task_list, num_fewshot=num_fewshot,
+            batch_size=batch_size, device=device, limit=limit, gen_kwargs=gen_kwargs, task_manager=manager,
+            log_samples=log_samples, evaluation_tracker=tracker, **seeds)
+        written.append(_save(tracker, results, log_samples))
+    return written
+
+
+def _save(tracker, results: dict, log_samples: bool) -> Path:
+    """What lm_eval's CLI does after evaluating, naming the model type as ``--model hf-taskvec`` would."""
+    results["config"]["model"] = tracker.general_config_tracker.model_source = "hf-taskvec"
+    samples = results.pop("samples", None) if log_samples else None
+    tracker.save_results_aggregated(results=results, samples=samples)
+    if log_samples:
+        for task_name in results["configs"]:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    path = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
+    path = path / f"results_{tracker.date_id}.json"
+    if not path.is_file():  # lm-eval logs a failed save as a warning only
+        raise OSError(f"lm-eval did not write {path}; check that --output_path is writable")
+    return path
+
+
+def _check_modes(modes) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise UsageError(f"modes: {','.join(modes) or 'nothing'} is not a list of distinct modes "
+                         f"from {','.join(MODES)}")
+    return modes
+
+
+def _seeds(seed) -> dict:
+    if seed is None:
+        return {}
+    values = [seed] if isinstance(seed, int) else str(seed).split(",")
+    try:
+        values = [None if str(v).strip().lower() == "none" else int(v) for v in values]
+    except ValueError:
+        raise UsageError(f"seed: {seed!r} is not one integer or four separated by commas "
+                         "(python,numpy,torch,fewshot; None leaves one unset)") from None
+    if len(values) == 1:
+        values *= len(SEED_KEYS)
+    if len(values) != len(SEED_KEYS):
+        raise UsageError(f"seed: {seed!r} has {len(values)} values; give one, or four (python,numpy,torch,fewshot)")
+    return dict(zip(SEED_KEYS, values))
