@@ -505,7 +505,8 @@ class TaskVectorLM(HFLM):
     def get_model_info(self) -> dict:
         """Goes into the results JSON's ``config``: the mode and, in hypothesis mode, the layer per task."""
         info = super().get_model_info()
-        info["taskvec"] = {"mode": self.mode, "device": str(self.device)}  # lm-eval's "device" is the CLI's string
+        info["model_device"] = str(self.device)  # lm-eval's "device" records the CLI's string, e.g. "cuda:0" on a CPU
+        info["taskvec"] = {"mode": self.mode}
         if self.mode == "hypothesis":
             info["taskvec"] |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed,
                                 "layer_selection": self.selections}

@@ -36,7 +36,7 @@ def test_device_is_cuda_when_available_else_cpu_unless_given(monkeypatch, given,
 def test_no_device_runs_on_this_cpu_machine_and_logs_it_once(model_dir, caplog):
     with caplog.at_level(logging.INFO):
         lm = TaskVectorLM(pretrained=model_dir, mode="regular")
-    assert lm.device == torch.device("cpu") and lm.get_model_info()["taskvec"]["device"] == "cpu"
+    assert lm.device == torch.device("cpu") and lm.get_model_info()["model_device"] == "cpu"
     said = [r.getMessage() for r in caplog.records]
     assert [m for m in said if m.startswith(("Using device", "Device not specified", "Cuda Available"))] == [
         "Using device 'cpu'"]
