@@ -179,7 +179,7 @@ class TaskVectorLM(HFLM):
             key = self._theta_key(req, split, dummies)
             plans.append(Plan(split.query, key, self.layer_for(req) if layer is None else layer))
         if extract:
-            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{', '.join(sorted(pools))}: extracting θ")
+            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{', '.join(sorted(map(str, pools)))}: extracting θ")
         return plans
 
     def _budget(self, request, query: str) -> int:
