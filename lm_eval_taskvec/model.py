@@ -179,7 +179,8 @@ class TaskVectorLM(HFLM):
             key = self._theta_key(req, split, dummies)
             plans.append(Plan(split.query, key, self.layer_for(req) if layer is None else layer))
         if extract:
-            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{', '.join(sorted(map(str, pools)))}: extracting θ")
+            tasks = ", ".join(sorted(map(str, pools)))
+            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{tasks}: extracting θ")
         return plans
 
     def _budget(self, request, query: str) -> int:
