@@ -68,13 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     sweep = commands.add_parser(
         "sweep", formatter_class=_Formatter, help="hypothesis-mode dev accuracy at every block, per task",
-        description="Hypothesis-mode accuracy at every block on each task's validation documents, which\n"
-                    "layer=auto chooses from: prints a table, writes sweep.json and sweep.png under --output_path.")
+        description="Hypothesis-mode accuracy at every block on each task's dev prompts (documents that are never\n"
+                    "scored), which layer=auto chooses from: prints a table, writes sweep.json and sweep.png under\n"
+                    "--output_path.")
     add_run_options(sweep)
     sweep.add_argument("--layer_cache", choices=["on", "refresh", "off"], default="on",
                        help="on: reuse a cached choice and cache new ones; refresh: sweep again and overwrite; "
                             "off: neither read nor write the cache")
-    _describe(sweep, "limit", "at most n validation documents per task (the model argument num_dev; default: 50)")
+    _describe(sweep, "limit", "n dev prompts per task, per half when cross-fitted (the model argument num_dev; default: 50)")
     _describe(sweep, "gen_kwargs", "as for lm_eval; the sweep scores a generation task by its first token only, "
                                    "so they do not change its numbers")
     commands.add_parser("embedded-path", formatter_class=_Formatter,
@@ -145,8 +146,8 @@ def run_sweep(args) -> None:
 
     fixed = {"mode": "hypothesis", "layer": "auto", "layer_cache": args.layer_cache}
     if args.limit is not None:
-        if args.limit < 1 or not float(args.limit).is_integer():
-            raise SystemExit(f"--limit {args.limit:g}: taskvec sweep counts validation documents, give an integer >= 1")
+        if args.limit < 2 or not float(args.limit).is_integer():
+            raise SystemExit(f"--limit {args.limit:g}: taskvec sweep counts dev prompts, give an integer >= 2")
         fixed["num_dev"] = int(args.limit)
     lm = load_model(args, **fixed)
     tasks = load_tasks(args)
@@ -159,8 +160,8 @@ def run_sweep(args) -> None:
     print(format_table(choices))
     model = f"{lm.embedded['model']} (embedded, {lm.embedded['weights']})" if lm.embedded else lm.model.name_or_path
     shots = span([task.get_config("num_fewshot") or 0 for task in tasks.values()])
-    title = (f"{model}\n{', '.join(args.tasks)}: n = {span([c['num_dev'] for c in choices.values()])} validation "
-             f"documents per task, {shots}-shot, {lm.num_dummy} dummy queries per θ")
+    title = (f"{model}\n{', '.join(args.tasks)}: n = {span([c['num_dev'] for c in choices.values()])} dev "
+             f"prompts per task, {shots}-shot, {lm.num_dummy} dummy queries per θ")
     plot(choices, out / "sweep.png", title)
     print(f"\nwrote {out / 'sweep.json'} and {out / 'sweep.png'}")
 

@@ -49,7 +49,7 @@ def test_old_no_cache_flag_is_gone(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--limit", "0.5"], "--limit 0.5: taskvec sweep counts validation documents, give an integer >= 1"),
+    (["--limit", "0.5"], "--limit 0.5: taskvec sweep counts dev prompts, give an integer >= 2"),
     (["--model_args", "mode=regular"], "taskvec sweep sets mode itself: remove it from --model_args"),
 ])
 def test_bad_arguments_say_what_to_do(monkeypatch, argv, message):
@@ -82,7 +82,7 @@ def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp
         assert all(round(v, 4) == v and round(v * 7) == pytest.approx(v * 7, abs=1e-3) for v in choice["dev_accuracy"])
     printed = capsys.readouterr().out
     assert "block | tv_list_first | tv_list_last | mean" in printed
-    assert titles == [f"{tiny_model_dir}\ntv_list_first, tv_list_last: n = 7 validation documents per task, "
+    assert titles == [f"{tiny_model_dir}\ntv_list_first, tv_list_last: n = 7 dev prompts per task, "
                       "3-shot, 2 dummy queries per θ"]
 
 
