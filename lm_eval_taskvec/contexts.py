@@ -49,8 +49,10 @@ def rendered_answer(task, doc) -> str:
     return demo[len(query) :]
 
 
-def split_for_task(context: str, queries: tuple[str, ...], num_fewshot: int, task_name: str) -> Split:
-    """Split ``context`` before the rendered query it ends with; refuse a context without demonstrations."""
+def split_for_task(context: str, queries: tuple[str, ...], num_fewshot: int, task_name: str,
+                   need_demos: bool = True) -> Split:
+    """Split ``context`` before the rendered query it ends with; refuse a context without demonstrations
+    unless ``need_demos`` is false (a stored θ stands in for them)."""
     if not any(queries):
         raise ValueError(f"task {task_name!r} renders an empty query for this document: nothing to patch θ onto")
     matches = [q for q in queries if q and context.endswith(q)]
@@ -62,7 +64,7 @@ def split_for_task(context: str, queries: tuple[str, ...], num_fewshot: int, tas
         )
     query = max(matches, key=len)
     demos = context[: len(context) - len(query)]
-    if num_fewshot < 1 or not demos.strip():
+    if need_demos and (num_fewshot < 1 or not demos.strip()):
         raise ValueError(
             f"task {task_name!r} runs {num_fewshot}-shot: its context has no demonstrations to compress into θ "
             "(a description or system instruction alone is not a demonstration). Run it with --num_fewshot k >= 1."

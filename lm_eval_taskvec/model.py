@@ -49,6 +49,7 @@ class ThetaKey:
     dummies: tuple[str, ...]
     strip: bool  # likelihood requests: trailing whitespace of the context moves onto the continuation
     max_tokens: int | None = None  # left-truncate each prompt to this many tokens, as regular mode does
+    stored: str | None = None  # θ read from a theta_path file ("path#task@layer"), not extracted
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TaskVectorLM(HFLM):
         num_dev: int = 50,
         layer_cache: str | bool = "on",
         device: str | None = None,
+        theta_path: str | None = None,
         **kwargs,
     ) -> None:
         if pretrained == EMBEDDED_NAME:
@@ -92,6 +94,7 @@ class TaskVectorLM(HFLM):
             raise ValueError("hf-taskvec supports decoder-only (causal) models, got backend=seq2seq")
         self.blocks = find_blocks(self.model, layers_path)
         self.layer = self._check_layer(layer)
+        self.stored_thetas = self._load_thetas(theta_path) if theta_path else None
         self.selections: dict[str, dict] = {}  # task -> chosen layer and its dev curve (layer=auto), for the results
         self.layer_choices: dict[str, dict] = {}  # layer-cache key -> choice, this process's memory of sweeps
         self.shared_modes: tuple[str, ...] = ()  # modes evaluated in turn on this instance: regular prepares θ,
@@ -119,6 +122,14 @@ class TaskVectorLM(HFLM):
             raise ValueError(f"layer={layer!r} is not a block index, a fraction of depth or 'auto'")
         return resolve_layer(layer, len(self.blocks))
 
+    def _load_thetas(self, path: str):
+        """θ per task from ``taskvec export``: hypothesis mode then needs no demonstrations at all."""
+        if self.mode != "hypothesis":
+            raise ValueError(f"theta_path= patches stored task vectors, which only mode=hypothesis does (got mode={self.mode})")
+        from lm_eval_taskvec.analyses.export import load_thetas
+
+        return load_thetas(path, self)
+
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
@@ -137,7 +148,10 @@ class TaskVectorLM(HFLM):
                     "Run without --apply_chat_template (and --fewshot_as_multiturn)."
                 )
             own = rendered_queries(task, request.doc)
-            return split_for_task(context, own, task.get_config("num_fewshot") or 0, request.task_name), own
+            shots = task.get_config("num_fewshot") or 0
+            return split_for_task(context, own, shots, request.task_name, need_demos=self.stored_thetas is None), own
+        if self.stored_thetas is not None and self.fewshot_delimiter is None:
+            return Split("", context), (context,)  # a stored θ stands in for the demonstrations
         if self.fewshot_delimiter is None:
             raise ValueError(
                 f"task {request.task_name!r} was not loaded by lm-eval in this process, so its demonstrations cannot "
@@ -168,6 +182,8 @@ class TaskVectorLM(HFLM):
             self._check_query(req, split.query)
         if self.mode == "baseline":
             return [Plan(split.query) for split, _ in splits]
+        if self.stored_thetas is not None:
+            return [self._stored_plan(req, split) for req, (split, _) in zip(requests, splits)]
         pools: dict[str, set[str]] = defaultdict(set)
         for req, (split, _) in zip(requests, splits):
             pools[req.task_name] |= self.query_pool(req.task_name) or {split.query}
@@ -182,6 +198,13 @@ class TaskVectorLM(HFLM):
             tasks = ", ".join(sorted(map(str, pools)))
             self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{tasks}: extracting θ")
         return plans
+
+    def _stored_plan(self, request, split: Split) -> Plan:
+        stored = self.stored_thetas.get(request.task_name, None if self.layer == AUTO else self.layer)
+        key = ThetaKey("", (), request.request_type != "generate_until",
+                       stored=f"{self.stored_thetas.path}#{stored.task}@{stored.layer}")
+        self._theta_cache.setdefault((stored.layer, key), stored.theta.to(self.device))
+        return Plan(split.query, key, stored.layer)
 
     def _budget(self, request, query: str) -> int:
         """How many context tokens the regular path keeps for this request (HFLM truncates from the left)."""
@@ -500,7 +523,8 @@ class TaskVectorLM(HFLM):
         """Everything besides the request that decides an answer (the model itself is the user's cache path)."""
         identity = {"model": "hf-taskvec", "mode": self.mode}
         if self.mode == "hypothesis":
-            identity |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed, "num_dev": self.num_dev}
+            identity |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed, "num_dev": self.num_dev,
+                         "theta_path": self.stored_thetas and self.stored_thetas.path}
         return identity
 
     def get_model_info(self) -> dict:
@@ -508,7 +532,10 @@ class TaskVectorLM(HFLM):
         info = super().get_model_info()
         info["model_device"] = str(self.device)  # lm-eval's "device" records the CLI's string, e.g. "cuda:0" on a CPU
         info["taskvec"] = {"mode": self.mode}
-        if self.mode == "hypothesis":
+        if self.mode == "hypothesis" and self.stored_thetas is not None:
+            info["taskvec"] |= {"layer": self.layer, "theta_path": self.stored_thetas.path,
+                                "theta_source": self.stored_thetas.model}
+        elif self.mode == "hypothesis":
             info["taskvec"] |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed,
                                 "layer_selection": self.selections}
         if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted

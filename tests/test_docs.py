@@ -3,8 +3,9 @@
 They run in document order in a copy of this checkout, with a fresh ``.venv`` (the README's own set-up
 commands create it) and a fresh model cache, on the CPU. Three departures, each visible in the test ids:
 - ``make test`` is skipped: it is the command running this test;
-- runs get a small limit: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec compare``,
-  ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``;
+- model runs get small limits: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec
+  compare``, ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``; the analyses (which take no
+  ``--limit``) at most 2 demonstration sets or 5 queries, and 5 dev prompts (``num_dev=5``) for layer=auto;
 - commands that need the Hugging Face Hub (a Hub model or a task from lm-eval's own catalogue) are skipped
   when it cannot be reached or ``HF_HUB_OFFLINE`` is set.
 What each command printed and how long it took goes to ``docs_run.md`` in pytest's temporary folder.
@@ -77,18 +78,33 @@ def _hub_reachable() -> bool:
         return False
 
 
+ANALYSES = {"geometry": {"--num_sets": 2}, "conflict": {"--num_docs": LIMIT}, "vocab": {"--num_sets": 2},
+            "export": {"--num_sets": 2}}
+DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps in the analyses, which take no --limit
+
+
+def _capped(command: str, option: str, most: int) -> str:
+    if option not in command:
+        return f"{command} {option} {most}"
+    return re.sub(rf"{option}\s+(\d+)", lambda m: f"{option} {min(int(m.group(1)), most)}", command)
+
+
 def _limited(command: str) -> tuple[str, dict]:
     """The command with a small limit where it would run a model over whole tasks, and extra environment."""
     command = re.split(r"\s+#\s", command, maxsplit=1)[0]  # a trailing comment would swallow an added option
-    if re.match(r"(make demo)\b", command):
+    if re.match(r"make demo\b", command):
         return command, {"LIMIT": str(LIMIT)}
-    runs_model = re.match(r"lm_eval\b", command) and "--model " in command or \
-        re.match(r"taskvec (sweep|compare)\b.*--tasks", command)
-    if not runs_model:
-        return command, {}
-    if "--limit" not in command:
-        return f"{command} --limit {LIMIT}", {}
-    return re.sub(r"--limit\s+(\d+)", lambda m: f"--limit {min(int(m.group(1)), LIMIT)}", command), {}
+    if re.match(r"lm_eval\b", command) and "--model " in command or \
+            re.match(r"taskvec (sweep|compare)\b.*--tasks", command):
+        return _capped(command, "--limit", LIMIT), {}
+    analysis = re.match(r"taskvec (\w+)\b", command)
+    if analysis and analysis.group(1) in ANALYSES:
+        for option, most in ANALYSES[analysis.group(1)].items():
+            command = _capped(command, option, most)
+        if "--model_args" in command:
+            return re.sub(r"--model_args\s+(\S+)", rf"--model_args \1,num_dev={DEV_PROMPTS}", command), {}
+        return f"{command} --model_args pretrained=embedded,num_dev={DEV_PROMPTS}", {}
+    return command, {}
 
 
 ALL = [(doc, *step) for doc in DOCS for step in steps(doc)]
