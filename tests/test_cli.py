@@ -103,10 +103,10 @@ def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "lm_eval_taskvec.cli", "sweep", "--model_args", f"pretrained={tiny_model_dir},num_dev=5",
-           "--tasks", "tv_letter_to_upper,tv_list_first", "--device", "cpu", "--output_path", str(out)]
+           "--tasks", "tv_letter_to_upper,tv_list_first", "--output_path", str(out)]  # no --device: CPU here
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "layer | tv_letter_to_upper | tv_list_first | mean" in done.stdout
+    assert "block | tv_letter_to_upper | tv_list_first | mean" in done.stdout
     choices = json.loads((out / "sweep.json").read_text())
     assert set(choices) == {"tv_letter_to_upper", "tv_list_first"}
     assert all(len(c["dev_accuracy"]) == 3 for c in choices.values())

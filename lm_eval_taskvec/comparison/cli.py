@@ -37,14 +37,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
     run.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per prompt (default: the task's)")
     run.add_argument("--limit", type=float, default=None,
                      help="documents per task (count, or fraction if < 1; default: all)")
-    run.add_argument("--batch_size", default="8", help="as for lm_eval")
-    run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: lm-eval's choice)")
+    run.add_argument("--batch_size", default="1", help="as for lm_eval: an integer, or auto (on a CPU: 8)")
+    run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available, else cpu)")
     run.add_argument("--gen_kwargs", default=None, help="e.g. max_gen_toks=1 (the paper's first-token protocol)")
     run.add_argument("--include_path", default=None, help="a folder of extra task YAMLs")
     run.add_argument("--seed", default=None, help="lm_eval's seeds: one integer, or python,numpy,torch,fewshot "
                                                   "(lm_eval's default 0,1234,1234,1234)")
     run.add_argument("--log_samples", action=argparse.BooleanOptionalAction, default=True,
                      help="write samples files (the paired tests need them)")
+    run.add_argument("--verbosity", type=str.upper, default="INFO", help="log level, as for lm_eval")
     table = parser.add_argument_group("the table")
     table.add_argument("--pairs", default=None,
                        help="column pairs to test, 'A:B,C:D' by label or number (default: H vs R and H vs B for "
@@ -58,7 +59,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from lm_eval.utils import setup_logging
+
     from lm_eval_taskvec.comparison import UsageError, compare, markdown
+
+    setup_logging(args.verbosity)
 
     running = args.tasks is not None or args.model_args is not None
     options = dict(num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,

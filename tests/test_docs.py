@@ -1,0 +1,160 @@
+"""Every shell command and Python block of README.md and task_configs/README.md runs as written.
+
+They run in document order in a copy of this checkout, with a fresh ``.venv`` (the README's own set-up
+commands create it) and a fresh model cache, on the CPU. Three departures, each visible in the test ids:
+- ``make test`` is skipped: it is the command running this test;
+- model runs get small limits: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec
+  compare``, ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``; the analyses (which take no
+  ``--limit``) at most 2 demonstration sets or 5 queries, and 5 dev prompts (``num_dev=5``) for layer=auto;
+- commands that need the Hugging Face Hub (a Hub model or a task from lm-eval's own catalogue) are skipped
+  when it cannot be reached or ``HF_HUB_OFFLINE`` is set.
+What each command printed and how long it took goes to ``docs_run.md`` in pytest's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "task_configs/README.md"]
+LIMIT = 5
+TIMEOUT = 40 * 60  # make demo installs torch and lm-eval, then fetches and converts the model
+
+
+def steps(doc: str) -> list[tuple[str, str, str]]:
+    """(id, kind, code) for each shell command and each Python block, in document order."""
+    found = []
+    for match in re.finditer(r"^```(bash|sh|console|python)\n(.*?)^```", (ROOT / doc).read_text(), re.S | re.M):
+        kind, code = match.groups()
+        line = (ROOT / doc).read_text()[: match.start()].count("\n") + 2
+        if kind == "python":
+            found.append((f"{doc}:{line}", "python", code))
+            continue
+        for offset, command in _commands(code):
+            found.append((f"{doc}:{line + offset}", "shell", command))
+    return found
+
+
+def _commands(code: str):
+    """Shell commands of a block: continuation lines joined, comments and blank lines dropped."""
+    start, parts = None, []
+    for n, text in enumerate(code.splitlines()):
+        if start is None and (not text.strip() or text.lstrip().startswith("#")):
+            continue
+        start = n if start is None else start
+        parts.append(text.rstrip().removesuffix("\\"))
+        if not text.rstrip().endswith("\\"):
+            yield start, " ".join(p.strip() for p in parts)
+            start, parts = None, []
+
+
+def _needs_hub(command: str) -> bool:
+    model = re.search(r"pretrained=([^,\s]+)", command)
+    tasks = re.search(r"--tasks\s+(\S+)", command)
+    hub_model = model is not None and model.group(1) != "embedded" and "/" in model.group(1) and \
+        not model.group(1).startswith(("/", "."))
+    hub_task = tasks is not None and not all(t.startswith(("tv_", "task_vectors")) for t in tasks.group(1).split(","))
+    return hub_model or hub_task
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+ANALYSES = {"geometry": {"--num_sets": 2}, "conflict": {"--num_docs": LIMIT}, "vocab": {"--num_sets": 2},
+            "export": {"--num_sets": 2}}
+DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps in the analyses, which take no --limit
+
+
+def _capped(command: str, option: str, most: int) -> str:
+    if option not in command:
+        return f"{command} {option} {most}"
+    return re.sub(rf"{option}\s+(\d+)", lambda m: f"{option} {min(int(m.group(1)), most)}", command)
+
+
+def _limited(command: str) -> tuple[str, dict]:
+    """The command with a small limit where it would run a model over whole tasks, and extra environment."""
+    command = re.split(r"\s+#\s", command, maxsplit=1)[0]  # a trailing comment would swallow an added option
+    if re.match(r"make demo\b", command):
+        return command, {"LIMIT": str(LIMIT)}
+    if re.match(r"lm_eval\b", command) and "--model " in command or \
+            re.match(r"taskvec (sweep|compare)\b.*--tasks", command):
+        return _capped(command, "--limit", LIMIT), {}
+    analysis = re.match(r"taskvec (\w+)\b", command)
+    if analysis and analysis.group(1) in ANALYSES:
+        for option, most in ANALYSES[analysis.group(1)].items():
+            command = _capped(command, option, most)
+        if "--model_args" in command:
+            return re.sub(r"--model_args\s+(\S+)", rf"--model_args \1,num_dev={DEV_PROMPTS}", command), {}
+        return f"{command} --model_args pretrained=embedded,num_dev={DEV_PROMPTS}", {}
+    return command, {}
+
+
+ALL = [(doc, *step) for doc in DOCS for step in steps(doc)]
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A copy of this checkout's files (tracked and untracked, not ignored), a fresh cache, a clean PATH."""
+    base = tmp_path_factory.mktemp("docs")
+    repo = base / "repo"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    outer = os.path.dirname(sys.executable)  # this test's own environment must not leak into the commands
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != outer)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "LM_EVAL_TASKVEC_CACHE")}
+    env.setdefault("OMP_NUM_THREADS", "1")  # on a busy 2-core CI machine, 2 threads per process run 3-15x slower
+    env |= {"PATH": f"{repo / '.venv' / 'bin'}{os.pathsep}{path}", "VIRTUAL_ENV": str(repo / ".venv"),
+            "LM_EVAL_TASKVEC_CACHE": str(base / "cache"), "CUDA_VISIBLE_DEVICES": ""}  # the CPU, as on CI
+    report = base / "docs_run.md"
+    report.write_text("# Every command of the docs, run as the docs test ran it\n")
+    print(f"\ndocs test: commands run in {repo}, report in {report}")
+    return repo, env, report
+
+
+@pytest.mark.parametrize("doc, where, kind, code", ALL, ids=[f"{where}" for _, where, _, _ in ALL])
+def test_documented_command_runs(checkout, doc, where, kind, code):
+    repo, env, report = checkout
+    if kind == "shell" and code.startswith("make test"):
+        pytest.skip("make test is the command running this test")
+    if kind == "shell" and _needs_hub(code) and not _hub_reachable():
+        pytest.skip("needs the Hugging Face Hub, which is unreachable or switched off (HF_HUB_OFFLINE)")
+    extra = {}
+    if kind == "python":
+        script = repo / f".docs_{where.replace('/', '_').replace(':', '_')}.py"
+        script.write_text(code if "limit=" in code else code.replace("simple_evaluate(", f"simple_evaluate(limit={LIMIT}, "))
+        command = f"python {script.name}"
+    else:
+        command, extra = _limited(code)
+    started = time.perf_counter()
+    done = subprocess.run(["bash", "-c", command], cwd=repo, env=env | extra, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    seconds = time.perf_counter() - started
+    logs = [line for line in done.stderr.replace("\r", "\n").splitlines()  # progress bars: the finished ones only
+            if line.strip() and ("%|" not in line or "100%|" in line)]
+    tail = "\n".join(logs)[-2500:] + "\n" + done.stdout[-2500:]  # what it logged, then what it printed
+    with report.open("a") as f:
+        f.write(f"\n## {where} ({seconds:.0f} s, exit {done.returncode})\n\n    {' '.join(f'{k}={v}' for k, v in extra.items())}"
+                f"{' ' if extra else ''}{command}\n\n```\n{tail}\n```\n")
+    assert done.returncode == 0, f"{command} failed:\n{tail}"
