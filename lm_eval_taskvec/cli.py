@@ -3,6 +3,7 @@
     taskvec sweep --model_args pretrained=embedded --tasks tv_algorithmic --output_path sweep/
     taskvec compare --model_args pretrained=embedded --tasks task_vectors --output_path out/
     taskvec embedded-path
+    taskvec offline-tasks --output_path offline_tasks
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lm_eval_taskvec import offline_tasks
 from lm_eval_taskvec.comparison import cli as compare_cli
 
 
@@ -28,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--no_cache", action="store_true", help="sweep again even if a choice is cached")
     commands.add_parser("embedded-path", help="convert the embedded SmolLM2 model once and print its folder")
     compare = compare_cli.add_parser(commands)
+    offline = offline_tasks.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "offline-tasks":
+        return offline_tasks.run(args, offline)
     if args.command == "compare":
         compare_cli.run(args, compare)
     elif args.command == "embedded-path":
