@@ -1,0 +1,132 @@
+"""layer=auto on a multiple-choice task: a full sweep against one hypothesis evaluation of the same dev prompts.
+
+    python benchmarks/bench_sweep_mc.py [--task arc_easy_offline] [--num_fewshot 5] [--num_dev 50] [--threads 1]
+
+Issue 9's target: the sweep (θ at every block from one extraction pass, each block scored from the queries'
+shared KV cache, plus baseline and regular on the same prompts) costs <= 3x ``loglikelihood`` of the same dev
+requests in hypothesis mode at one fixed layer, θ extracted afresh. One process, one model, the two cases
+interleaved (best of ``--repeats``) so that load from other processes hits both alike. ``--profile`` adds a
+cProfile of one sweep. Needs the offline tasks (``taskvec offline-tasks``); the default folder is built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+@contextmanager
+def timed_calls(owner, name: str, totals: dict):
+    """Add the wall time of every call of ``owner.name`` to ``totals[name]``."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="arc_easy_offline")
+    parser.add_argument("--include_path", default=None, help="folder of offline task YAMLs (default: built in the cache)")
+    parser.add_argument("--num_fewshot", type=int, default=5)
+    parser.add_argument("--num_dev", type=int, default=50)
+    parser.add_argument("--layer", type=int, default=20, help="the fixed layer of the hypothesis evaluation")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pretrained", default="embedded")
+    parser.add_argument("--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_taskvec import offline_tasks, selection
+    from lm_eval_taskvec.embedded import EMBEDDED_NAME, cache_dir, embedded_model_path
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    include = args.include_path or str(cache_dir() / "offline_tasks")
+    if args.include_path is None:
+        offline_tasks.build(include)
+    path = embedded_model_path() if args.pretrained == EMBEDDED_NAME else args.pretrained
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    common = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch_size)
+    task = TaskManager(include_path=include, include_defaults=False).load([args.task])["tasks"][args.task]
+    task.set_config(key="num_fewshot", value=args.num_fewshot)
+    sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.num_dev, layer_cache="off", **common)
+    fixed = TaskVectorLM(mode="hypothesis", layer=args.layer, **common)
+    sets = selection.dev_sets(sweeper, args.task)  # two halves when the task cross-fits (ARC here)
+    requests = [r for dev in sets for ex in dev.examples for r in ex.requests]
+
+    def sweep():
+        sweeper._theta_cache.clear()
+        return [selection._score(sweeper, args.task, dev) for dev in sets]
+
+    def hypothesis():
+        fixed._theta_cache.clear()
+        return fixed.loglikelihood(requests, disable_tqdm=True)
+
+    fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
+    best, parts = defaultdict(lambda: float("inf")), {}
+    for _ in range(args.repeats):
+        for name, run, lm in (("sweep", sweep, sweeper), ("hypothesis", hypothesis, fixed)):
+            totals = defaultdict(float)
+            with timed_calls(lm, "ensure_thetas", totals), timed_calls(selection, "_fork_scores", totals):
+                start = time.perf_counter()
+                run()
+                seconds = time.perf_counter() - start
+            if seconds < best[name]:
+                best[name], parts[name] = seconds, dict(totals)
+
+    prompts = sum(len(dev.examples) for dev in sets)
+    plans = sweeper.plan(requests, layer=0, extract=False)
+    pairs = [sweeper._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
+    fulls = {tuple(sweeper._encode_pair(*r.args)[0]) for r in requests}
+    thetas = {p.theta_key for p in plans}
+    query, cont = (sum(len(pair[i]) for pair in pairs) for i in (0, 1))
+    n = len(fixed.blocks)
+    print(f"\ntokens through the model (one block-pass of one token = 1/{n}):\n"
+          f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.theta_prompts(k))))} "
+          f"(hypothesis to block {args.layer}, sweep through all {n})\n"
+          f"  query + choice rows: {query + cont} (hypothesis runs each in full; the sweep runs each distinct query "
+          f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
+          f"the choice tokens: {n} x {cont})\n"
+          f"  regular prompts (sweep only): {sum(map(len, fulls))}")
+    print(f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "
+          f"{args.num_fewshot}-shot, {len(fixed.blocks)} blocks, hypothesis at block {args.layer}, "
+          f"batch size {args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}")
+    for name in ("sweep", "hypothesis"):
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in parts[name].items())
+        print(f"{name:11} {best[name]:8.1f} s   ({split})")
+    print(f"{'sweep / hypothesis':19} {best['sweep'] / best['hypothesis']:.2f}   (target <= 3)")
+    if args.profile:
+        for name, run in (("sweep", sweep), ("hypothesis", hypothesis)):
+            profiler = cProfile.Profile()
+            profiler.runcall(run)
+            print(f"--- cProfile of one {name}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
