@@ -80,6 +80,15 @@ def model_factory(tokenizer):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a model folder, for commands that load ``pretrained=<path>``."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def make_lm(model_factory, tokenizer):
     """An hf-taskvec (or, with stock=True, a stock HFLM) wrapper around a tiny model."""

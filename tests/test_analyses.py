@@ -286,14 +286,6 @@ def test_a_missing_extra_is_named():
 
 
 # ---------------------------------------------------------------------------------------------- the commands
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("command, options, files", [
     ("geometry", ["--tasks", "upper,double", "--num_sets", "3", "--num_fewshot", "2"], ["geometry.md", "geometry.png"]),
     ("conflict", ["--pairs", "upper:double", "--num_docs", "4", "--metric", "exact_match"], ["conflict.md", "conflict.png"]),

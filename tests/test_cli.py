@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 
-from tests.conftest import make_model
 
 
 def run_python(code: str, **env) -> str:
@@ -32,14 +31,6 @@ def test_environment_variable_switches_the_hook_off():
     code = "import lm_eval.models; from lm_eval.api.registry import model_registry as r; print('hf-taskvec' in r)"
     assert run_python(code, LM_EVAL_TASKVEC_AUTOLOAD="0") == "False"
     assert run_python(code) == "True"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:

@@ -16,7 +16,6 @@ import lm_eval_taskvec
 from lm_eval_taskvec.comparison import ResultsPathError, UsageError, build, compare, load_runs
 from lm_eval_taskvec.comparison.render import markdown, to_csv
 from lm_eval_taskvec.stats import mcnemar_exact, paired_bootstrap, paired_test
-from tests.test_cli import tiny_model_dir  # noqa: F401  (fixture)
 
 MODEL = "org/tiny-model"
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from lm_eval_taskvec import cli, report
-from tests.conftest import make_model
 
 
 def parse(monkeypatch, *argv: str):
@@ -56,14 +55,6 @@ def test_bad_arguments_say_what_to_do(monkeypatch, argv, message):
     monkeypatch.setattr("lm_eval.utils.setup_logging", lambda *a, **k: None)
     with pytest.raises(SystemExit, match=message):
         cli.main(["sweep", "--tasks", "tv_list_first", *argv])
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.slow  # lm-eval indexes its ~14,700 built-in tasks (~20 s)
