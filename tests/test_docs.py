@@ -5,7 +5,8 @@ commands create it) and a fresh model cache, on the CPU. Three departures, each 
 - ``make test`` is skipped: it is the command running this test;
 - model runs get small limits: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec
   compare``, ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``; the analyses (which take no
-  ``--limit``) at most 2 demonstration sets or 5 queries, and 5 dev prompts (``num_dev=5``) for layer=auto;
+  ``--limit``) at most 2 demonstration sets or 5 queries; and wherever hf-taskvec may sweep for layer=auto,
+  5 dev prompts (``num_dev=5``);
 - commands that need the Hugging Face Hub (a Hub model or a task from lm-eval's own catalogue) are skipped
   when it cannot be reached or ``HF_HUB_OFFLINE`` is set.
 What each command printed and how long it took goes to ``docs_run.md`` in pytest's temporary folder.
@@ -64,7 +65,8 @@ def _needs_hub(command: str) -> bool:
     tasks = re.search(r"--tasks\s+(\S+)", command)
     hub_model = model is not None and model.group(1) != "embedded" and "/" in model.group(1) and \
         not model.group(1).startswith(("/", "."))
-    hub_task = tasks is not None and not all(t.startswith(("tv_", "task_vectors")) for t in tasks.group(1).split(","))
+    hub_task = tasks is not None and not all(t.startswith(("tv_", "task_vectors")) or t.endswith("_offline")
+                                             for t in tasks.group(1).split(","))
     return hub_model or hub_task
 
 
@@ -80,7 +82,7 @@ def _hub_reachable() -> bool:
 
 ANALYSES = {"geometry": {"--num_sets": 2}, "conflict": {"--num_docs": LIMIT}, "vocab": {"--num_sets": 2},
             "export": {"--num_sets": 2}}
-DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps in the analyses, which take no --limit
+DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps, which --limit does not cap
 
 
 def _capped(command: str, option: str, most: int) -> str:
@@ -93,18 +95,24 @@ def _limited(command: str) -> tuple[str, dict]:
     """The command with a small limit where it would run a model over whole tasks, and extra environment."""
     command = re.split(r"\s+#\s", command, maxsplit=1)[0]  # a trailing comment would swallow an added option
     if re.match(r"make demo\b", command):
-        return command, {"LIMIT": str(LIMIT)}
-    if re.match(r"lm_eval\b", command) and "--model " in command or \
-            re.match(r"taskvec (sweep|compare)\b.*--tasks", command):
-        return _capped(command, "--limit", LIMIT), {}
+        return command, {"LIMIT": str(LIMIT), "MODEL_ARGS": f"pretrained=embedded,num_dev={DEV_PROMPTS}"}
+    if re.match(r"lm_eval\b", command) and "--model hf-taskvec" in command or re.match(r"taskvec compare\b.*--tasks", command):
+        return _few_dev_prompts(_capped(command, "--limit", LIMIT)), {}
+    if re.match(r"lm_eval\b", command) and "--model " in command or re.match(r"taskvec sweep\b", command):
+        return _capped(command, "--limit", LIMIT), {}  # the sweep's --limit is its number of dev prompts
     analysis = re.match(r"taskvec (\w+)\b", command)
     if analysis and analysis.group(1) in ANALYSES:
         for option, most in ANALYSES[analysis.group(1)].items():
             command = _capped(command, option, most)
-        if "--model_args" in command:
-            return re.sub(r"--model_args\s+(\S+)", rf"--model_args \1,num_dev={DEV_PROMPTS}", command), {}
-        return f"{command} --model_args pretrained=embedded,num_dev={DEV_PROMPTS}", {}
+        return _few_dev_prompts(command), {}
     return command, {}
+
+
+def _few_dev_prompts(command: str) -> str:
+    """layer=auto sweeps DEV_PROMPTS dev prompts (num_dev), which --limit does not cap."""
+    if "--model_args" in command:
+        return re.sub(r"--model_args\s+(\S+)", rf"--model_args \1,num_dev={DEV_PROMPTS}", command)
+    return f"{command} --model_args pretrained=embedded,num_dev={DEV_PROMPTS}"
 
 
 ALL = [(doc, *step) for doc in DOCS for step in steps(doc)]
@@ -143,7 +151,8 @@ def test_documented_command_runs(checkout, doc, where, kind, code):
     extra = {}
     if kind == "python":
         script = repo / f".docs_{where.replace('/', '_').replace(':', '_')}.py"
-        script.write_text(code if "limit=" in code else code.replace("simple_evaluate(", f"simple_evaluate(limit={LIMIT}, "))
+        code = code if "limit=" in code else code.replace("simple_evaluate(", f"simple_evaluate(limit={LIMIT}, ")
+        script.write_text(code.replace('model_args="', f'model_args="num_dev={DEV_PROMPTS},'))
         command = f"python {script.name}"
     else:
         command, extra = _limited(code)
