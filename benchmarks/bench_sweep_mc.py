@@ -40,31 +40,6 @@ def timed_calls(owner, name: str, totals: dict):
         setattr(owner, name, original)
 
 
-def rows_sorted_by_length(fork_scores):
-    """What-if for selection._fork_scores: the same rows, chunked in order of their suffix length (a context's
-    rows kept together), so a chunk of 64 rows is not padded to its one longest answer. Results in input order."""
-    import torch
-
-    def run(lm, rows, patches, desc=None):
-        longest = defaultdict(int)
-        for ctx, cont in rows:
-            longest[tuple(ctx)] = max(longest[tuple(ctx)], len(cont))
-        order = sorted(range(len(rows)), key=lambda i: (longest[tuple(rows[i][0])], rows[i][0]))
-        out = fork_scores(lm, [rows[i] for i in order], [[p[i] for i in order] if p else None for p in patches], desc)
-        result = torch.empty_like(out)
-        result[:, order] = out
-        return result
-
-    return run
-
-
-def padded_suffix_tokens(rows, chunk: int) -> tuple[int, int]:
-    """Suffix tokens one patched pass of selection._fork_scores runs over ``rows`` (each row's last context token
-    and its continuation minus the last): (real, with the right-padding of each chunk of ``chunk`` rows)."""
-    lengths = [len(cont) for _, cont in rows]
-    return sum(lengths), sum(max(lengths[i : i + chunk]) * len(lengths[i : i + chunk]) for i in range(0, len(lengths), chunk))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="arc_easy_offline")
@@ -76,9 +51,6 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--pretrained", default="embedded")
-    parser.add_argument("--cases", default="sweep,hypothesis",
-                        help="comma-separated: sweep, hypothesis, and sorted (what-if: the sweep with its rows "
-                             "chunked by length; its dev curves are checked against the sweep's when both run)")
     parser.add_argument("--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,21 +87,11 @@ def main():
         fixed._theta_cache.clear()
         return fixed.loglikelihood(requests, disable_tqdm=True)
 
-    def sorted_sweep():
-        current = selection._fork_scores  # the timed wrapper, when timing
-        selection._fork_scores = rows_sorted_by_length(current)
-        try:
-            return sweep()
-        finally:
-            selection._fork_scores = current
-
-    cases = {"sweep": (sweep, sweeper), "hypothesis": (hypothesis, fixed), "sorted": (sorted_sweep, sweeper)}
-    chosen = args.cases.split(",")
+    cases = {"sweep": (sweep, sweeper), "hypothesis": (hypothesis, fixed)}
     fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
     best, wall, parts, outputs = defaultdict(lambda: float("inf")), defaultdict(lambda: float("inf")), {}, {}
     for _ in range(args.repeats):
-        for name in chosen:
-            run, lm = cases[name]
+        for name, (run, lm) in cases.items():
             totals = defaultdict(float)
             with timed_calls(lm, "ensure_thetas", totals), timed_calls(selection, "_fork_scores", totals):
                 start, start_wall = time.process_time(), time.perf_counter()
@@ -155,30 +117,16 @@ def main():
     print(f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "
           f"{args.num_fewshot}-shot, {len(fixed.blocks)} blocks, hypothesis at block {args.layer}, "
           f"batch size {args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}")
-    start, counts = 0, []
-    for dev in sets:  # _fork_scores runs once per dev set
-        rows = pairs[start : start + sum(len(ex.requests) for ex in dev.examples)]
-        start += len(rows)
-        counts.append((*padded_suffix_tokens(rows, selection.ROW_CHUNK),
-                       padded_suffix_tokens(sorted(rows, key=lambda p: len(p[1])), selection.ROW_CHUNK)[1]))
-    real, padded, padded_sorted = map(sum, zip(*counts))
-    print(f"  per block, the sweep's suffix rows are right-padded per chunk of {selection.ROW_CHUNK} rows: {padded} "
-          f"tokens for {real} real ones ({padded_sorted} with the rows sorted by length)")
     print("CPU seconds of this process (immune to other processes on a shared machine; wall time beside it)")
-    for name in chosen:
+    for name in cases:
         split = ", ".join(f"{k} {v:.1f} s" for k, v in parts[name].items())
         print(f"{name:11} {best[name]:8.1f} s CPU {wall[name]:8.1f} s wall   ({split})")
-    for name in set(chosen) & {"sweep", "sorted"} if "hypothesis" in chosen else ():
-        print(f"{name + ' / hypothesis':22} {best[name] / best['hypothesis']:.2f} CPU, "
-              f"{wall[name] / wall['hypothesis']:.2f} wall   (target <= 3)")
-    for name in set(chosen) & {"sweep", "sorted"}:
-        for half, (per_block, baseline, regular) in enumerate(outputs[name]):
-            curve = per_block.float().mean(-1)
-            print(f"{name} half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
-                  f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}")
-    if {"sweep", "sorted"} <= set(chosen):
-        same = all(torch.equal(a, b) for x, y in zip(outputs["sweep"], outputs["sorted"]) for a, b in zip(x, y))
-        print(f"sorted rows give the same right/wrong per prompt at every block: {same}")
+    print(f"sweep / hypothesis: {best['sweep'] / best['hypothesis']:.2f} CPU, "
+          f"{wall['sweep'] / wall['hypothesis']:.2f} wall   (target <= 3)")
+    for half, (per_block, baseline, regular) in enumerate(outputs["sweep"]):
+        curve = per_block.float().mean(-1)
+        print(f"half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
+              f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}")
     if args.profile:
         for name, run in (("sweep", sweep), ("hypothesis", hypothesis)):
             profiler = cProfile.Profile()

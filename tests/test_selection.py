@@ -12,6 +12,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec import selection
+from lm_eval_taskvec.model import Plan, ThetaKey
 from lm_eval_taskvec.tasks import task_dir
 from tests.tasks import letter_rows, make_task, requests_of
 
@@ -154,6 +155,35 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         assert per_block[layer].tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer))
     for mode, hits in (("baseline", baseline), ("regular", regular)):
         assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
+
+
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm):
+    """Rows are regrouped by length inside _fork_scores: each score must still land on its own row."""
+    lm = make_lm("llama")
+    rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
+            ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
+    layer, hidden = 1, lm.model.config.hidden_size
+    plans = [Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer) for i in range(len(rows))]
+    for i, plan in enumerate(plans):  # a different θ per row, so a θ patched into the wrong row shows
+        lm._theta_cache[(layer, plan.theta_key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(i))
+    plain, patched = selection._fork_scores(lm, rows, [None, plans])
+
+    def replace_at(position, theta):  # the oracle's own patch: a plain forward hook on one row
+        def hook(module, args, output):
+            states = output[0] if isinstance(output, tuple) else output
+            states[0, position] = theta
+        return lm.model.model.layers[layer].register_forward_hook(hook)
+
+    for i, (ctx, cont) in enumerate(rows):
+        for scores, theta in ((plain[i], None), (patched[i], lm._theta_cache[(layer, plans[i].theta_key)])):
+            handle = replace_at(len(ctx) - 1, theta) if theta is not None else None
+            with torch.no_grad():
+                logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            if handle:
+                handle.remove()
+            total = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+            assert scores[0].item() == pytest.approx(total, abs=1e-4)
+            assert scores[1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
 def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
