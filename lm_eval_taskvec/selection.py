@@ -42,8 +42,7 @@ log = logging.getLogger("lm_eval.taskvec")
 
 CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice changes
 MIN_DEV_DOCS = 10  # fewer disjoint documents than this: try the next source
-ROW_CHUNK = 64  # dev rows scored per batch, at most
-ROW_TOKENS = 512  # and at most this many continuation tokens per batch, padding included
+ROW_CHUNK = 64  # dev rows scored per batch
 
 
 @dataclass
@@ -218,11 +217,17 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Contexts minus their last token run once into a KV cache (rows
     with the same context share it); each patch re-runs only the last context token and the continuation.
-    Chunks hold rows of similar length (a context's rows together), so that none is padded to one long answer."""
+    Rows run in order of length (a context's rows together), so that a chunk is not padded to one long answer."""
     out = torch.empty(len(patches), len(rows), 2)
-    chunks = _chunks(rows)
+    first, longest = {}, defaultdict(int)
+    for i, (ctx, cont) in enumerate(rows):
+        first.setdefault(tuple(ctx), i)
+        longest[tuple(ctx)] = max(longest[tuple(ctx)], len(cont))
+    order = sorted(range(len(rows)), key=lambda i: (longest[tuple(rows[i][0])], len(rows[i][0]), first[tuple(rows[i][0])]))
+    chunks = range(0, len(rows), ROW_CHUNK)
     bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
-    for rows_here in chunks:
+    for start in chunks:
+        rows_here = order[start : start + ROW_CHUNK]
         chunk = [rows[i] for i in rows_here]
         contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in chunk))
         which = [contexts.index(tuple(ctx)) for ctx, _ in chunk]
@@ -241,21 +246,6 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
                 bar.update()
     bar.close()
     return out
-
-
-def _chunks(rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
-    """Row indices in chunks of at most ROW_CHUNK rows and ROW_TOKENS padded continuation tokens, contexts in
-    order of their longest continuation, each context's rows in one chunk (its prefix then runs once)."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (ctx, _) in enumerate(rows):
-        groups[tuple(ctx)].append(i)
-    chunks, current = [], []
-    for longest, group in sorted((max(len(rows[i][1]) for i in g), g) for g in groups.values()):
-        if current and (len(current) + len(group) > ROW_CHUNK or (len(current) + len(group)) * longest > ROW_TOKENS):
-            chunks.append(current)
-            current = []
-        current += group
-    return chunks + [current] if current else chunks
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -157,10 +157,8 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
 
 
-@pytest.mark.parametrize("row_tokens", [512, 4])  # one chunk; a chunk per context
-def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, row_tokens):
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm):
     """Rows are regrouped by length inside _fork_scores: each score must still land on its own row."""
-    monkeypatch.setattr(selection, "ROW_TOKENS", row_tokens)
     lm = make_lm("llama")
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
