@@ -58,7 +58,7 @@ def resolve_layer(layer: int | float, num_blocks: int) -> int:
     if isinstance(layer, float) and not layer.is_integer():
         if not 0.0 < layer < 1.0:
             raise ValueError(f"layer={layer} is neither a block index nor a fraction of depth in (0, 1)")
-        return min(int(layer * num_blocks), num_blocks - 1)
+        return int(layer * num_blocks)  # < num_blocks, as layer < 1
     index = int(layer)
     if not -num_blocks <= index < num_blocks:
         raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter
+from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter, split_for_task
 from tests.tasks import make_task, requests_of
 
 FIRST_TWO = {"sampler": "first_n"}  # demonstrations: the first two train rows, a and b
@@ -75,6 +75,19 @@ def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
         lm.generate_until(gen_requests("never_loaded"))
+
+
+def test_of_several_rendered_queries_the_longest_the_context_ends_with_is_the_query():
+    # a multiple-input task renders one query per choice; one may be a suffix of another
+    split = split_for_task("Q: a\n\nthe cat sat", ("sat", "the cat sat", "dog"), 1, "t")
+    assert (split.demos, split.query) == ("Q: a\n\n", "the cat sat")
+
+
+def test_a_delimiter_after_whitespace_only_is_no_demonstration():
+    with pytest.raises(ValueError, match="context has no demonstrations"):
+        split_at_delimiter("  \nexample:b->", "\n")
+    with pytest.raises(ValueError, match="context has no demonstrations"):
+        split_at_delimiter("example:b->", "\n")
 
 
 def test_delimiters_keep_non_ascii_and_read_escapes():

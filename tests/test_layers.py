@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lm_eval_taskvec.extraction import common_prefix_length
 from lm_eval_taskvec.layers import find_blocks, read_last_states, replace_states, resolve_layer
 
 
@@ -82,3 +83,24 @@ def test_blocks_found_by_size_and_configured_depth():
     model.bigger = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))  # more parameters, not the configured depth
     assert find_blocks(model) is model.layers
     assert resolve_layer(-1, 30) == 29 and resolve_layer(0.66, 30) == 19 and resolve_layer(5.0, 30) == 5
+
+
+def test_fractions_of_depth_and_layers_path():
+    assert [resolve_layer(f, 30) for f in (0.01, 0.5, 0.999)] == [0, 15, 29]
+    model = TupleModel()
+    model.one = nn.ModuleList([nn.Linear(4, 4)])
+    assert find_blocks(model, "one") is model.one  # a one-block ModuleList is a valid layers_path
+    with pytest.raises(ValueError, match=r"layers_path='one.0' is a Linear, not a non-empty ModuleList"):
+        find_blocks(model, "one.0")
+    model.empty = nn.ModuleList()
+    with pytest.raises(ValueError, match=r"layers_path='empty' is a ModuleList, not a non-empty ModuleList"):
+        find_blocks(model, "empty")
+    with pytest.raises(ValueError, match=r"layers_path='nope' names no submodule of TupleModel"):
+        find_blocks(model, "nope")
+
+
+def test_common_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter prompt keeps its last token
+    assert common_prefix_length([[5, 1], [6, 1]]) == 0
+    assert common_prefix_length([[7, 8, 9, 1], [7, 8, 9, 2], [7, 3]]) == 1
