@@ -331,3 +331,18 @@ def test_rows_without_theta_stay_untouched_in_a_patched_batch(make_lm):
         out = lm._model_call(ids)
     torch.testing.assert_close(out[1], base[1])
     assert not torch.allclose(out[0, -1], base[0, -1], atol=1e-4)
+
+
+def test_extraction_runs_no_block_past_the_deepest_layer_asked_for(make_lm):
+    """θ at block L needs blocks 0..L only: the deeper blocks must never run (prefix, dummies, any batch)."""
+    lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
+    runs = [0] * len(lm.blocks)
+    hooks = [block.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+             for i, block in enumerate(lm.blocks)]
+    try:
+        families = [[lm.tok_encode(context(d, q)) for q in ("k", "mno")] for d in ("abcdefgh", "abc", "xy")]
+        lm.last_token_states(families, [0, 1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert runs[0] == runs[1] > 0 and runs[2:] == [0] * (len(lm.blocks) - 2)
