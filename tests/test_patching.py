@@ -9,6 +9,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 import lm_eval_taskvec.model as model_module
+from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.layers import replace_states
 from tests.conftest import ARCHITECTURES
 
@@ -346,3 +347,15 @@ def test_extraction_runs_no_block_past_the_deepest_layer_asked_for(make_lm):
         for hook in hooks:
             hook.remove()
     assert runs[0] == runs[1] > 0 and runs[2:] == [0] * (len(lm.blocks) - 2)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_short_cached_prefix_continues_like_one_full_pass(make_lm, cut):
+    """A KV-cached prefix (one token included, e.g. the query without its last token) then the rest of the
+    prompt gives the logits of one plain forward pass."""
+    lm = make_lm("llama")
+    tokens = lm.tok_encode("example:abc->")
+    with torch.no_grad():
+        continued = prefill(lm.model, [tokens[:cut]]).extend(lm.model, [tokens[cut:]]).logits[0, -1]
+        full = lm.model(torch.tensor([tokens])).logits[0, -1]
+    torch.testing.assert_close(continued, full, rtol=1e-4, atol=1e-4)
