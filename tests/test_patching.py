@@ -359,3 +359,8 @@ def test_a_short_cached_prefix_continues_like_one_full_pass(make_lm, cut):
         continued = prefill(lm.model, [tokens[:cut]]).extend(lm.model, [tokens[cut:]]).logits[0, -1]
         full = lm.model(torch.tensor([tokens])).logits[0, -1]
     torch.testing.assert_close(continued, full, rtol=1e-4, atol=1e-4)
+
+
+def test_prefixes_mixing_empty_and_non_empty_are_refused(make_lm):
+    with pytest.raises(ValueError, match="all empty or all non-empty"):
+        prefill(make_lm("llama").model, [[], [5, 6]])
