@@ -236,6 +236,10 @@ def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, mod
     "{\"layer\": 7, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # out of range
     "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2]}",  # curve of the wrong length
     "{\"layer\": true, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # a bool is not a layer
+    "{\"layer\": 3, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # one past the last block
+    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # one half
+    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # a bad half
+    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26}",  # no fold seed
 ])
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
