@@ -19,8 +19,8 @@ from tests.tasks import letter_rows, make_task, requests_of
 
 @pytest.fixture
 def layer_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
-    return tmp_path / "layers"
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "fresh"))  # not there yet, as on a new machine
+    return tmp_path / "fresh" / "layers"
 
 
 def run(lm, task="tv_list_first", limit=4, **kwargs):
