@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import tempfile
-from collections import defaultdict
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -216,19 +215,12 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Contexts minus their last token run once into a KV cache (rows
-    with the same context share it); each patch re-runs only the last context token and the continuation.
-    Rows run in order of length (a context's rows together), so that a chunk is not padded to one long answer."""
+    with the same context share it); each patch re-runs only the last context token and the continuation."""
     out = torch.empty(len(patches), len(rows), 2)
-    first, longest = {}, defaultdict(int)
-    for i, (ctx, cont) in enumerate(rows):
-        first.setdefault(tuple(ctx), i)
-        longest[tuple(ctx)] = max(longest[tuple(ctx)], len(cont))
-    order = sorted(range(len(rows)), key=lambda i: (longest[tuple(rows[i][0])], len(rows[i][0]), first[tuple(rows[i][0])]))
     chunks = range(0, len(rows), ROW_CHUNK)
     bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
     for start in chunks:
-        rows_here = order[start : start + ROW_CHUNK]
-        chunk = [rows[i] for i in rows_here]
+        chunk = rows[start : start + ROW_CHUNK]
         contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in chunk))
         which = [contexts.index(tuple(ctx)) for ctx, _ in chunk]
         shared = [list(c[:-1]) for c in contexts] if min(map(len, contexts)) > 1 else [[] for _ in contexts]
@@ -237,12 +229,12 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
         with torch.no_grad():
             prefix = prefill(lm.model, shared, stop_block=lm.blocks[-1])
             for p, plans in enumerate(patches):
-                with lm.patched([plans[i] for i in rows_here], at) if plans else nullcontext():
+                with lm.patched(plans[start : start + ROW_CHUNK], at) if plans else nullcontext():
                     logprobs = torch.log_softmax(prefix.take(which).extend(lm.model, suffixes).logits.float(), -1)
-                for r, (i, (_, cont)) in enumerate(zip(rows_here, chunk)):
+                for r, (_, cont) in enumerate(chunk):
                     span = logprobs[r, at[r] : at[r] + len(cont)].cpu()
-                    out[p, i, 0] = span.gather(1, torch.tensor(cont)[:, None]).sum()
-                    out[p, i, 1] = float(span[0].argmax().item() == cont[0])
+                    out[p, start + r, 0] = span.gather(1, torch.tensor(cont)[:, None]).sum()
+                    out[p, start + r, 1] = float(span[0].argmax().item() == cont[0])
                 bar.update()
     bar.close()
     return out

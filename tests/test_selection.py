@@ -159,7 +159,7 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
 
 @pytest.mark.parametrize("row_chunk", [64, 2])  # one chunk; several
 def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, row_chunk):
-    """Rows are regrouped by length inside _fork_scores: each score must still land on its own row."""
+    """Rows of several contexts and chunks, plain and patched: each score must land on its own row."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
     lm = make_lm("llama")
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
