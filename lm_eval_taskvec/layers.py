@@ -1,4 +1,4 @@
-"""Layer discovery and the only hooks of the project: read a block's output, or replace part of it.
+"""Layer discovery and the only hooks of the project: read a block's output, replace part of it, or replay it.
 
 Blocks are found without per-architecture tables: the decoder blocks are the largest ``nn.ModuleList`` of
 identical modules. Block outputs may be a Tensor (transformers >= 5) or a tuple whose first item is the
@@ -165,3 +165,43 @@ def replace_states(block: nn.Module, values: torch.Tensor, positions, rows=None,
         yield record
     finally:
         handle.remove()
+
+
+@contextmanager
+def record_outputs(blocks: nn.ModuleList):
+    """Keep every block's whole output from one forward pass: a list, in block order, for ``replay_outputs``."""
+    found: list = [None] * len(blocks)
+
+    def make_hook(index):
+        def hook(module, args, output):
+            found[index] = output
+
+        return hook
+
+    handles = [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def replay_outputs(blocks: nn.ModuleList, outputs: list):
+    """Blocks 0..len(outputs)-1 return their recorded output instead of running; their forward hooks still run.
+
+    Exact when the pass differs from the recorded one only from the last replayed block's output on (e.g. a
+    patch there): a block's output depends on its inputs and its own layer's KV cache alone, so every block
+    below the patch would recompute what was recorded. The replayed blocks write nothing to the KV cache.
+    """
+    saved = [block.__dict__.get("forward") for block in blocks[: len(outputs)]]  # accelerate may wrap forward
+    for block, output in zip(blocks, outputs):
+        block.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

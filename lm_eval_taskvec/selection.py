@@ -7,7 +7,8 @@ appears among its own demonstrations. Each dev prompt is built by lm-eval's own 
 settings and system instruction) and turned into lm-eval's own requests.
 
 One extraction pass gives θ at every block. Each block is then scored from a shared KV cache of every dev
-query minus its last token: only the last token (patched) and the continuation run again. Generation tasks
+query minus its last token: only the last token (patched) and the continuation run again, and only through
+the blocks above the patched one (those below replay the unpatched pass, which is the baseline's). Generation tasks
 are scored as the paper does (first generated token against the target's first token), multiple-choice
 tasks by accuracy over the choices. The best block wins, ties to the lower block; the unpatched query alone
 (baseline) and the full prompt (regular) are scored on the same prompts, and a best block no better than
@@ -22,7 +23,7 @@ import logging
 import os
 import random
 import tempfile
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -34,6 +35,7 @@ from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.extraction import prefill
+from lm_eval_taskvec.layers import record_outputs, replay_outputs
 from lm_eval_taskvec.stats import mcnemar_exact
 from lm_eval_taskvec.theta import few_shot_requests
 
@@ -192,8 +194,8 @@ def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor,
         queries = [lm._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
         fulls = [lm._encode_pair(*r.args) for r in requests]
     desc = f"{task_name}: dev accuracy by block"
-    per_block = _fork_scores(lm, queries, [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
-    baseline = _fork_scores(lm, queries, [None])[0]
+    scores = _fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
+    baseline, per_block = scores[0], scores[1:]
     regular = _fork_scores(lm, fulls, [None])[0]
     return tuple(_hits(dev, scores, generation) for scores in (per_block, baseline, regular))
 
@@ -215,12 +217,20 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Contexts minus their last token run once into a KV cache (rows
-    with the same context share it); each patch re-runs only the last context token and the continuation."""
+    with the same context share it). One plain pass over the rest records every block's output; a patch at
+    block l replays blocks 0..l from that record and runs only the blocks above l."""
     out = torch.empty(len(patches), len(rows), 2)
+    # Several passes per chunk: rows of similar continuation length share a chunk, as each pass is as wide as
+    # its longest continuation. One pass: rows stay in order, so the choices of a question share its prefill.
+    order = list(range(len(rows)))
+    if len(patches) > 1:
+        order.sort(key=lambda i: len(rows[i][1]))
     chunks = range(0, len(rows), ROW_CHUNK)
     bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
+    replay = True
     for start in chunks:
-        chunk = rows[start : start + ROW_CHUNK]
+        members = order[start : start + ROW_CHUNK]
+        chunk = [rows[i] for i in members]
         contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in chunk))
         which = [contexts.index(tuple(ctx)) for ctx, _ in chunk]
         shared = [list(c[:-1]) for c in contexts] if min(map(len, contexts)) > 1 else [[] for _ in contexts]
@@ -228,16 +238,46 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
         at = torch.tensor([len(ctx) - len(shared[w]) - 1 for (ctx, _), w in zip(chunk, which)])
         with torch.no_grad():
             prefix = prefill(lm.model, shared, stop_block=lm.blocks[-1])
-            for p, plans in enumerate(patches):
-                with lm.patched(plans[start : start + ROW_CHUNK], at) if plans else nullcontext():
-                    logprobs = torch.log_softmax(prefix.take(which).extend(lm.model, suffixes).logits.float(), -1)
-                for r, (_, cont) in enumerate(chunk):
-                    span = logprobs[r, at[r] : at[r] + len(cont)].cpu()
-                    out[p, start + r, 0] = span.gather(1, torch.tensor(cont)[:, None]).sum()
-                    out[p, start + r, 1] = float(span[0].argmax().item() == cont[0])
+            with record_outputs(lm.blocks) as recorded:
+                plain = prefix.take(which).extend(lm.model, suffixes).logits
+
+            def patched_logits(plans, replayed: int):
+                with lm.patched(plans, at), replay_outputs(lm.blocks, recorded[:replayed]):
+                    return prefix.take(which).extend(lm.model, suffixes).logits
+
+            parts = [[plans[i] for i in members] if plans else [] for plans in patches]
+            lowest = [min((p.layer for p in part if p.theta_key is not None), default=None) for part in parts]
+            checked = None
+            if start == 0 and any(layer is not None for layer in lowest):
+                # Replaying assumes a block reads nothing but its inputs and its own KV cache: check it once
+                # against a full pass, at the patch that replays the most blocks.
+                checked = max((p for p in range(len(parts)) if lowest[p] is not None), key=lambda p: lowest[p])
+                full = patched_logits(parts[checked], 0)
+                replay = torch.allclose(patched_logits(parts[checked], lowest[checked] + 1), full, rtol=1e-4, atol=1e-4)
+                if not replay:
+                    lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs and "
+                                 "its own KV cache, so the layer sweep runs every block for every patch (slower)")
+            for p, part in enumerate(parts):
+                if lowest[p] is None:
+                    logits = plain
+                elif p == checked:
+                    logits = full
+                else:
+                    logits = patched_logits(part, lowest[p] + 1 if replay else 0)
+                out[p, members] = _continuation_scores(logits, chunk, at)
                 bar.update()
     bar.close()
     return out
+
+
+def _continuation_scores(logits: torch.Tensor, chunk, at: torch.Tensor) -> torch.Tensor:
+    """Per row: the continuation's summed log-probability, and whether its first token is the argmax."""
+    scores = torch.empty(len(chunk), 2)
+    for r, (_, cont) in enumerate(chunk):
+        span = logits[r, at[r] : at[r] + len(cont)].float().cpu()
+        scores[r, 0] = span.log_softmax(-1).gather(1, torch.tensor(cont)[:, None]).sum()
+        scores[r, 1] = float(span[0].argmax().item() == cont[0])
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -14,6 +14,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval_taskvec import selection
 from lm_eval_taskvec.model import Plan, ThetaKey
 from lm_eval_taskvec.tasks import task_dir
+from tests.conftest import ARCHITECTURES
 from tests.tasks import letter_rows, make_task, requests_of
 
 
@@ -157,35 +158,68 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
 
 
-@pytest.mark.parametrize("row_chunk", [64, 2])  # one chunk; several
-def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, row_chunk):
-    """Rows of several contexts and chunks, plain and patched: each score must land on its own row."""
+@pytest.mark.parametrize("arch,row_chunk", [(arch, 64) for arch in ARCHITECTURES] + [("llama", 2)])  # one chunk; several
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk):
+    """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks: each score
+    must land on its own row, and equal a full forward pass patched by the oracle's own hook."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
-    lm = make_lm("llama")
+    lm = make_lm(arch)
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
-    layer, hidden = 1, lm.model.config.hidden_size
-    plans = [Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer) for i in range(len(rows))]
-    for i, plan in enumerate(plans):  # a different θ per row, so a θ patched into the wrong row shows
-        lm._theta_cache[(layer, plan.theta_key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(i))
-    plain, patched = selection._fork_scores(lm, rows, [None, plans])
+    depth, hidden = len(lm.blocks), lm.model.config.hidden_size
 
-    def replace_at(position, theta):  # the oracle's own patch: a plain forward hook on one row
+    def plans_at(layers):  # a different θ per row and block, so a θ patched into the wrong row or block shows
+        plans = [Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer)
+                 for i, layer in enumerate(layers)]
+        for i, plan in enumerate(plans):
+            seed = torch.Generator().manual_seed(100 * plan.layer + i)
+            lm._theta_cache[(plan.layer, plan.theta_key)] = torch.randn(hidden, generator=seed)
+        return plans
+
+    patches = [None] + [plans_at([layer] * len(rows)) for layer in range(depth)]
+    patches.append(plans_at([depth - 1 - i % depth for i in range(len(rows))]))  # each row at its own block
+    part_of_block_0 = next(m for m in lm.blocks[0].modules() if list(m.parameters(recurse=False)))
+    runs_of_block_0 = []
+    handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
+    scores = selection._fork_scores(lm, rows, patches)
+    handle.remove()
+    # Per chunk: the plain pass, and the shared prefix unless a context is one token; once: the full pass that
+    # checks the replay. Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
+    chunks = [rows[i : i + row_chunk] for i in range(0, len(rows), row_chunk)]
+    prefixes = sum(min(len(ctx) for ctx, _ in chunk) > 1 for chunk in chunks)
+    assert len(runs_of_block_0) == len(chunks) + prefixes + 1
+    assert not lm._warned
+
+    def replace_at(layer, position, theta):  # the oracle's own patch: a plain forward hook on one row
         def hook(module, args, output):
             states = output[0] if isinstance(output, tuple) else output
             states[0, position] = theta
-        return lm.model.model.layers[layer].register_forward_hook(hook)
+        return lm.blocks[layer].register_forward_hook(hook)
 
-    for i, (ctx, cont) in enumerate(rows):
-        for scores, theta in ((plain[i], None), (patched[i], lm._theta_cache[(layer, plans[i].theta_key)])):
-            handle = replace_at(len(ctx) - 1, theta) if theta is not None else None
+    for p, plans in enumerate(patches):
+        for i, (ctx, cont) in enumerate(rows):
+            handle = replace_at(plans[i].layer, len(ctx) - 1, lm.theta(plans[i])) if plans else None
             with torch.no_grad():
                 logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
             if handle:
                 handle.remove()
             total = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
-            assert scores[0].item() == pytest.approx(total, abs=1e-4)
-            assert scores[1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
+            assert scores[p, i, 0].item() == pytest.approx(total, abs=1e-4)
+            assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
+
+
+def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
+    """An architecture whose blocks read more than their inputs and own KV cache: the first chunk's check
+    catches it, warns, and every patch runs in full, with the same scores as an exact replay gives."""
+    lm = make_lm("llama")
+    rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24])]
+    plans = [Plan(query="", theta_key=ThetaKey(demos="d", dummies=(), strip=False), layer=1)] * len(rows)
+    lm._theta_cache[(1, plans[0].theta_key)] = torch.randn(lm.model.config.hidden_size)
+    exact = selection._fork_scores(lm, rows, [None, plans])
+    real = selection.replay_outputs
+    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs: real(blocks, [o + 1 for o in outputs]))
+    assert torch.allclose(selection._fork_scores(lm, rows, [None, plans]), exact, atol=1e-5)
+    assert any("runs every block for every patch" in message for message in lm._warned)
 
 
 def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
