@@ -42,6 +42,17 @@ class Prefix:
             **{cache_argument(model): self.cache},
         )
 
+    def grow(self, model: nn.Module, suffixes: list[list[int]], stop_block: nn.Module) -> None:
+        """Append ``suffixes`` (one per row, any lengths, empty allowed) to the cache, through ``stop_block``;
+        shorter ones leave masked holes, which later positions (counted from the mask) skip."""
+        span = max(map(len, suffixes))
+        if span == 0:
+            return
+        with stop_after(stop_block):
+            self.extend(model, suffixes)
+        real = torch.tensor([[1] * len(s) + [0] * (span - len(s)) for s in suffixes], device=self.mask.device)
+        self.mask = torch.cat([self.mask, real.to(self.mask.dtype)], 1)
+
     def take(self, rows: list[int]) -> "Prefix":
         """A copy holding the given prefix rows (repeats allowed), e.g. one per choice of a question."""
         cache = copy.deepcopy(self.cache)

@@ -277,9 +277,14 @@ class TaskVectorLM(HFLM):
     def last_token_states(self, families: list[list[list[int]]], layers: list[int],
                           desc: str = "Extracting task vectors") -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
-        size = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
         with self._autocast():
-            return last_token_states(self.model, self.blocks, families, layers, size, self.rank == 0, desc)
+            return last_token_states(self.model, self.blocks, families, layers, self.extract_batch_size,
+                                     self.rank == 0, desc)
+
+    @property
+    def extract_batch_size(self) -> int:
+        """Prompts per extraction batch: the user's batch size, or EXTRACT_BATCH_SIZE under batch_size=auto."""
+        return self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
 
     def _autocast(self):
         return torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
-from lm_eval_taskvec.extraction import prefill
+from lm_eval_taskvec.extraction import common_prefix_length, prefill, states_after
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
 from lm_eval_taskvec.stats import mcnemar_exact
 from lm_eval_taskvec.theta import few_shot_requests
@@ -181,8 +181,6 @@ def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor,
     requests = [r for ex in dev.examples for r in ex.requests]
     plans = lm.plan(requests, layer=0, extract=False)
     layers = list(range(len(lm.blocks)))
-    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers},  # one pass, all blocks
-                     f"{task_name}: layer sweep, θ at {len(layers)} blocks")
     generation = requests[0].request_type == "generate_until"
     if generation:
         targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
@@ -193,10 +191,10 @@ def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor,
     else:
         queries = [lm._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
         fulls = [lm._encode_pair(*r.args) for r in requests]
+    regular = _regular_and_thetas(lm, plans, fulls, layers, f"{task_name}: layer sweep, θ at {len(layers)} blocks")
     desc = f"{task_name}: dev accuracy by block"
     scores = _fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
-    regular = _fork_scores(lm, fulls, [None])[0]
     return tuple(_hits(dev, scores, generation) for scores in (per_block, baseline, regular))
 
 
@@ -213,6 +211,44 @@ def _hits(dev: DevSet, scores: torch.Tensor, generation: bool) -> torch.Tensor:
     return torch.stack(hits, -1)
 
 
+def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]], layers: list[int],
+                        desc: str) -> torch.Tensor:
+    """Regular mode's per-row scores (as ``_fork_scores``) of the full prompts ``fulls``, and θ at every listed
+    block for each plan's key, with the demonstrations S run once for both: the tokens a prompt shares with its
+    θ prompts [S, x'] fill one KV cache, from which the dummies' suffixes give θ (one pass through the deepest
+    block), and the rest of the prompt and the continuation give regular's scores."""
+    rows_of: dict = {}
+    for i, plan in enumerate(plans):
+        rows_of.setdefault(plan.theta_key, []).append(i)
+    keys = list(rows_of)
+    size = lm.extract_batch_size
+    out = torch.empty(len(fulls), 2)
+    for start in tqdm(range(0, len(keys), size), desc=desc, disable=lm.rank != 0):
+        batch = keys[start : start + size]
+        families = {key: lm.theta_prompts(key) for key in batch}
+        rows = [i for key in batch for i in rows_of[key]]
+        contexts = list(dict.fromkeys((plans[i].theta_key, tuple(fulls[i][0])) for i in rows))
+        which = [contexts.index((plans[i].theta_key, tuple(fulls[i][0]))) for i in rows]
+        cuts = [common_prefix_length([list(ctx), *families[key]]) for key, ctx in contexts]
+        cuts = cuts if min(cuts) > 0 else [0] * len(cuts)  # a prompt sharing nothing: no prefix for this batch
+        first = [next(j for j, (key, _) in enumerate(contexts) if key == wanted) for wanted in batch]
+        with torch.no_grad(), lm._autocast():
+            prefix = prefill(lm.model, [list(ctx[:cut]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
+            members = [(j, prompt[cuts[j] :]) for j in first for prompt in families[contexts[j][0]]]
+            found = states_after(lm.model, lm.blocks, prefix.take([j for j, _ in members]), [t for _, t in members],
+                                 layers)
+            prefix.grow(lm.model, [list(ctx[cut:-1]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
+            logits = prefix.take(which).extend(lm.model, [fulls[i][0][-1:] + fulls[i][1][:-1] for i in rows]).logits
+        at, row = torch.zeros(len(rows), dtype=torch.long), 0
+        for key in batch:
+            k = len(families[key])
+            for layer in layers:  # θ: the mean over the dummies
+                lm._theta_cache.setdefault((layer, key), found[layer][row : row + k].float().mean(0))
+            row += k
+        out[rows] = _continuation_scores(logits, [fulls[i] for i in rows], at)
+    return out
+
+
 def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, desc: str | None = None) -> torch.Tensor:
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
@@ -220,11 +256,8 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     with the same context share it). One plain pass over the rest records every block's output; a patch at
     block l replays blocks 0..l from that record and runs only the blocks above l."""
     out = torch.empty(len(patches), len(rows), 2)
-    # Several passes per chunk: rows of similar continuation length share a chunk, as each pass is as wide as
-    # its longest continuation. One pass: rows stay in order, so the choices of a question share its prefill.
-    order = list(range(len(rows)))
-    if len(patches) > 1:
-        order.sort(key=lambda i: len(rows[i][1]))
+    # Rows of similar continuation length share a chunk: each of its passes is as wide as its longest one.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
     chunks = range(0, len(rows), ROW_CHUNK)
     bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
     replay = True

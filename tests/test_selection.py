@@ -208,6 +208,32 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, arch):
+    """The sweep runs S once for regular's dev scores and θ's prompts: its scores equal a plain forward pass
+    of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
+    lengths, two continuations of one prompt, several batches)."""
+    lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
+    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK")]
+    requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
+                                               cont), i, ("t", i, 1)) for i, (demos, q, cont) in enumerate(cases)]
+    plans = lm.plan(requests, layer=0, extract=False)
+    fulls = [lm._encode_pair(*r.args) for r in requests]
+    layers = list(range(len(lm.blocks)))
+    scores = selection._regular_and_thetas(lm, plans, fulls, layers, "t")
+    shared, lm._theta_cache = lm._theta_cache, {}
+    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers})
+    assert shared.keys() == lm._theta_cache.keys() and len(shared) == len(layers) * len({p.theta_key for p in plans})
+    for key, theta in shared.items():
+        assert torch.allclose(theta, lm._theta_cache[key], atol=1e-4), key
+    for i, (ctx, cont) in enumerate(fulls):
+        with torch.no_grad():
+            logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+        assert scores[i, 0].item() == pytest.approx(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)),
+                                                    abs=1e-4)
+        assert scores[i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
+
+
 def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
     """An architecture whose blocks read more than their inputs and own KV cache: the first chunk's check
     catches it, warns, and every patch runs in full, with the same scores as an exact replay gives."""
