@@ -120,10 +120,9 @@ def main():
         "full sweep (all blocks, dev split)": fresh(sweeper, lambda: selection._score(sweeper, args.task, dev)),
     }
     stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
-    times, walls, memory = {}, {}, {}
-    for name, run in cases.items():
-        times[name] = walls[name] = float("inf")
-        for _ in range(args.repeats):
+    times, walls, memory = dict.fromkeys(cases, float("inf")), dict.fromkeys(cases, float("inf")), {}
+    for _ in range(args.repeats):  # round robin, so that no case is always the first after some other
+        for name, run in cases.items():
             gc.collect()
             with PeakMemory() as peak:
                 start, start_wall = time.process_time(), time.perf_counter()

@@ -6,13 +6,13 @@ themselves, cross-fitted (each half is scored at the layer chosen on the other h
 appears among its own demonstrations. Each dev prompt is built by lm-eval's own task object (its few-shot
 settings and system instruction) and turned into lm-eval's own requests.
 
-One extraction pass gives θ at every block. Each block is then scored from a shared KV cache of every dev
-query minus its last token: only the last token (patched) and the continuation run again, and only through
-the blocks above the patched one (those below replay the unpatched pass, which is the baseline's). Generation tasks
-are scored as the paper does (first generated token against the target's first token), multiple-choice
-tasks by accuracy over the choices. The best block wins, ties to the lower block; the unpatched query alone
-(baseline) and the full prompt (regular) are scored on the same prompts, and a best block no better than
-the baseline by an exact McNemar test is reported as ``no_effect``.
+One pass over each dev prompt's demonstrations S gives θ at every block and the full prompt's (regular)
+score. Each block is then scored from a shared KV cache of every dev query minus its last token: only the
+last token (patched) and the continuation run again, and only through the blocks above the patched one
+(those below replay the unpatched pass, which is the baseline's). Generation tasks are scored as the paper
+does (first generated token against the target's first token), multiple-choice tasks by accuracy over the
+choices. The best block wins, ties to the lower block; a best block no better than the baseline by an exact
+McNemar test is reported as ``no_effect``.
 """
 
 from __future__ import annotations
