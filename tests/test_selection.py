@@ -229,18 +229,59 @@ def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, mod
     assert selection._cache_key(other, "tv_list_first", sets) not in (key, edited_key)
 
 
-@pytest.mark.parametrize("content", [
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2",  # truncated
-    "[1, 2, 3]",  # not an object
-    "{\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # wrong type
-    "{\"layer\": 7, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # out of range
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2]}",  # curve of the wrong length
-    "{\"layer\": true, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # a bool is not a layer
-    "{\"layer\": 3, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # one past the last block
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # one half
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # a bad half
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26}",  # no fold seed
-])
+def complete_choice(folds: bool = False, **changes) -> dict:
+    """A layer choice for a 3-block model with every field a sweep records, written out here by hand."""
+    part = {"layer": 1, "dev_accuracy": [0.1, 0.2, 0.3], "baseline_accuracy": 0.1, "regular_accuracy": 0.5,
+            "no_effect": False, "p_value": 0.01, "num_dev": 10}
+    choice = {"task": "tiny", **part, "dev_split": "validation", "dev_docs": [1, 2]}
+    if folds:
+        choice |= {"folds": [part | {"scored_fold": 0, "dev_docs": [1]}, part | {"scored_fold": 1, "dev_docs": [2]}],
+                   "num_docs": 26, "fold_seed": 0}
+    return choice | changes
+
+
+def with_fold(index: int, **changes) -> dict:
+    choice = complete_choice(folds=True)
+    choice["folds"][index] |= changes
+    return choice
+
+
+BAD_CACHE_FILES = {
+    "truncated": json.dumps(complete_choice())[:-12],
+    "not an object": "[1, 2, 3]",
+    "wrong type": json.dumps(complete_choice(layer="1")),
+    "out of range": json.dumps(complete_choice(layer=7)),
+    "curve of the wrong length": json.dumps(complete_choice(dev_accuracy=[0.1, 0.2])),
+    "a bool is not a layer": json.dumps(complete_choice(layer=True)),
+    "one past the last block": json.dumps(complete_choice(layer=3)),
+    "one half": json.dumps(complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][:1]}),
+    "a bad half": json.dumps(with_fold(1, layer="1")),
+    "no fold seed": json.dumps({k: v for k, v in complete_choice(folds=True).items() if k != "fold_seed"}),
+    "halves that are not objects": json.dumps(complete_choice(folds=True) | {"folds": [1, 2]}),  # crashed once
+    "no baseline accuracy": json.dumps({k: v for k, v in complete_choice().items() if k != "baseline_accuracy"}),
+}
+MORE_BAD_CACHE_FILES = {  # the same check, without a sweep each
+    "null halves": json.dumps(complete_choice(folds=True) | {"folds": [None, None]}),
+    "halves not in a list": json.dumps(complete_choice(folds=True) | {"folds": {"0": complete_choice()}}),
+    "three halves": json.dumps(with_fold(0) | {"folds": [*with_fold(0)["folds"], with_fold(0)["folds"][0]]}),
+    "num_docs a string": json.dumps(complete_choice(folds=True, num_docs="26")),
+    "no num_docs": json.dumps({k: v for k, v in complete_choice(folds=True).items() if k != "num_docs"}),
+    "fold_seed a string": json.dumps(complete_choice(folds=True, fold_seed="0")),
+    "a half without scored_fold": json.dumps(with_fold(0, scored_fold=None)),
+    "both halves scored_fold 0": json.dumps(with_fold(1, scored_fold=0)),
+    "scored_fold past the halves": json.dumps(with_fold(1, scored_fold=2)),
+    "a negative layer": json.dumps(complete_choice(layer=-1)),
+    "a curve with text": json.dumps(complete_choice(dev_accuracy=[0.1, "0.2", 0.3])),
+    "regular accuracy as text": json.dumps(complete_choice(regular_accuracy="0.5")),
+    "no p_value": json.dumps({k: v for k, v in complete_choice().items() if k != "p_value"}),
+    "no_effect as text": json.dumps(complete_choice(no_effect="false")),
+    "num_dev as a float": json.dumps(complete_choice(num_dev=10.0)),
+    "no dev_split": json.dumps({k: v for k, v in complete_choice().items() if k != "dev_split"}),
+    "a half without p_value": json.dumps(with_fold(0, p_value=None)),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CACHE_FILES.values(), ids=BAD_CACHE_FILES)
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
@@ -250,6 +291,37 @@ def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer
     choice = selection.select_layer(lm, "tv_list_first")
     assert choice["source"] == "sweep" and "sweeping again" in caplog.text
     assert json.loads(path.read_text())["dev_accuracy"] == choice["dev_accuracy"]  # healed
+
+
+@pytest.mark.parametrize("content", [*BAD_CACHE_FILES.values(), *MORE_BAD_CACHE_FILES.values()],
+                         ids=[*BAD_CACHE_FILES, *MORE_BAD_CACHE_FILES])
+def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_path, caplog, content):
+    path = tmp_path / "key.json"
+    path.write_text(content)
+    assert selection._read_cache(path, 3) is None and "sweeping again" in caplog.text
+
+
+@pytest.mark.parametrize("choice", [complete_choice(), complete_choice(folds=True),
+                                    complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][::-1]},
+                                    complete_choice(layer=0, dev_accuracy=[1, 0, 0]), complete_choice(layer=2)],
+                         ids=["one layer", "cross-fitted", "halves in the other order", "integer curve", "last block"])
+def test_a_complete_cache_file_is_read_back_as_written(tmp_path, caplog, choice):
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(choice))
+    assert selection._read_cache(path, 3) == choice and "sweeping again" not in caplog.text
+
+
+def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, monkeypatch):
+    task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
+    requests_of(task, limit=1)
+    fake = iter([[0, 1, 0], [2, 0, 0]])
+    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
+        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
+    first = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
+    monkeypatch.setattr(selection, "_score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
+    again = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
+    assert first["source"] == "sweep" and again["source"].endswith(".json")
+    assert [f["layer"] for f in again["folds"]] == [1, 0] and again["folds"] == first["folds"]
 
 
 def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
@@ -297,7 +369,7 @@ def test_concurrent_writers_never_leave_half_a_cache_file(make_lm, layer_cache, 
 
     lm = make_lm("llama", mode="hypothesis", layer=1)
     path = layer_cache / "key.json"
-    choices = [{"layer": layer, "dev_accuracy": [0.5] * 3, "padding": "y" * 200_000} for layer in (0, 2)]
+    choices = [complete_choice(layer=layer, padding="y" * 200_000) for layer in (0, 2)]
     seen, stop = [], threading.Event()
 
     def write(choice):
