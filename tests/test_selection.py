@@ -93,7 +93,9 @@ def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_
     monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
         torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
     choice = selection.select_layer(lm, "tiny")
-    assert [fold["layer"] for fold in choice["folds"]] == [1, 0]
+    assert [fold["layer"] for fold in choice["folds"]] == [1, 0] and choice["task"] == "tiny"
+    for fold, other in zip(choice["folds"], halves[::-1]):  # each half's layer was chosen on the other half
+        assert fold["dev_docs"] and set(fold["dev_docs"]) <= other.scored
     for request, plan in zip(requests, lm.plan(requests, extract=False)):
         assert plan.layer == (1 if request.doc_id in halves[0].scored else 0)
 
@@ -400,4 +402,5 @@ def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, lay
     monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (torch.stack([same] * 3), same, same))
     choice = selection.select_layer(lm, "tiny")
     assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
+    assert choice["task"] == "tiny" and choice["dev_split"] == "validation"
     assert "tiny: block 0 (0-based) of 3 blocks" in caplog.text and "NO EFFECT" in caplog.text
