@@ -196,9 +196,11 @@ def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
     summary = selection._summary(same, baseline, baseline)
     assert summary["layer"] == 0 and summary["no_effect"] and summary["p_value"] == 1.0
     gains = torch.stack([baseline | True, baseline])  # 8 documents gained, none lost: p = 2 / 2**8
-    summary = selection._summary(gains, baseline, baseline)
+    regular = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    summary = selection._summary(gains, baseline, regular)
     assert not summary["no_effect"] and summary["p_value"] == round(2 / 256, 4)
     assert summary["dev_accuracy"] == [1.0, 0.2] and summary["baseline_accuracy"] == 0.2
+    assert summary["regular_accuracy"] == 0.3 and summary["num_dev"] == 10
 
 
 def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
