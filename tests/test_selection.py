@@ -201,6 +201,11 @@ def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
     assert not summary["no_effect"] and summary["p_value"] == round(2 / 256, 4)
     assert summary["dev_accuracy"] == [1.0, 0.2] and summary["baseline_accuracy"] == 0.2
     assert summary["regular_accuracy"] == 0.3 and summary["num_dev"] == 10
+    few = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # 3 gained, 1 lost: p = 2 * 5 / 16
+    summary = selection._summary(torch.stack([few, few & False]), torch.tensor([0, 0, 0, 1] + [0] * 6).bool(), few)
+    assert summary["no_effect"] and summary["p_value"] == 0.625  # more gained than lost, but not significantly
+    worse = selection._summary(torch.zeros(2, 10, dtype=torch.bool), torch.ones(10, dtype=torch.bool), few)
+    assert worse["no_effect"] and worse["p_value"] == round(2 / 1024, 4)  # significant, but a loss
 
 
 def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
