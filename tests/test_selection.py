@@ -159,6 +159,30 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
 
 
+@pytest.mark.parametrize("target", ["{{answers[0]}}", "{{1 if input|length == 1 else 0}}"], ids=["text", "index"])
+def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_cache, target):
+    choices = "{{[input, answers[0]] if input|length == 1 else [answers[0], input]}}"  # the answer moves
+    task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", output_type="multiple_choice",
+                     doc_to_choice=choices, doc_to_target=target)
+    requests_of(task, limit=1)
+    (dev,) = selection.dev_sets(make_lm("gpt2", mode="hypothesis", num_dev=24), "tiny")
+    golds = {ex.requests[0].doc["input"]: ex.gold for ex in dev.examples}
+    assert golds == {doc["input"]: 1 if len(doc["input"]) == 1 else 0 for doc in letter_rows(24, 24)}
+    assert set(golds.values()) == {0, 1}
+
+
+def test_hits_read_each_dev_prompts_own_rows():
+    examples = [selection.DevExample(i, [None] * k, gold) for i, (k, gold) in enumerate([(3, 0), (2, 1), (3, 2)])]
+    dev = selection.DevSet("validation", examples)
+    scores = torch.zeros(2, 8, 2)  # two blocks; rows 0-2, 3-4 and 5-7 are the three prompts' choices
+    scores[0, :, 0] = torch.tensor([-1, -2, -3, -1, -2, -3, -2, -1])  # block 0: choices 0, 0 and 2 win
+    scores[1, :, 0] = torch.tensor([-3, -2, -1, -2, -1, -1, -2, -3])  # block 1: choices 2, 1 and 0 win
+    assert selection._hits(dev, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
+    scores[..., 1] = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]])  # first token right or not
+    assert selection._hits(dev, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
+                                                                      [False] * 8]
+
+
 @pytest.mark.parametrize("row_chunk", [64, 2])  # one chunk; several
 def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, row_chunk):
     """Rows of several contexts and chunks, plain and patched: each score must land on its own row."""
