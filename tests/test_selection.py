@@ -159,6 +159,52 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
 
 
+def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(model_factory, tokenizer,
+                                                                                      layer_cache, monkeypatch):
+    """With a tokenizer that adds BOS and prompts longer than max_length: baseline's and regular's dev rows are
+    the tokens stock HFLM generates from, and each row is scored on the first token of the answer text."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers.processors import TemplateProcessing
+
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    bos = copy.deepcopy(tokenizer)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert bos("B").input_ids[0] == 1  # BOS added by default, as Llama's tokenizer does
+    requests_of(make_task(num_fewshot=3), limit=1)
+    args = dict(pretrained=model_factory("gpt2"), tokenizer=bos, device="cpu", max_length=14, batch_size=4)
+    lm = TaskVectorLM(mode="hypothesis", num_dev=4, **args)
+    (dev,) = selection.dev_sets(lm, "tiny")
+    calls = []
+    fork_scores = selection._fork_scores
+    monkeypatch.setattr(selection, "_fork_scores", lambda lm, rows, *a: calls.append(rows) or fork_scores(lm, rows, *a))
+    passes, extract = [], lm.last_token_states
+    monkeypatch.setattr(lm, "last_token_states", lambda families, layers, *a: passes.append(layers) or extract(families, layers, *a))
+    selection._score(lm, "tiny", dev)
+    (_, queries, fulls), (layers,) = calls, passes  # one extraction pass gives θ at every block
+    assert layers == [0, 1, 2]
+    assert len(lm.tok_encode(dev.examples[0].requests[0].args[0])) > 14  # regular's prompts are cut
+
+    def hflm_contexts(contexts):
+        seen = []
+
+        def spy(self, context, max_length, stop, **kwargs):
+            seen.extend(tuple(row[mask.bool()].tolist()) for row, mask in zip(context, kwargs["attention_mask"]))
+            return torch.cat([context, torch.full((len(context), 1), 5)], 1)
+
+        one_token = {"until": ["\n"], "do_sample": False, "max_gen_toks": 1}
+        with monkeypatch.context() as patch:
+            patch.setattr(HFLM, "_model_generate", spy)
+            HFLM(**args).generate_until([Instance("generate_until", {}, (c, one_token), i) for i, c in enumerate(contexts)])
+        return sorted(seen)
+
+    assert sorted(tuple(ctx) for ctx, _ in fulls) == hflm_contexts([ex.requests[0].args[0] for ex in dev.examples])
+    assert sorted(tuple(ctx) for ctx, _ in queries) == hflm_contexts(
+        [p.query for p in lm.plan([ex.requests[0] for ex in dev.examples], layer=0, extract=False)])
+    answers = [bos.convert_tokens_to_ids(bos.tokenize(ex.gold))[:1] for ex in dev.examples]
+    assert [cont for _, cont in fulls] == [cont for _, cont in queries] == answers and 1 not in sum(answers, [])
+
+
 @pytest.mark.parametrize("target", ["{{answers[0]}}", "{{1 if input|length == 1 else 0}}"], ids=["text", "index"])
 def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_cache, target):
     choices = "{{[input, answers[0]] if input|length == 1 else [answers[0], input]}}"  # the answer moves
