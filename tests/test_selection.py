@@ -140,13 +140,15 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_
         assert hits.tolist() == [f == t for f, t in zip(fixed_layer_hits(make_lm, "gpt2", mode, requests), targets)]
 
 
-def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache):
+def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache, monkeypatch):
     task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", fewshot_delimiter="\n\n",
                      output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
     (dev,) = selection.dev_sets(lm, "tiny")
     assert all(len(ex.requests) == 3 and ex.gold == 0 for ex in dev.examples)
+    scored, fork_scores = [], selection._fork_scores
+    monkeypatch.setattr(selection, "_fork_scores", lambda *a: scored.append(fork_scores(*a)) or scored[-1])
     per_block, baseline, regular = selection._score(lm, "tiny", dev)
     requests = [r for ex in dev.examples for r in ex.requests]
 
@@ -154,9 +156,12 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         return [max(range(3), key=scores[3 * i : 3 * i + 3].__getitem__) == 0 for i in range(len(dev.examples))]
 
     for layer in range(len(lm.blocks)):
-        assert per_block[layer].tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer))
-    for mode, hits in (("baseline", baseline), ("regular", regular)):
-        assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
+        fixed = fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer)
+        assert per_block[layer].tolist() == argmax_right(fixed)
+        assert scored[0][layer, :, 0].tolist() == pytest.approx(fixed, abs=1e-4)  # each block's own log-likelihoods
+    for mode, hits, scores in (("baseline", baseline, scored[1][0]), ("regular", regular, scored[2][0])):
+        fixed = fixed_layer_hits(make_lm, "gpt2", mode, requests)
+        assert hits.tolist() == argmax_right(fixed) and scores[:, 0].tolist() == pytest.approx(fixed, abs=1e-4)
 
 
 def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(model_factory, tokenizer,
