@@ -241,11 +241,18 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ro
     lm = make_lm("llama")
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
+
+    def first_choice(ctx):  # the model's own next token, so that some first-token flags are 1
+        with torch.no_grad():
+            return lm.model(torch.tensor([ctx])).logits[0, -1].argmax().item()
+
+    rows = [(ctx, [first_choice(ctx)] + cont[1:]) if i in (0, 1, 3) else (ctx, cont) for i, (ctx, cont) in enumerate(rows)]
     layer, hidden = 1, lm.model.config.hidden_size
     plans = [Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer) for i in range(len(rows))]
     for i, plan in enumerate(plans):  # a different θ per row, so a θ patched into the wrong row shows
         lm._theta_cache[(layer, plan.theta_key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(i))
     plain, patched = selection._fork_scores(lm, rows, [None, plans])
+    assert plain[[0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
 
     def replace_at(position, theta):  # the oracle's own patch: a plain forward hook on one row
         def hook(module, args, output):
