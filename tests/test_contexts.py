@@ -123,6 +123,15 @@ def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_sp
     assert lm.tok_decode([patched_at]).endswith(":") and read_at == [patched_at, patched_at]
 
 
+def test_generation_reads_theta_at_the_querys_own_last_token_trailing_space_included(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    request = requests_of(make_task(doc_to_text="Q: {{input}} A: "), limit=1)[0]  # generate_until keeps the space
+    plan = lm.plan([request], extract=False)[0]
+    patched_at = lm.tok_encode(plan.query)[-1]  # generate_until patches the prompt's last column
+    assert lm.tok_decode([patched_at]).endswith(" ")
+    assert [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)] == [patched_at, patched_at]
+
+
 def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, caplog):
     lm = make_lm(mode="hypothesis", layer=1)
     task = make_task(description="Make it big. " * 60)  # about 300 tokens; the tiny models hold 256
