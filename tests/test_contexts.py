@@ -113,11 +113,13 @@ def test_dummies_do_not_depend_on_limit(make_lm):
     assert lm.plan(requests_of(task)[:1], extract=False)[0] == first
 
 
-def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_space(make_lm):
+@pytest.mark.parametrize("description", [None, "Make it big. " * 60], ids=["short", "over-long demonstrations"])
+def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_space(make_lm, description):
     lm = make_lm(mode="hypothesis", layer=1)
-    task = make_task(doc_to_text="Q: {{input}} A: ", **MC)
+    task = make_task(doc_to_text="Q: {{input}} A: ", description=description, **MC)
     request = requests_of(task, limit=1)[0]
     plan = lm.plan([request], extract=False)[0]
+    assert (plan.theta_key.max_tokens is None) == (description is None)  # θ's prompts left-truncated, still stripped
     read_at = [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)]
     patched_at = lm._encode_pair(plan.query, request.args[1])[0][-1]
     assert lm.tok_decode([patched_at]).endswith(":") and read_at == [patched_at, patched_at]
@@ -150,6 +152,18 @@ def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
     task = make_task(splits={"train": rows[1:], "test": rows})
     with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
         make_lm(mode="baseline").generate_until(requests_of(task, limit=1))
+
+
+def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(make_lm):
+    rows = [{"input": "ab" * 12, "answers": ["x" * 12]}] + [{"input": c, "answers": [c]} for c in "abcd"]
+    task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_choice="{{[answers[0], 'zz']}}",
+                     doc_to_target=0, output_type="multiple_choice")
+    requests = requests_of(task, limit=1)
+    lm = make_lm(mode="baseline", max_length=32)
+    query, continuation = lm._encode_pair(requests[0].args[0].rpartition("\n")[2], requests[0].args[1])
+    assert len(query) <= 32 < len(query) + len(continuation) - 1  # HFLM would cut the query's first tokens
+    with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
+        lm.loglikelihood(requests)
 
 
 def test_plans_do_not_depend_on_the_rank(make_lm):
