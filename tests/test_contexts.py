@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lm_eval.api.instance import Instance
 import torch
 
 from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter, split_for_task
@@ -154,16 +155,33 @@ def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
         make_lm(mode="baseline").generate_until(requests_of(task, limit=1))
 
 
-def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(make_lm):
+@pytest.mark.parametrize("over", [1, 8], ids=["one token over", "far over"])
+def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(make_lm, over):
     rows = [{"input": "ab" * 12, "answers": ["x" * 12]}] + [{"input": c, "answers": [c]} for c in "abcd"]
     task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_choice="{{[answers[0], 'zz']}}",
                      doc_to_target=0, output_type="multiple_choice")
     requests = requests_of(task, limit=1)
-    lm = make_lm(mode="baseline", max_length=32)
-    query, continuation = lm._encode_pair(requests[0].args[0].rpartition("\n")[2], requests[0].args[1])
-    assert len(query) <= 32 < len(query) + len(continuation) - 1  # HFLM would cut the query's first tokens
+    query, continuation = make_lm(mode="baseline")._encode_pair(requests[0].args[0].rpartition("\n")[2],
+                                                                requests[0].args[1])
+    max_length = len(query) + len(continuation) - 1 - over  # HFLM keeps max_length + 1 tokens of the row
+    assert len(query) <= max_length
     with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
+        make_lm(mode="baseline", max_length=max_length).loglikelihood(requests)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "hypothesis"])
+def test_a_whitespace_query_is_refused_for_likelihood_but_generated_from(make_lm, mode):
+    lm = make_lm(mode=mode, layer=1, num_dummy=1)
+    context = "example:a->A\nexample:b->B\n "  # split at the last "\n": the query is one space
+    requests = [Instance("loglikelihood", {}, (context, "C"), 0, ("t", 0, 1)),
+                Instance("loglikelihood", {}, ("example:a->A\nexample:c->", "C"), 1, ("t", 1, 1))]
+    with pytest.raises(ValueError, match="query ' ' is only whitespace"):
         lm.loglikelihood(requests)
+    generated = [Instance("generate_until", {}, (r.args[0], {"until": ["\n"], "max_gen_toks": 2}), r.idx, r.metadata)
+                 for r in requests]
+    assert len(lm.generate_until(generated)) == 2  # a generation continues from the space itself
+
+
 
 
 def test_plans_do_not_depend_on_the_rank(make_lm):
