@@ -240,6 +240,9 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
         dummies = plan.theta_key.dummies
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
+    draws = {seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).plan(reqs, extract=False)]
+             for seed in (1, 2, 3)}
+    assert len({tuple(d) for d in draws.values()}) > 1  # the seed model arg draws the dummies
 
 
 
