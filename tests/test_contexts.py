@@ -76,6 +76,9 @@ def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
         lm.generate_until(gen_requests("never_loaded"))
+    with_docs = [Instance(r.request_type, {"input": "k"}, r.args, r.idx, r.metadata) for r in gen_requests("never_loaded")]
+    plans = make_lm(mode="baseline", fewshot_delimiter="\\n").plan(with_docs)  # a document, but no loaded task
+    assert [p.query for p in plans] == [r.args[0].rpartition("\n")[2] for r in with_docs]
 
 
 def test_of_several_rendered_queries_the_longest_the_context_ends_with_is_the_query():
