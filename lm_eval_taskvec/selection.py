@@ -361,15 +361,25 @@ def _read_cache(path, num_blocks: int) -> dict | None:
 
 
 def _valid_choice(choice, num_blocks: int) -> bool:
-    def valid_part(part) -> bool:
-        curve = part.get("dev_accuracy") if isinstance(part, dict) else None
-        return (type(part.get("layer")) is int and 0 <= part["layer"] < num_blocks and isinstance(curve, list)
-                and len(curve) == num_blocks and all(type(v) in (int, float) for v in curve))
+    """Everything select_layer, _log_choice and layer_of_document read from a choice is there, of its type."""
+    def number(value) -> bool:
+        return type(value) in (int, float)
 
-    if not isinstance(choice, dict) or not valid_part(choice):
+    def valid_part(part) -> bool:
+        if not isinstance(part, dict):
+            return False
+        layer, curve = part.get("layer"), part.get("dev_accuracy")
+        return (type(layer) is int and 0 <= layer < num_blocks and isinstance(curve, list)
+                and len(curve) == num_blocks and all(map(number, curve))
+                and all(number(part.get(k)) for k in ("baseline_accuracy", "regular_accuracy", "p_value"))
+                and type(part.get("no_effect")) is bool and type(part.get("num_dev")) is int)
+
+    if not valid_part(choice) or not isinstance(choice.get("dev_split"), str):
         return False
     folds = choice.get("folds")
     return folds is None or (isinstance(folds, list) and len(folds) == 2 and all(map(valid_part, folds))
+                             and [type(f.get("scored_fold")) for f in folds] == [int, int]
+                             and sorted(f["scored_fold"] for f in folds) == [0, 1]
                              and type(choice.get("num_docs")) is int and type(choice.get("fold_seed")) is int)
 
 

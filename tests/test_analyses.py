@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from lm_eval.api.instance import Instance
 import torch
 import transformers
 from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distances
@@ -251,6 +252,12 @@ def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp
     assert make_lm("llama", stock=True).generate_until(requests) != outputs  # the query alone answers otherwise
     info = stored.get_model_info()["taskvec"]
     assert info["theta_path"] == str(path) and info["theta_source"]["num_blocks"] == 3
+    # Requests with no document (direct API calls): the whole context is the query, unless a delimiter is given
+    direct = [Instance("generate_until", {}, (c, {"max_gen_toks": 2}), 0, ("upper", 0, 1))
+              for c in ("example:q->", "example:a->A\nexample:q->")]
+    assert stored.plan(direct[:1])[0].query == "example:q->"
+    split = make_lm("llama", mode="hypothesis", theta_path=str(path), fewshot_delimiter="\n").plan(direct[1:])[0]
+    assert split.query == "example:q->"
     with pytest.raises(ValueError, match="theta_path=.*only mode=hypothesis"):
         make_lm("llama", mode="baseline", theta_path=str(path))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lm_eval.api.instance import Instance
 import torch
 
 from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter, split_for_task
@@ -75,6 +76,9 @@ def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
         lm.generate_until(gen_requests("never_loaded"))
+    with_docs = [Instance(r.request_type, {"input": "k"}, r.args, r.idx, r.metadata) for r in gen_requests("never_loaded")]
+    plans = make_lm(mode="baseline", fewshot_delimiter="\\n").plan(with_docs)  # a document, but no loaded task
+    assert [p.query for p in plans] == [r.args[0].rpartition("\n")[2] for r in with_docs]
 
 
 def test_of_several_rendered_queries_the_longest_the_context_ends_with_is_the_query():
@@ -113,14 +117,25 @@ def test_dummies_do_not_depend_on_limit(make_lm):
     assert lm.plan(requests_of(task)[:1], extract=False)[0] == first
 
 
-def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_space(make_lm):
+@pytest.mark.parametrize("description", [None, "Make it big. " * 60], ids=["short", "over-long demonstrations"])
+def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_space(make_lm, description):
     lm = make_lm(mode="hypothesis", layer=1)
-    task = make_task(doc_to_text="Q: {{input}} A: ", **MC)
+    task = make_task(doc_to_text="Q: {{input}} A: ", description=description, **MC)
     request = requests_of(task, limit=1)[0]
     plan = lm.plan([request], extract=False)[0]
+    assert (plan.theta_key.max_tokens is None) == (description is None)  # θ's prompts left-truncated, still stripped
     read_at = [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)]
     patched_at = lm._encode_pair(plan.query, request.args[1])[0][-1]
     assert lm.tok_decode([patched_at]).endswith(":") and read_at == [patched_at, patched_at]
+
+
+def test_generation_reads_theta_at_the_querys_own_last_token_trailing_space_included(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1)
+    request = requests_of(make_task(doc_to_text="Q: {{input}} A: "), limit=1)[0]  # generate_until keeps the space
+    plan = lm.plan([request], extract=False)[0]
+    patched_at = lm.tok_encode(plan.query)[-1]  # generate_until patches the prompt's last column
+    assert lm.tok_decode([patched_at]).endswith(" ")
+    assert [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)] == [patched_at, patched_at]
 
 
 def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, caplog):
@@ -141,6 +156,35 @@ def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
     task = make_task(splits={"train": rows[1:], "test": rows})
     with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
         make_lm(mode="baseline").generate_until(requests_of(task, limit=1))
+
+
+@pytest.mark.parametrize("over", [1, 8], ids=["one token over", "far over"])
+def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(make_lm, over):
+    rows = [{"input": "ab" * 12, "answers": ["x" * 12]}] + [{"input": c, "answers": [c]} for c in "abcd"]
+    task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_choice="{{[answers[0], 'zz']}}",
+                     doc_to_target=0, output_type="multiple_choice")
+    requests = requests_of(task, limit=1)
+    query, continuation = make_lm(mode="baseline")._encode_pair(requests[0].args[0].rpartition("\n")[2],
+                                                                requests[0].args[1])
+    max_length = len(query) + len(continuation) - 1 - over  # HFLM keeps max_length + 1 tokens of the row
+    assert len(query) <= max_length
+    with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
+        make_lm(mode="baseline", max_length=max_length).loglikelihood(requests)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "hypothesis"])
+def test_a_whitespace_query_is_refused_for_likelihood_but_generated_from(make_lm, mode):
+    lm = make_lm(mode=mode, layer=1, num_dummy=1)
+    context = "example:a->A\nexample:b->B\n "  # split at the last "\n": the query is one space
+    requests = [Instance("loglikelihood", {}, (context, "C"), 0, ("t", 0, 1)),
+                Instance("loglikelihood", {}, ("example:a->A\nexample:c->", "C"), 1, ("t", 1, 1))]
+    with pytest.raises(ValueError, match="query ' ' is only whitespace"):
+        lm.loglikelihood(requests)
+    generated = [Instance("generate_until", {}, (r.args[0], {"until": ["\n"], "max_gen_toks": 2}), r.idx, r.metadata)
+                 for r in requests]
+    assert len(lm.generate_until(generated)) == 2  # a generation continues from the space itself
+
+
 
 
 def test_plans_do_not_depend_on_the_rank(make_lm):

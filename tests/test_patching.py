@@ -170,6 +170,29 @@ def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, recor
         assert logprob == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("case", ["a one-token query", "query and continuation fill max_length"])
+def test_loglikelihood_at_the_edges_matches_a_manual_patched_run(make_lm, case):
+    """θ at position 0 (a one-token query), and rows exactly as long as HFLM allows (max_length + 1 tokens)."""
+    reqs = [Instance("loglikelihood", {}, (f"aA\nbB\ncC\n{q}", c), i, ("t", i, 1))
+            for i, (q, c) in enumerate([("k", "K"), ("m", "MM"), ("bb", "B"), ("q", "Q")])]
+    if case == "a one-token query":
+        lm = make_lm("gpt2", mode="hypothesis", layer=1)
+    else:
+        probe = make_lm("gpt2", mode="baseline")
+        longest = max(len(probe.tok_encode(r.args[0].rpartition("\n")[2] + r.args[1])) for r in reqs)
+        lm = make_lm("gpt2", mode="hypothesis", layer=1, max_length=longest - 1)
+    plans = lm.plan(reqs)
+    encoded = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(reqs, plans)]
+    if case == "a one-token query":
+        assert len(encoded[0][0]) == 1
+    else:
+        assert max(len(ctx) + len(cont) for ctx, cont in encoded) == lm.max_length + 1
+    for (logprob, _), plan, (ctx, cont) in zip(lm.loglikelihood(reqs), plans, encoded):
+        with replace_states(lm.blocks[1], lm.theta(plan)[None], len(ctx) - 1):
+            logp = torch.log_softmax(lm._model_call(torch.tensor([ctx + cont])[:, :-1])[0], -1)
+        assert logprob == pytest.approx(logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
 def test_loglikelihood_batched_equals_one_by_one(make_lm, monkeypatch, arch):
     reqs = ll_requests()
@@ -217,6 +240,9 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
         dummies = plan.theta_key.dummies
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
+    draws = {seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).plan(reqs, extract=False)]
+             for seed in (1, 2, 3)}
+    assert len({tuple(d) for d in draws.values()}) > 1  # the seed model arg draws the dummies
 
 
 

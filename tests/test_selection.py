@@ -94,7 +94,9 @@ def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_
     monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
         torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
     choice = selection.select_layer(lm, "tiny")
-    assert [fold["layer"] for fold in choice["folds"]] == [1, 0]
+    assert [fold["layer"] for fold in choice["folds"]] == [1, 0] and choice["task"] == "tiny"
+    for fold, other in zip(choice["folds"], halves[::-1]):  # each half's layer was chosen on the other half
+        assert fold["dev_docs"] and set(fold["dev_docs"]) <= other.scored
     for request, plan in zip(requests, lm.plan(requests, extract=False)):
         assert plan.layer == (1 if request.doc_id in halves[0].scored else 0)
 
@@ -139,13 +141,16 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_
         assert hits.tolist() == [f == t for f, t in zip(fixed_layer_hits(make_lm, "gpt2", mode, requests), targets)]
 
 
-def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache):
+def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache, monkeypatch):
     task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", fewshot_delimiter="\n\n",
                      output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
     (dev,) = selection.dev_sets(lm, "tiny")
     assert all(len(ex.requests) == 3 and ex.gold == 0 for ex in dev.examples)
+    scored = {}
+    for name in ("_fork_scores", "_regular_and_thetas"):  # baseline and every block; regular
+        monkeypatch.setattr(selection, name, lambda *a, _f=getattr(selection, name), _n=name: scored.setdefault(_n, _f(*a)))
     per_block, baseline, regular = selection._score(lm, "tiny", dev)
     requests = [r for ex in dev.examples for r in ex.requests]
 
@@ -153,9 +158,85 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
         return [max(range(3), key=scores[3 * i : 3 * i + 3].__getitem__) == 0 for i in range(len(dev.examples))]
 
     for layer in range(len(lm.blocks)):
-        assert per_block[layer].tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer))
-    for mode, hits in (("baseline", baseline), ("regular", regular)):
-        assert hits.tolist() == argmax_right(fixed_layer_hits(make_lm, "gpt2", mode, requests))
+        fixed = fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer)
+        assert per_block[layer].tolist() == argmax_right(fixed)
+        assert scored["_fork_scores"][1 + layer, :, 0].tolist() == pytest.approx(fixed, abs=1e-4)  # its own log-likelihoods
+    for mode, hits, scores in (("baseline", baseline, scored["_fork_scores"][0]),
+                               ("regular", regular, scored["_regular_and_thetas"])):
+        fixed = fixed_layer_hits(make_lm, "gpt2", mode, requests)
+        assert hits.tolist() == argmax_right(fixed) and scores[:, 0].tolist() == pytest.approx(fixed, abs=1e-4)
+
+
+def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(model_factory, tokenizer,
+                                                                                      layer_cache, monkeypatch):
+    """With a tokenizer that adds BOS and prompts longer than max_length: baseline's and regular's dev rows are
+    the tokens stock HFLM generates from, and each row is scored on the first token of the answer text."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers.processors import TemplateProcessing
+
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    bos = copy.deepcopy(tokenizer)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert bos("B").input_ids[0] == 1  # BOS added by default, as Llama's tokenizer does
+    requests_of(make_task(num_fewshot=3), limit=1)
+    args = dict(pretrained=model_factory("gpt2"), tokenizer=bos, device="cpu", max_length=14, batch_size=4)
+    lm = TaskVectorLM(mode="hypothesis", num_dev=4, **args)
+    (dev,) = selection.dev_sets(lm, "tiny")
+    calls, passes = {}, []
+    fork_scores, regular_and_thetas, states_after = selection._fork_scores, selection._regular_and_thetas, selection.states_after
+    monkeypatch.setattr(selection, "_fork_scores", lambda lm, rows, *a: calls.setdefault("queries", rows) and
+                        fork_scores(lm, rows, *a))
+    monkeypatch.setattr(selection, "_regular_and_thetas", lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and
+                        regular_and_thetas(lm, plans, rows, *a))
+    monkeypatch.setattr(selection, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
+    selection._score(lm, "tiny", dev)
+    queries, fulls = calls["queries"], calls["fulls"]
+    assert passes == [[0, 1, 2]]  # one extraction pass gives θ at every block
+    assert len(lm.tok_encode(dev.examples[0].requests[0].args[0])) > 14  # regular's prompts are cut
+
+    def hflm_contexts(contexts):
+        seen = []
+
+        def spy(self, context, max_length, stop, **kwargs):
+            seen.extend(tuple(row[mask.bool()].tolist()) for row, mask in zip(context, kwargs["attention_mask"]))
+            return torch.cat([context, torch.full((len(context), 1), 5)], 1)
+
+        one_token = {"until": ["\n"], "do_sample": False, "max_gen_toks": 1}
+        with monkeypatch.context() as patch:
+            patch.setattr(HFLM, "_model_generate", spy)
+            HFLM(**args).generate_until([Instance("generate_until", {}, (c, one_token), i) for i, c in enumerate(contexts)])
+        return sorted(seen)
+
+    assert sorted(tuple(ctx) for ctx, _ in fulls) == hflm_contexts([ex.requests[0].args[0] for ex in dev.examples])
+    assert sorted(tuple(ctx) for ctx, _ in queries) == hflm_contexts(
+        [p.query for p in lm.plan([ex.requests[0] for ex in dev.examples], layer=0, extract=False)])
+    answers = [bos.convert_tokens_to_ids(bos.tokenize(ex.gold))[:1] for ex in dev.examples]
+    assert [cont for _, cont in fulls] == [cont for _, cont in queries] == answers and 1 not in sum(answers, [])
+
+
+@pytest.mark.parametrize("target", ["{{answers[0]}}", "{{1 if input|length == 1 else 0}}"], ids=["text", "index"])
+def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_cache, target):
+    choices = "{{[input, answers[0]] if input|length == 1 else [answers[0], input]}}"  # the answer moves
+    task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", output_type="multiple_choice",
+                     doc_to_choice=choices, doc_to_target=target)
+    requests_of(task, limit=1)
+    (dev,) = selection.dev_sets(make_lm("gpt2", mode="hypothesis", num_dev=24), "tiny")
+    golds = {ex.requests[0].doc["input"]: ex.gold for ex in dev.examples}
+    assert golds == {doc["input"]: 1 if len(doc["input"]) == 1 else 0 for doc in letter_rows(24, 24)}
+    assert set(golds.values()) == {0, 1}
+
+
+def test_hits_read_each_dev_prompts_own_rows():
+    examples = [selection.DevExample(i, [None] * k, gold) for i, (k, gold) in enumerate([(3, 0), (2, 1), (3, 2)])]
+    dev = selection.DevSet("validation", examples)
+    scores = torch.zeros(2, 8, 2)  # two blocks; rows 0-2, 3-4 and 5-7 are the three prompts' choices
+    scores[0, :, 0] = torch.tensor([-1, -2, -3, -1, -2, -3, -2, -1])  # block 0: choices 0, 0 and 2 win
+    scores[1, :, 0] = torch.tensor([-3, -2, -1, -2, -1, -1, -2, -3])  # block 1: choices 2, 1 and 0 win
+    assert selection._hits(dev, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
+    scores[..., 1] = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]])  # first token right or not
+    assert selection._hits(dev, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
+                                                                      [False] * 8]
 
 
 @pytest.mark.parametrize("arch,row_chunk", [(arch, 64) for arch in ARCHITECTURES] + [("llama", 2)])  # one chunk; several
@@ -166,6 +247,12 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     lm = make_lm(arch)
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
+
+    def first_choice(ctx):  # the model's own next token, so that some first-token flags are 1
+        with torch.no_grad():
+            return lm.model(torch.tensor([ctx])).logits[0, -1].argmax().item()
+
+    rows = [(ctx, [first_choice(ctx)] + cont[1:]) if i in (0, 1, 3) else (ctx, cont) for i, (ctx, cont) in enumerate(rows)]
     depth, hidden = len(lm.blocks), lm.model.config.hidden_size
 
     def plans_at(layers):  # a different θ per row and block, so a θ patched into the wrong row or block shows
@@ -183,6 +270,7 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
     scores = selection._fork_scores(lm, rows, patches)
     handle.remove()
+    assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
     # Per chunk: the plain pass, and the shared prefix unless a context is one token; once: the full pass that
     # checks the replay. Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
     chunks = [rows[i : i + row_chunk] for i in range(0, len(rows), row_chunk)]
@@ -254,9 +342,16 @@ def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
     summary = selection._summary(same, baseline, baseline)
     assert summary["layer"] == 0 and summary["no_effect"] and summary["p_value"] == 1.0
     gains = torch.stack([baseline | True, baseline])  # 8 documents gained, none lost: p = 2 / 2**8
-    summary = selection._summary(gains, baseline, baseline)
+    regular = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    summary = selection._summary(gains, baseline, regular)
     assert not summary["no_effect"] and summary["p_value"] == round(2 / 256, 4)
     assert summary["dev_accuracy"] == [1.0, 0.2] and summary["baseline_accuracy"] == 0.2
+    assert summary["regular_accuracy"] == 0.3 and summary["num_dev"] == 10
+    few = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # 3 gained, 1 lost: p = 2 * 5 / 16
+    summary = selection._summary(torch.stack([few, few & False]), torch.tensor([0, 0, 0, 1] + [0] * 6).bool(), few)
+    assert summary["no_effect"] and summary["p_value"] == 0.625  # more gained than lost, but not significantly
+    worse = selection._summary(torch.zeros(2, 10, dtype=torch.bool), torch.ones(10, dtype=torch.bool), few)
+    assert worse["no_effect"] and worse["p_value"] == round(2 / 1024, 4)  # significant, but a loss
 
 
 def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
@@ -289,18 +384,59 @@ def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, mod
     assert selection._cache_key(other, "tv_list_first", sets) not in (key, edited_key)
 
 
-@pytest.mark.parametrize("content", [
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2",  # truncated
-    "[1, 2, 3]",  # not an object
-    "{\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # wrong type
-    "{\"layer\": 7, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # out of range
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2]}",  # curve of the wrong length
-    "{\"layer\": true, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # a bool is not a layer
-    "{\"layer\": 3, \"dev_accuracy\": [0.1, 0.2, 0.3]}",  # one past the last block
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # one half
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": \"1\", \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26, \"fold_seed\": 0}",  # a bad half
-    "{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3], \"folds\": [{\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}, {\"layer\": 1, \"dev_accuracy\": [0.1, 0.2, 0.3]}], \"num_docs\": 26}",  # no fold seed
-])
+def complete_choice(folds: bool = False, **changes) -> dict:
+    """A layer choice for a 3-block model with every field a sweep records, written out here by hand."""
+    part = {"layer": 1, "dev_accuracy": [0.1, 0.2, 0.3], "baseline_accuracy": 0.1, "regular_accuracy": 0.5,
+            "no_effect": False, "p_value": 0.01, "num_dev": 10}
+    choice = {"task": "tiny", **part, "dev_split": "validation", "dev_docs": [1, 2]}
+    if folds:
+        choice |= {"folds": [part | {"scored_fold": 0, "dev_docs": [1]}, part | {"scored_fold": 1, "dev_docs": [2]}],
+                   "num_docs": 26, "fold_seed": 0}
+    return choice | changes
+
+
+def with_fold(index: int, **changes) -> dict:
+    choice = complete_choice(folds=True)
+    choice["folds"][index] |= changes
+    return choice
+
+
+BAD_CACHE_FILES = {
+    "truncated": json.dumps(complete_choice())[:-12],
+    "not an object": "[1, 2, 3]",
+    "wrong type": json.dumps(complete_choice(layer="1")),
+    "out of range": json.dumps(complete_choice(layer=7)),
+    "curve of the wrong length": json.dumps(complete_choice(dev_accuracy=[0.1, 0.2])),
+    "a bool is not a layer": json.dumps(complete_choice(layer=True)),
+    "one past the last block": json.dumps(complete_choice(layer=3)),
+    "one half": json.dumps(complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][:1]}),
+    "a bad half": json.dumps(with_fold(1, layer="1")),
+    "no fold seed": json.dumps({k: v for k, v in complete_choice(folds=True).items() if k != "fold_seed"}),
+    "halves that are not objects": json.dumps(complete_choice(folds=True) | {"folds": [1, 2]}),  # crashed once
+    "no baseline accuracy": json.dumps({k: v for k, v in complete_choice().items() if k != "baseline_accuracy"}),
+}
+MORE_BAD_CACHE_FILES = {  # the same check, without a sweep each
+    "null halves": json.dumps(complete_choice(folds=True) | {"folds": [None, None]}),
+    "halves not in a list": json.dumps(complete_choice(folds=True) | {"folds": {"0": complete_choice()}}),
+    "three halves": json.dumps(with_fold(0) | {"folds": [*with_fold(0)["folds"], with_fold(0)["folds"][0]]}),
+    "num_docs a string": json.dumps(complete_choice(folds=True, num_docs="26")),
+    "no num_docs": json.dumps({k: v for k, v in complete_choice(folds=True).items() if k != "num_docs"}),
+    "fold_seed a string": json.dumps(complete_choice(folds=True, fold_seed="0")),
+    "a half without scored_fold": json.dumps(with_fold(0, scored_fold=None)),
+    "both halves scored_fold 0": json.dumps(with_fold(1, scored_fold=0)),
+    "scored_fold past the halves": json.dumps(with_fold(1, scored_fold=2)),
+    "a negative layer": json.dumps(complete_choice(layer=-1)),
+    "a curve with text": json.dumps(complete_choice(dev_accuracy=[0.1, "0.2", 0.3])),
+    "regular accuracy as text": json.dumps(complete_choice(regular_accuracy="0.5")),
+    "no p_value": json.dumps({k: v for k, v in complete_choice().items() if k != "p_value"}),
+    "no_effect as text": json.dumps(complete_choice(no_effect="false")),
+    "num_dev as a float": json.dumps(complete_choice(num_dev=10.0)),
+    "no dev_split": json.dumps({k: v for k, v in complete_choice().items() if k != "dev_split"}),
+    "a half without p_value": json.dumps(with_fold(0, p_value=None)),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CACHE_FILES.values(), ids=BAD_CACHE_FILES)
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
@@ -310,6 +446,37 @@ def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer
     choice = selection.select_layer(lm, "tv_list_first")
     assert choice["source"] == "sweep" and "sweeping again" in caplog.text
     assert json.loads(path.read_text())["dev_accuracy"] == choice["dev_accuracy"]  # healed
+
+
+@pytest.mark.parametrize("content", [*BAD_CACHE_FILES.values(), *MORE_BAD_CACHE_FILES.values()],
+                         ids=[*BAD_CACHE_FILES, *MORE_BAD_CACHE_FILES])
+def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_path, caplog, content):
+    path = tmp_path / "key.json"
+    path.write_text(content)
+    assert selection._read_cache(path, 3) is None and "sweeping again" in caplog.text
+
+
+@pytest.mark.parametrize("choice", [complete_choice(), complete_choice(folds=True),
+                                    complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][::-1]},
+                                    complete_choice(layer=0, dev_accuracy=[1, 0, 0]), complete_choice(layer=2)],
+                         ids=["one layer", "cross-fitted", "halves in the other order", "integer curve", "last block"])
+def test_a_complete_cache_file_is_read_back_as_written(tmp_path, caplog, choice):
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(choice))
+    assert selection._read_cache(path, 3) == choice and "sweeping again" not in caplog.text
+
+
+def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, monkeypatch):
+    task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
+    requests_of(task, limit=1)
+    fake = iter([[0, 1, 0], [2, 0, 0]])
+    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
+        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
+    first = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
+    monkeypatch.setattr(selection, "_score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
+    again = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
+    assert first["source"] == "sweep" and again["source"].endswith(".json")
+    assert [f["layer"] for f in again["folds"]] == [1, 0] and again["folds"] == first["folds"]
 
 
 def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
@@ -357,7 +524,7 @@ def test_concurrent_writers_never_leave_half_a_cache_file(make_lm, layer_cache, 
 
     lm = make_lm("llama", mode="hypothesis", layer=1)
     path = layer_cache / "key.json"
-    choices = [{"layer": layer, "dev_accuracy": [0.5] * 3, "padding": "y" * 200_000} for layer in (0, 2)]
+    choices = [complete_choice(layer=layer, padding="y" * 200_000) for layer in (0, 2)]
     seen, stop = [], threading.Event()
 
     def write(choice):
@@ -388,4 +555,5 @@ def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, lay
     monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (torch.stack([same] * 3), same, same))
     choice = selection.select_layer(lm, "tiny")
     assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
+    assert choice["task"] == "tiny" and choice["dev_split"] == "validation"
     assert "tiny: block 0 (0-based) of 3 blocks" in caplog.text and "NO EFFECT" in caplog.text
