@@ -238,14 +238,17 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
             found = states_after(lm.model, lm.blocks, prefix.take([j for j, _ in members]), [t for _, t in members],
                                  layers)
             prefix.grow(lm.model, [list(ctx[cut:-1]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
-            logits = prefix.take(which).extend(lm.model, [fulls[i][0][-1:] + fulls[i][1][:-1] for i in rows]).logits
-        at, row = torch.zeros(len(rows), dtype=torch.long), 0
+            for part in range(0, len(rows), ROW_CHUNK):  # logits of at most ROW_CHUNK rows at a time
+                sub = rows[part : part + ROW_CHUNK]
+                logits = prefix.take(which[part : part + ROW_CHUNK]).extend(
+                    lm.model, [fulls[i][0][-1:] + fulls[i][1][:-1] for i in sub]).logits
+                out[sub] = _continuation_scores(logits, [fulls[i] for i in sub], torch.zeros(len(sub), dtype=torch.long))
+        row = 0
         for key in batch:
             k = len(families[key])
             for layer in layers:  # θ: the mean over the dummies
                 lm._theta_cache.setdefault((layer, key), found[layer][row : row + k].float().mean(0))
             row += k
-        out[rows] = _continuation_scores(logits, [fulls[i] for i in rows], at)
     return out
 
 

@@ -296,11 +296,12 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, arch):
+@pytest.mark.parametrize("arch,row_chunk", [(arch, 64) for arch in ARCHITECTURES] + [("llama", 1)])
+def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeypatch, arch, row_chunk):
     """The sweep runs S once for regular's dev scores and θ's prompts: its scores equal a plain forward pass
     of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
-    lengths, two continuations of one prompt, several batches)."""
+    lengths, two continuations of one prompt, several batches; logits of one row at a time)."""
+    monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
     lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
     cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK")]
     requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
