@@ -190,6 +190,7 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
     monkeypatch.setattr(selection, "_regular_and_thetas", lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and
                         regular_and_thetas(lm, plans, rows, *a))
     monkeypatch.setattr(selection, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
+    monkeypatch.setattr(lm, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
     selection._score(lm, "tiny", dev)
     queries, fulls = calls["queries"], calls["fulls"]
     assert passes == [[0, 1, 2]]  # one extraction pass gives θ at every block
