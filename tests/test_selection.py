@@ -168,7 +168,7 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
 
 
 def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(model_factory, tokenizer,
-                                                                                      layer_cache, monkeypatch):
+                                                                                      layer_cache, monkeypatch, capsys):
     """With a tokenizer that adds BOS and prompts longer than max_length: baseline's and regular's dev rows are
     the tokens stock HFLM generates from, and each row is scored on the first token of the answer text."""
     from lm_eval.models.huggingface import HFLM
@@ -192,6 +192,8 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
     monkeypatch.setattr(selection, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
     monkeypatch.setattr(lm, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
     selection._score(lm, "tiny", dev)
+    progress = capsys.readouterr().err  # the issue's "progress bar over blocks", named by task and phase
+    assert "tiny: layer sweep, θ at 3 blocks" in progress and "tiny: dev accuracy by block" in progress
     queries, fulls = calls["queries"], calls["fulls"]
     assert passes == [[0, 1, 2]]  # one extraction pass gives θ at every block
     assert len(lm.tok_encode(dev.examples[0].requests[0].args[0])) > 14  # regular's prompts are cut
