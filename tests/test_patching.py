@@ -390,3 +390,20 @@ def test_a_short_cached_prefix_continues_like_one_full_pass(make_lm, cut):
 def test_prefixes_mixing_empty_and_non_empty_are_refused(make_lm):
     with pytest.raises(ValueError, match="all empty or all non-empty"):
         prefill(make_lm("llama").model, [[], [5, 6]])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_grown_prefix_with_holes_continues_like_one_full_pass(make_lm, arch):
+    """Prefix.grow appends rows of different lengths (one token each, then a row with none): what runs after
+    it sees each row's own tokens at their own positions, as one full pass over them would."""
+    lm = make_lm(arch)
+    rows, one_each, ragged, tails = [[5, 6, 7], [8, 9]], [[10], [11]], [[12, 13], []], [[14, 15], [16]]
+    with torch.no_grad():
+        prefix = prefill(lm.model, rows, stop_block=lm.blocks[-1])
+        prefix.grow(lm.model, one_each, lm.blocks[-1])
+        prefix.grow(lm.model, ragged, lm.blocks[-1])
+        logits = prefix.extend(lm.model, tails).logits
+        for r in range(len(rows)):
+            full = rows[r] + one_each[r] + ragged[r] + tails[r]
+            expected = lm.model(torch.tensor([full])).logits[0, -len(tails[r]) :]
+            assert torch.allclose(logits[r, : len(tails[r])], expected, atol=1e-4)

@@ -299,13 +299,19 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
-@pytest.mark.parametrize("arch,row_chunk", [(arch, 64) for arch in ARCHITECTURES] + [("llama", 1)])
-def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeypatch, arch, row_chunk):
+@pytest.mark.parametrize("arch,row_chunk,unshared", [(arch, 64, False) for arch in ARCHITECTURES] +
+                         [("llama", 1, False), ("gpt2", 64, True)])
+def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeypatch, arch, row_chunk, unshared):
     """The sweep runs S once for regular's dev scores and θ's prompts: its scores equal a plain forward pass
     of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
-    lengths, two continuations of one prompt, several batches; logits of one row at a time)."""
+    lengths, two continuations of one prompt, several batches; logits of one row at a time; a batch where
+    one prompt shares nothing with its θ prompts)."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
     lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
+    if unshared:  # the first prompt's θ prompts start with a token its full prompt does not have
+        theta_prompts = lm.theta_prompts
+        monkeypatch.setattr(lm, "theta_prompts", lambda key: [[3] + p if "e->E" in key.demos else p
+                                                              for p in theta_prompts(key)])
     cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK")]
     requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
                                                cont), i, ("t", i, 1)) for i, (demos, q, cont) in enumerate(cases)]
