@@ -333,16 +333,22 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
 
 
 def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
-    """An architecture whose blocks read more than their inputs and own KV cache: the first chunk's check
-    catches it, warns, and every patch runs in full, with the same scores as an exact replay gives."""
+    """An architecture whose blocks read more than their inputs and own KV cache (here: replayed outputs off by
+    1e-3): the first chunk's check catches it, warns, and every patch runs in full, with the scores an exact
+    replay gives, with or without an unpatched entry among the patches."""
     lm = make_lm("llama")
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24])]
-    plans = [Plan(query="", theta_key=ThetaKey(demos="d", dummies=(), strip=False), layer=1)] * len(rows)
-    lm._theta_cache[(1, plans[0].theta_key)] = torch.randn(lm.model.config.hidden_size)
-    exact = selection._fork_scores(lm, rows, [None, plans])
+    key = ThetaKey(demos="d", dummies=(), strip=False)
+    patches = [[Plan(query="", theta_key=key, layer=layer)] * len(rows) for layer in range(len(lm.blocks))]
+    for layer in range(len(lm.blocks)):
+        lm._theta_cache[(layer, key)] = torch.randn(lm.model.config.hidden_size)
+    exact = selection._fork_scores(lm, rows, [None, *patches])
     real = selection.replay_outputs
-    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs: real(blocks, [o + 1 for o in outputs]))
-    assert torch.allclose(selection._fork_scores(lm, rows, [None, plans]), exact, atol=1e-5)
+    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs: real(blocks, [o + 1e-3 for o in outputs]))
+    assert torch.allclose(selection._fork_scores(lm, rows, [None, *patches]), exact, atol=1e-5)
+    assert any("runs every block for every patch" in message for message in lm._warned)
+    lm._warned.clear()
+    assert torch.allclose(selection._fork_scores(lm, rows, patches), exact[1:], atol=1e-5)
     assert any("runs every block for every patch" in message for message in lm._warned)
 
 
