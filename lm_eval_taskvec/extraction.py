@@ -54,10 +54,15 @@ class Prefix:
         self.mask = torch.cat([self.mask, real.to(self.mask.dtype)], 1)
 
     def take(self, rows: list[int]) -> "Prefix":
-        """A copy holding the given prefix rows (repeats allowed), e.g. one per choice of a question."""
-        cache = copy.deepcopy(self.cache)
+        """A copy holding the given prefix rows (repeats allowed), e.g. one per choice of a question. Only the
+        selected rows are copied: the cache's containers are copied, its tensors re-indexed, never cloned whole."""
+        cache = copy.copy(self.cache)
+        if hasattr(cache, "layers"):  # transformers >= 4.56: one object per layer
+            cache.layers = [copy.copy(layer) for layer in cache.layers]
+        else:
+            cache.key_cache, cache.value_cache = list(cache.key_cache), list(cache.value_cache)
         index = torch.tensor(rows, device=self.mask.device)
-        cache.batch_select_indices(index)
+        cache.batch_select_indices(index)  # rebinds each layer's tensors to new ones, the original's stay
         return Prefix(cache, self.mask[index])
 
 

@@ -220,12 +220,12 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
     rows_of: dict = {}
     for i, plan in enumerate(plans):
         rows_of.setdefault(plan.theta_key, []).append(i)
-    keys = list(rows_of)
+    families = {key: lm.theta_prompts(key) for key in rows_of}
+    keys = sorted(rows_of, key=lambda key: common_prefix_length(families[key]))  # similar S lengths share a batch
     size = lm.extract_batch_size
     out = torch.empty(len(fulls), 2)
     for start in tqdm(range(0, len(keys), size), desc=desc, disable=lm.rank != 0):
         batch = keys[start : start + size]
-        families = {key: lm.theta_prompts(key) for key in batch}
         rows = [i for key in batch for i in rows_of[key]]
         contexts = list(dict.fromkeys((plans[i].theta_key, tuple(fulls[i][0])) for i in rows))
         which = [contexts.index((plans[i].theta_key, tuple(fulls[i][0]))) for i in rows]
@@ -238,9 +238,9 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
             found = states_after(lm.model, lm.blocks, prefix.take([j for j, _ in members]), [t for _, t in members],
                                  layers)
             prefix.grow(lm.model, [list(ctx[cut:-1]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
-            for part in range(0, len(rows), ROW_CHUNK):  # logits of at most ROW_CHUNK rows at a time
-                sub = rows[part : part + ROW_CHUNK]
-                logits = prefix.take(which[part : part + ROW_CHUNK]).extend(
+            for part in _length_chunks(range(len(rows)), lambda j: len(fulls[rows[j]][1])):
+                sub = [rows[j] for j in part]
+                logits = prefix.take([which[j] for j in part]).extend(
                     lm.model, [fulls[i][0][-1:] + fulls[i][1][:-1] for i in sub]).logits
                 out[sub] = _continuation_scores(logits, [fulls[i] for i in sub], torch.zeros(len(sub), dtype=torch.long))
         row = 0
@@ -255,55 +255,80 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
 def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, desc: str | None = None) -> torch.Tensor:
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
-    and whether its first token is the argmax. Contexts minus their last token run once into a KV cache (rows
-    with the same context share it). One plain pass over the rest records every block's output; a patch at
-    block l replays blocks 0..l from that record and runs only the blocks above l."""
+    and whether its first token is the argmax. Distinct contexts minus their last token run once into a KV
+    cache (ROW_CHUNK contexts at a time); their rows then run in chunks of similar length (``_length_chunks``).
+    Per chunk, one plain pass records every block's output; a patch at block l replays blocks 0..l from that
+    record and runs only the blocks above l."""
     out = torch.empty(len(patches), len(rows), 2)
-    # Rows of similar continuation length share a chunk: each of its passes is as wide as its longest one.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
-    chunks = range(0, len(rows), ROW_CHUNK)
-    bar = tqdm(total=len(chunks) * len(patches), desc=desc, disable=desc is None or lm.rank != 0)
-    replay = True
-    for start in chunks:
-        members = order[start : start + ROW_CHUNK]
-        chunk = [rows[i] for i in members]
-        contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in chunk))
-        which = [contexts.index(tuple(ctx)) for ctx, _ in chunk]
-        shared = [list(c[:-1]) for c in contexts] if min(map(len, contexts)) > 1 else [[] for _ in contexts]
-        suffixes = [ctx[len(shared[w]) :] + cont[:-1] for (ctx, cont), w in zip(chunk, which)]
-        at = torch.tensor([len(ctx) - len(shared[w]) - 1 for (ctx, _), w in zip(chunk, which)])
+    contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in rows))
+    index = {ctx: c for c, ctx in enumerate(contexts)}
+    context_of = [index[tuple(ctx)] for ctx, _ in rows]
+    # Up to ROW_CHUNK distinct contexts share one KV cache; its rows run in chunks of similar continuation length.
+    groups = []
+    for first in range(0, len(contexts), ROW_CHUNK):
+        group = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
+        groups.append((first, _length_chunks(group, lambda i: len(rows[i][1]))))
+    bar = tqdm(total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc,
+               disable=desc is None or lm.rank != 0)
+    replay, check = True, True
+    for first, chunks in groups:
+        group = contexts[first : first + ROW_CHUNK]
+        shared = [list(c[:-1]) for c in group] if min(map(len, group)) > 1 else [[] for _ in group]
         with torch.no_grad():
-            prefix = prefill(lm.model, shared, stop_block=lm.blocks[-1])
-            with record_outputs(lm.blocks) as recorded:
-                plain = prefix.take(which).extend(lm.model, suffixes).logits
+            context_cache = prefill(lm.model, shared, stop_block=lm.blocks[-1])
+        for members in chunks:
+            chunk = [rows[i] for i in members]
+            which = [context_of[i] - first for i in members]
+            suffixes = [ctx[len(shared[w]) :] + cont[:-1] for (ctx, cont), w in zip(chunk, which)]
+            at = torch.tensor([len(ctx) - len(shared[w]) - 1 for (ctx, _), w in zip(chunk, which)])
+            with torch.no_grad():
+                with record_outputs(lm.blocks) as recorded:
+                    plain = context_cache.take(which).extend(lm.model, suffixes).logits
 
-            def patched_logits(plans, replayed: int):
-                with lm.patched(plans, at), replay_outputs(lm.blocks, recorded[:replayed]):
-                    return prefix.take(which).extend(lm.model, suffixes).logits
+                def patched_logits(plans, replayed: int):
+                    with lm.patched(plans, at), replay_outputs(lm.blocks, recorded[:replayed]):
+                        return context_cache.take(which).extend(lm.model, suffixes).logits
 
-            parts = [[plans[i] for i in members] if plans else [] for plans in patches]
-            lowest = [min((p.layer for p in part if p.theta_key is not None), default=None) for part in parts]
-            checked = None
-            if start == 0 and any(layer is not None for layer in lowest):
-                # Replaying assumes a block reads nothing but its inputs and its own KV cache: check it once
-                # against a full pass, at the patch that replays the most blocks.
-                checked = max((p for p in range(len(parts)) if lowest[p] is not None), key=lambda p: lowest[p])
-                full = patched_logits(parts[checked], 0)
-                replay = torch.allclose(patched_logits(parts[checked], lowest[checked] + 1), full, rtol=1e-4, atol=1e-4)
-                if not replay:
-                    lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs and "
-                                 "its own KV cache, so the layer sweep runs every block for every patch (slower)")
-            for p, part in enumerate(parts):
-                if lowest[p] is None:
-                    logits = plain
-                elif p == checked:
-                    logits = full
-                else:
-                    logits = patched_logits(part, lowest[p] + 1 if replay else 0)
-                out[p, members] = _continuation_scores(logits, chunk, at)
-                bar.update()
+                parts = [[plans[i] for i in members] if plans else [] for plans in patches]
+                lowest = [min((p.layer for p in part if p.theta_key is not None), default=None) for part in parts]
+                checked = None
+                if check and any(layer is not None for layer in lowest):
+                    # Replaying assumes a block reads nothing but its inputs and its own KV cache: check it once
+                    # against a full pass, on the longest rows, at the patch that replays the most blocks but
+                    # leaves one to run (at the last block there would be nothing left to show a difference).
+                    check = False
+                    checked = max((p for p in range(len(parts)) if lowest[p] is not None),
+                                  key=lambda p: (lowest[p] < len(lm.blocks) - 1, lowest[p]))
+                    full = patched_logits(parts[checked], 0)
+                    replay = torch.allclose(patched_logits(parts[checked], lowest[checked] + 1), full, rtol=1e-4,
+                                            atol=1e-4)
+                    if not replay:
+                        lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs "
+                                     "and its own KV cache, so the layer sweep runs every block for every patch (slower)")
+                for p, part in enumerate(parts):
+                    if lowest[p] is None:
+                        logits = plain
+                    elif p == checked:
+                        logits = full
+                    else:
+                        logits = patched_logits(part, lowest[p] + 1 if replay else 0)
+                    out[p, members] = _continuation_scores(logits, chunk, at)
+                    bar.update()
     bar.close()
     return out
+
+
+def _length_chunks(rows, length) -> list[list]:
+    """``rows``, longest first, cut into chunks of at most ROW_CHUNK whose padding (every row of a chunk is as
+    long as its first) adds at most an eighth to the real tokens."""
+    chunks, chunk, real = [], [], 0
+    for row in sorted(rows, key=length, reverse=True):
+        if chunk and (len(chunk) == ROW_CHUNK or (len(chunk) + 1) * length(chunk[0]) > 1.125 * (real + length(row))):
+            chunks.append(chunk)
+            chunk, real = [], 0
+        chunk.append(row)
+        real += length(row)
+    return chunks + [chunk] if chunk else chunks
 
 
 def _continuation_scores(logits: torch.Tensor, chunk, at: torch.Tensor) -> torch.Tensor:

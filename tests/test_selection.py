@@ -242,8 +242,14 @@ def test_hits_read_each_dev_prompts_own_rows():
                                                                       [False] * 8]
 
 
-@pytest.mark.parametrize("arch,row_chunk", [(arch, 64) for arch in ARCHITECTURES] + [("llama", 2)])  # one chunk; several
-def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk):
+# Block 0 runs once per chunk (the plain pass), once per group's shared prefix unless a context is one token,
+# and once for the replay check. Continuation lengths 1, 4, 2, 1, 3, 2 over 5 distinct contexts.
+# ROW_CHUNK 64: one group (with the one-token context [40]: no prefix), chunks by length [4], [3], [2, 2], [1, 1]
+# (padding a chunk by more than an eighth starts a new one): 4 + 0 + 1.
+# ROW_CHUNK 2: groups of two contexts {[5..8], [5, 6]}, {[20..22], [30]*7}, {[40]}; chunks [4], [1, 1]; [3], [2];
+# [2]; prefixes for the first two groups: 5 + 2 + 1.
+@pytest.mark.parametrize("arch,row_chunk,runs", [(arch, 64, 5) for arch in ARCHITECTURES] + [("llama", 2, 8)])
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, runs):
     """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks: each score
     must land on its own row, and equal a full forward pass patched by the oracle's own hook."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
@@ -274,14 +280,16 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     scores = selection._fork_scores(lm, rows, patches)
     handle.remove()
     assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
-    # Per chunk: the plain pass, and the shared prefix unless a context is one token; once: the full pass that
-    # checks the replay. Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
-    chunks = [rows[i : i + row_chunk] for i in range(0, len(rows), row_chunk)]
-    prefixes = sum(min(len(ctx) for ctx, _ in chunk) > 1 for chunk in chunks)
-    assert len(runs_of_block_0) == len(chunks) + prefixes + 1
+    # Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
+    assert len(runs_of_block_0) == runs
     assert not lm._warned
 
-    def replace_at(layer, position, theta):  # the oracle's own patch: a plain forward hook on one row
+    assert_oracle_scores(lm, rows, patches, scores)
+
+
+def assert_oracle_scores(lm, rows, patches, scores):
+    """``scores`` equal, row by row, a full forward pass patched by the oracle's own hook."""
+    def replace_at(layer, position, theta):  # a plain forward hook on one row
         def hook(module, args, output):
             states = output[0] if isinstance(output, tuple) else output
             states[0, position] = theta
@@ -297,6 +305,32 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
             total = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
             assert scores[p, i, 0].item() == pytest.approx(total, abs=1e-4)
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
+
+
+def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make_lm):
+    """The top block reads state that block 0's forward leaves behind (as layers sharing a KV cache would).
+    Replay skips block 0's forward, so only a check at a patch that leaves the top block to run can see it:
+    the check must reject replaying, warn, and every score must equal a full forward pass."""
+    lm = make_lm("llama")
+    ran = []
+    forward_0 = lm.blocks[0].forward
+    lm.blocks[0].forward = lambda *args, **kwargs: ran.append(1) or forward_0(*args, **kwargs)
+    lm.model.register_forward_pre_hook(lambda *_: ran.clear())
+
+    def leak(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + 1e-2 * len(ran), *output[1:])
+        return output + 1e-2 * len(ran)
+
+    lm.blocks[-1].register_forward_hook(leak)
+    rows = [([5, 6, 7, 8], [9, 10]), ([20, 21, 22], [23, 24, 25])]
+    key = ThetaKey(demos="d", dummies=(), strip=False)
+    patches = [None] + [[Plan(query="", theta_key=key, layer=layer)] * len(rows) for layer in range(len(lm.blocks))]
+    for layer in range(len(lm.blocks)):
+        lm._theta_cache[(layer, key)] = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
+    scores = selection._fork_scores(lm, rows, patches)
+    assert any("runs every block for every patch" in message for message in lm._warned)
+    assert_oracle_scores(lm, rows, patches, scores)
 
 
 @pytest.mark.parametrize("arch,row_chunk,unshared", [(arch, 64, False) for arch in ARCHITECTURES] +
@@ -330,6 +364,15 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
         assert scores[i, 0].item() == pytest.approx(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)),
                                                     abs=1e-4)
         assert scores[i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
+
+
+def test_length_chunks_pad_each_chunk_by_at_most_an_eighth(monkeypatch):
+    monkeypatch.setattr(selection, "ROW_CHUNK", 3)
+    lengths = {"a": 1, "b": 9, "c": 8, "d": 1, "e": 2, "f": 1, "g": 1, "h": 8}
+    # Longest first. [b, c, h]: 27 padded for 25 real, within an eighth (28.1), and full at ROW_CHUNK 3. [e] then
+    # [a, d, f]: e with a would pad 4 for 3. g starts the fourth chunk because the third is full.
+    assert selection._length_chunks(lengths, lengths.get) == [["b", "c", "h"], ["e"], ["a", "d", "f"], ["g"]]
+    assert selection._length_chunks([], len) == []
 
 
 def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
