@@ -7,7 +7,8 @@ fixed layer, θ extracted afresh. The sweep runs S once for θ at every block an
 queries once into a shared KV cache, from which baseline and each block are scored (blocks below the patch
 replayed). One process, one model, the two cases interleaved (best of ``--repeats``); times are this
 process's CPU time, which other processes on a shared machine barely change (wall time is printed beside
-it). ``--profile`` adds a cProfile of one sweep. Needs the offline tasks (``taskvec offline-tasks``); the
+it). ``--flops`` first counts the floating-point operations of each case (torch's FlopCounterMode, untimed):
+the ratio that no implementation detail changes. ``--profile`` adds a cProfile of one sweep. Needs the offline tasks (``taskvec offline-tasks``); the
 default folder is built on first use.
 """
 
@@ -50,8 +51,9 @@ def main():
     parser.add_argument("--layer", type=int, default=20, help="the fixed layer of the hypothesis evaluation")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (0: only --flops)")
     parser.add_argument("--pretrained", default="embedded")
+    parser.add_argument("--flops", action="store_true", help="first count each case's floating-point operations")
     parser.add_argument("--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +91,18 @@ def main():
         return fixed.loglikelihood(requests, disable_tqdm=True)
 
     cases = {"sweep": (sweep, sweeper), "hypothesis": (hypothesis, fixed)}
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        flops = {}
+        for name, (run, _) in cases.items():
+            with FlopCounterMode(display=False) as counter:
+                run()
+            flops[name] = counter.get_total_flops()
+        print(f"floating-point operations: sweep {flops['sweep'] / 1e12:.2f} T, hypothesis "
+              f"{flops['hypothesis'] / 1e12:.2f} T, ratio {flops['sweep'] / flops['hypothesis']:.2f}")
+    if args.repeats == 0:
+        return
     fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
     best, wall, parts, outputs = defaultdict(lambda: float("inf")), defaultdict(lambda: float("inf")), {}, {}
     for _ in range(args.repeats):
