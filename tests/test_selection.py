@@ -436,7 +436,8 @@ def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache
     key = selection._cache_key(lm, "tiny", sets)
     changes = [(lm.model.config, "_commit_hash", "0123abc"),  # another Hub commit: a new tokenizer, say
                (lm, "revision", "other-branch"),
-               (lm.model.config, "rope_theta", 20000.0)]  # same weights, other outputs
+               (lm.model.config, "rope_theta", 20000.0),  # same weights, other outputs
+               (lm.model.config, "compute_dtype", torch.float16)]  # not JSON: remote-code configs hold such values
     for owner, name, value in changes:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value, raising=False)
