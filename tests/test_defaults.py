@@ -84,6 +84,29 @@ def test_the_probe_runs_at_that_length_on_an_accelerator(make_lm, monkeypatch):
     assert set(shapes) == {(lm.max_batch_size, 37)}
 
 
+def test_batch_size_auto_on_cpu_stays_within_max_batch_size(make_lm):
+    assert make_lm(mode="hypothesis", layer=1, batch_size="auto", max_batch_size=3)._detect_batch_size() == 3
+
+
+def test_the_probe_on_an_accelerator_keeps_the_requests_patches_and_hflms_own_probes(make_lm, monkeypatch):
+    """Without a prompt being generated (rolling loglikelihood) HFLM probes as it would alone; with requests, at
+    their position; neither probe batch is patched, and the running requests' patches are back afterwards."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = make_lm(mode="hypothesis", layer=1, batch_size="auto")
+    lm._device = torch.device("meta")  # stands in for a GPU
+    seen = []
+    monkeypatch.setattr(HFLM, "_detect_batch_size", lambda self, requests=None, pos=0:
+                        seen.append((requests, pos if requests else None, self._row_patches)) or 5)
+    patches = lm._row_patches = {(7, 8, 9): "a request's plan and position"}
+    requests = [(None, [3, 4, 5], [6]), (None, [3], [4])]
+    assert lm._detect_batch_size() == lm._detect_batch_size(requests, 1) == 5
+    with lm._probing(9):
+        assert lm._detect_batch_size() == 5
+    assert seen == [(None, None, None), (requests, 1, None), ([(None, [0] * 9, [0])], 0, None)]
+    assert lm._row_patches is patches
+
+
 @pytest.fixture(scope="module")
 def embedded_dir(tmp_path_factory, tokenizer):
     """A model folder as embedded.py leaves it: weights plus the record of where they came from."""

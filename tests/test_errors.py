@@ -74,6 +74,11 @@ def test_rolling_loglikelihood_has_no_demonstrations(make_lm):
         lm.loglikelihood_rolling([req])
 
 
+def test_rolling_loglikelihood_in_regular_mode_is_hflms(make_lm):
+    req = Instance("loglikelihood_rolling", {}, ("example:ab->AB\nexample:c->C",), 0, ("t", 0, 1))
+    assert make_lm(mode="regular").loglikelihood_rolling([req]) == make_lm(stock=True).loglikelihood_rolling([req])
+
+
 def test_explicit_delimiter_that_is_absent(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter="###")
     with pytest.raises(ValueError, match="fewshot_delimiter"):

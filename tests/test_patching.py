@@ -347,6 +347,19 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
         torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
 
 
+def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make_lm):
+    """A short prompt beside a long query with a short S: its padding covers every column the batch shares with
+    the θ prompts, so its θ prompts run in full from the (all-padding) prefix."""
+    cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
+    reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
+    shared = make_lm("llama", mode="regular", layer=1, batch_size=4)
+    shared.shared_modes = ("regular", "hypothesis")
+    shared.generate_until(reqs)
+    separate = make_lm("llama", mode="hypothesis", layer=1)
+    for plan in separate.plan(reqs):
+        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+
+
 def test_rows_without_theta_stay_untouched_in_a_patched_batch(make_lm):
     lm = make_lm("llama", mode="hypothesis", layer=1)
     reqs = gen_requests()

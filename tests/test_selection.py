@@ -85,6 +85,35 @@ def test_tasks_without_disjoint_dev_documents_are_cross_fitted(make_lm, layer_ca
             assert f"example:{own['input']}->{own['answers'][0]}\n" not in ex.requests[0].args[0]
 
 
+@pytest.mark.parametrize("rows, source", [
+    ({"train": letter_rows(24), "validation": letter_rows(10, 24), "test": letter_rows(24, 48)}, "validation"),
+    ({"train": letter_rows(24), "validation": letter_rows(9, 24), "test": letter_rows(24, 48)}, "train (leave-one-out)"),
+    ({"train": letter_rows(13), "test": letter_rows(20, 30)}, "train (leave-one-out)"),  # 10 + 3 demonstrations
+    ({"train": letter_rows(12), "test": letter_rows(10, 30)}, "test (cross-fit: scored on the other half)"),
+    ({"train": letter_rows(12), "test": letter_rows(9, 30)}, None),  # halves of 4 and 5: too few
+], ids=["10 validation docs", "9 validation docs", "13 train docs", "12 train docs, 10 test docs", "9 test docs"])
+def test_each_dev_source_is_used_from_exactly_its_minimum_size(make_lm, rows, source):
+    task = make_task(splits=rows, num_fewshot=3)
+    requests_of(task, limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=4)
+    if source is None:
+        with pytest.raises(ValueError, match="too few to cross-fit"):
+            selection.dev_sets(lm, "tiny")
+    else:
+        assert {dev.split for dev in selection.dev_sets(lm, "tiny")} == {source}
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+def test_auto_needs_at_least_one_demonstration(make_lm, shots):
+    requests_of(make_task(num_fewshot=shots), limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=4)
+    if shots:
+        assert [len(dev.examples) for dev in selection.dev_sets(lm, "tiny")] == [4]
+    else:
+        with pytest.raises(ValueError, match="layer=auto needs demonstrations.*--num_fewshot"):
+            selection.dev_sets(lm, "tiny")
+
+
 def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_cache, monkeypatch):
     task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
     requests = requests_of(task)
@@ -443,6 +472,22 @@ def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, mod
     assert selection._cache_key(other, "tv_list_first", sets) not in (key, edited_key)
 
 
+def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache_key(make_lm, monkeypatch):
+    requests_of(make_task(), limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=4)
+    sets = selection.dev_sets(lm, "tiny")
+    key = selection._cache_key(lm, "tiny", sets)
+    changes = [(lm.model.config, "_commit_hash", "0123abc"),  # another Hub commit: a new tokenizer, say
+               (lm, "revision", "other-branch"),
+               (lm.model.config, "rope_theta", 20000.0),  # same weights, other outputs
+               (lm.model.config, "compute_dtype", torch.float16)]  # not JSON: remote-code configs hold such values
+    for owner, name, value in changes:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, value, raising=False)
+            assert selection._cache_key(lm, "tiny", sets) != key, name
+    assert selection._cache_key(lm, "tiny", sets) == key
+
+
 def complete_choice(folds: bool = False, **changes) -> dict:
     """A layer choice for a 3-block model with every field a sweep records, written out here by hand."""
     part = {"layer": 1, "dev_accuracy": [0.1, 0.2, 0.3], "baseline_accuracy": 0.1, "regular_accuracy": 0.5,
@@ -513,6 +558,7 @@ def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_pat
     path = tmp_path / "key.json"
     path.write_text(content)
     assert selection._read_cache(path, 3) is None and "sweeping again" in caplog.text
+    assert str(path) in caplog.text  # names the file
 
 
 @pytest.mark.parametrize("choice", [complete_choice(), complete_choice(folds=True),
@@ -546,6 +592,42 @@ def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, ca
     assert choice["source"] == "sweep" and "not writable" in caplog.text
     assert selection.select_layer(lm, "tv_list_first") is choice  # remembered, not swept again
     assert not list(layer_cache.glob("*"))  # no temporary file left behind
+
+
+def test_the_cache_file_is_written_in_its_own_folder_without_the_system_temp_folder(layer_cache, monkeypatch):
+    import tempfile
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(layer_cache.parent / "no-such-folder"))  # unusable, like another disk
+    lm = SimpleNamespace(warn_once=lambda message: pytest.fail(message))
+    path = layer_cache / "key.json"
+    selection._write_cache(lm, path, complete_choice() | {"source": "sweep"})
+    assert json.loads(path.read_text()) == complete_choice()  # "source" says where a choice came from: not stored
+    assert [p.name for p in layer_cache.iterdir()] == ["key.json"]
+
+
+def test_a_cache_that_cannot_be_written_or_cleaned_up_only_warns(layer_cache, monkeypatch):
+    from types import SimpleNamespace
+
+    def refuse(*args):
+        raise PermissionError(13, "read-only")
+
+    monkeypatch.setattr(selection.os, "replace", refuse)
+    monkeypatch.setattr(selection.os, "unlink", refuse)  # the temporary file cannot be removed either
+    warnings = []
+    selection._write_cache(SimpleNamespace(warn_once=warnings.append), layer_cache / "key.json", complete_choice())
+    assert len(warnings) == 1 and "not writable" in warnings[0] and not (layer_cache / "key.json").exists()
+
+
+def test_the_weights_fingerprint_is_remembered_until_a_weight_changes(model_factory, monkeypatch):
+    model = copy.deepcopy(model_factory("llama"))
+    first = selection.weights_fingerprint(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(selection.torch.linalg, "vector_norm", lambda *a, **k: pytest.fail("fingerprinted again"))
+        assert selection.weights_fingerprint(model) == first
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    assert selection.weights_fingerprint(model) != first
 
 
 @pytest.mark.parametrize("spelling, setting", [("no", "off"), ("off", "off"), ("false", "off"), ("0", "off"),
