@@ -698,3 +698,32 @@ def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, lay
     assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
     assert choice["task"] == "tiny" and choice["dev_split"] == "validation"
     assert "tiny: block 0 (0-based) of 3 blocks" in caplog.text and "NO EFFECT" in caplog.text
+
+
+def test_query_pool_follows_the_task_object_loaded_under_its_name(make_lm, monkeypatch):
+    """Dummies come from the pool of the task lm-eval loaded last under a name (a task loaded again with other
+    documents gets its own pool, not the first one's), and a loaded object without documents has none."""
+    from lm_eval_taskvec._autoload import LOADED_TASKS
+
+    lm = make_lm()
+    rows = letter_rows(26)
+    first = make_task("pool", splits={"train": rows[:8], "test": rows[8:14]})
+    second = make_task("pool", splits={"train": rows[:8], "test": rows[14:20]})
+    monkeypatch.setitem(LOADED_TASKS, "pool", first)
+    first_pool = lm.query_pool("pool")
+    monkeypatch.setitem(LOADED_TASKS, "pool", second)
+    second_pool = lm.query_pool("pool")
+    assert {query.split(":")[1].split("->")[0] for query in first_pool} == {row["input"] for row in rows[8:14]}
+    assert {query.split(":")[1].split("->")[0] for query in second_pool} == {row["input"] for row in rows[14:20]}
+    monkeypatch.setitem(LOADED_TASKS, "pool", object())
+    assert lm.query_pool("pool") == set()
+
+
+def test_a_cross_fitted_task_scores_each_document_at_its_own_halfs_layer(make_lm):
+    lm = make_lm(layer="auto")
+    folds = selection._fold_members(10, 7)
+    lm.selections["t"] = {"task": "t", "num_docs": 10, "fold_seed": 7,
+                          "folds": [{"scored_fold": 0, "layer": 1}, {"scored_fold": 1, "layer": 2}]}
+    layers = {doc: lm.layer_for(Instance("generate_until", {}, ("x", {}), doc, ("t", doc, 1))) for doc in range(10)}
+    assert layers == {doc: 1 if doc in folds[0] else 2 for doc in range(10)}
+    assert set(layers.values()) == {1, 2}
