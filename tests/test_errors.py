@@ -17,7 +17,7 @@ def test_hypothesis_needs_demonstrations(make_lm):
         lm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("layer", [3, -4, 1.5, "3", "middle"])
+@pytest.mark.parametrize("layer", [3, -4, 1.5, "3", "middle", True, [1]])
 def test_layer_out_of_range(make_lm, layer):
     with pytest.raises(ValueError, match="layer="):
         make_lm(mode="hypothesis", layer=layer)
@@ -39,10 +39,15 @@ def test_unknown_mode(make_lm):
         make_lm(mode="hypothesys", layer=1)
 
 
-@pytest.mark.parametrize("num_dummy", [0, 1.5, "two"])
+@pytest.mark.parametrize("num_dummy", [0, 1.5, "two", True, [2]])
 def test_bad_num_dummy(make_lm, num_dummy):
     with pytest.raises(ValueError, match="num_dummy"):
         make_lm(mode="hypothesis", layer=1, num_dummy=num_dummy)
+
+
+def test_the_smallest_counts_are_accepted(make_lm):
+    lm = make_lm(mode="hypothesis", layer=1, num_dummy=1, num_dev="2")
+    assert (lm.num_dummy, lm.num_dev) == (1, 2)
 
 
 def test_blocks_not_found():
