@@ -123,3 +123,11 @@ def test_beam_search_is_refused_before_any_work(make_lm, extra):
     reqs = [Instance(r.request_type, {}, (r.args[0], {**r.args[1], **extra}), r.idx, r.metadata) for r in gen_requests()]
     with pytest.raises(ValueError, match="num_beams/num_return_sequences > 1"):
         make_lm(mode="hypothesis", layer=1).generate_until(reqs)
+
+
+@pytest.mark.parametrize("arg, message", [({"num_dummy": 0}, r"num_dummy=0 must be an integer >= 1$"),
+                                          ({"num_dev": 1}, r"num_dev=1 must be an integer >= 2$"),
+                                          ({"seed": 1.5}, r"seed=1.5 must be an integer$")])
+def test_count_messages_name_the_allowed_values(make_lm, arg, message):
+    with pytest.raises(ValueError, match=message):
+        make_lm(mode="hypothesis", layer=1, **arg)
