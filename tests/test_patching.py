@@ -420,3 +420,40 @@ def test_a_grown_prefix_with_holes_continues_like_one_full_pass(make_lm, arch):
             full = rows[r] + one_each[r] + ragged[r] + tails[r]
             expected = lm.model(torch.tensor([full])).logits[0, -len(tails[r]) :]
             assert torch.allclose(logits[r, : len(tails[r])], expected, atol=1e-4)
+
+
+def test_the_same_context_from_two_tasks_at_two_layers_gets_each_tasks_theta(make_lm, monkeypatch):
+    """Two tasks send the very same context strings (same demonstrations and queries) but patch at different
+    layers: a context string cannot tell their rows apart, so each must still get its own task's plan."""
+    def make(task: str):
+        return [Instance("generate_until", {}, (context("abc", q), dict(GEN)), i, (task, i, 1))
+                for i, q in enumerate(["k", "lm", "n", "op"])]
+
+    mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
+    monkeypatch.setattr(mixed_lm, "layer_for", lambda request: {"t1": 0, "t2": 2}[request.task_name])
+    mixed = mixed_lm.generate_until(make("t1") + make("t2"))
+    alone = make_lm("gpt2", mode="hypothesis", layer=0).generate_until(make("t1"))
+    alone += make_lm("gpt2", mode="hypothesis", layer=2).generate_until(make("t2"))
+    assert alone[:4] != alone[4:]  # the two layers' θ do answer differently
+    assert mixed == alone
+
+
+def test_after_a_patched_generation_the_same_instance_generates_as_stock_hflm(make_lm):
+    """Modes evaluated in turn on one instance (as the Python API allows in any order): once a hypothesis
+    generation is over, nothing of its plans is left behind for regular mode's plain HFLM generation."""
+    reqs = gen_requests()
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    lm.generate_until(reqs)
+    lm.mode = "regular"
+    assert lm.generate_until(reqs) == make_lm("llama", stock=True).generate_until(reqs)
+
+
+def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm):
+    """A few-shot prompt longer than max_length - max_gen_toks: regular mode cuts it from the left, as HFLM does."""
+    reqs = [Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
+            for i, q in enumerate(["k", "mn"])]
+    lm = make_lm("llama", mode="regular", max_length=24)
+    assert min(len(lm.tok_encode(r.args[0])) for r in reqs) > 24
+    ours = lm.generate_until(reqs)
+    assert ours == make_lm("llama", stock=True, max_length=24).generate_until(reqs)
+    assert ours != make_lm("llama", stock=True).generate_until(reqs)  # the cut did change the answers
