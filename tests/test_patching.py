@@ -457,3 +457,20 @@ def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm):
     ours = lm.generate_until(reqs)
     assert ours == make_lm("llama", stock=True, max_length=24).generate_until(reqs)
     assert ours != make_lm("llama", stock=True).generate_until(reqs)  # the cut did change the answers
+
+
+def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokenizer):
+    """truncation=True (HFLM's model arg) lets the tokenizer cut prompts past its model_max_length."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length = 12
+    reqs = gen_requests()[:2]
+    kwargs = dict(pretrained=model_factory("llama"), tokenizer=short, device="cpu", batch_size=4, truncation=True)
+    ours = TaskVectorLM(mode="regular", **kwargs).generate_until(reqs)
+    assert ours == HFLM(**kwargs).generate_until(reqs)
+    assert ours != HFLM(**{**kwargs, "truncation": False}).generate_until(reqs)  # the cut did change the answers
