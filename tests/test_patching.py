@@ -448,11 +448,14 @@ def test_after_a_patched_generation_the_same_instance_generates_as_stock_hflm(ma
     assert lm.generate_until(reqs) == make_lm("llama", stock=True).generate_until(reqs)
 
 
-def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm):
-    """A few-shot prompt longer than max_length - max_gen_toks: regular mode cuts it from the left, as HFLM does."""
+@pytest.mark.parametrize("shared", [(), ("regular", "hypothesis")])
+def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm, shared):
+    """A few-shot prompt longer than max_length - max_gen_toks: regular mode cuts it from the left, as HFLM does
+    (also when it prepares θ for a later hypothesis run: the full prompt then goes through the planned path)."""
     reqs = [Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
-            for i, q in enumerate(["k", "mn"])]
-    lm = make_lm("llama", mode="regular", max_length=24)
+            for i, q in enumerate(["k", "mn", "xyz"])]
+    lm = make_lm("llama", mode="regular", layer=1, max_length=24)
+    lm.shared_modes = shared
     assert min(len(lm.tok_encode(r.args[0])) for r in reqs) > 24
     ours = lm.generate_until(reqs)
     assert ours == make_lm("llama", stock=True, max_length=24).generate_until(reqs)
