@@ -462,7 +462,8 @@ def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm, 
     assert ours != make_lm("llama", stock=True).generate_until(reqs)  # the cut did change the answers
 
 
-def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokenizer):
+@pytest.mark.parametrize("shared", [(), ("regular", "hypothesis")])
+def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokenizer, shared):
     """truncation=True (HFLM's model arg) lets the tokenizer cut prompts past its model_max_length."""
     import copy
 
@@ -472,8 +473,10 @@ def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokeni
 
     short = copy.deepcopy(tokenizer)
     short.model_max_length = 12
-    reqs = gen_requests()[:2]
+    reqs = gen_requests()
     kwargs = dict(pretrained=model_factory("llama"), tokenizer=short, device="cpu", batch_size=4, truncation=True)
-    ours = TaskVectorLM(mode="regular", **kwargs).generate_until(reqs)
+    lm = TaskVectorLM(mode="regular", layer=1, fewshot_delimiter="\n", **kwargs)
+    lm.shared_modes = shared
+    ours = lm.generate_until(reqs)
     assert ours == HFLM(**kwargs).generate_until(reqs)
     assert ours != HFLM(**{**kwargs, "truncation": False}).generate_until(reqs)  # the cut did change the answers
