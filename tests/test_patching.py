@@ -480,3 +480,35 @@ def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokeni
     ours = lm.generate_until(reqs)
     assert ours == HFLM(**kwargs).generate_until(reqs)
     assert ours != HFLM(**{**kwargs, "truncation": False}).generate_until(reqs)  # the cut did change the answers
+
+
+def test_baseline_answers_forked_from_several_hypothesis_batches_each_go_to_their_own_batch(make_lm, monkeypatch):
+    """Hypothesis then baseline on one instance, in several batches of different widths: each baseline batch
+    gets the answers forked from its own query batch, and none is left waiting."""
+    monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)
+    reqs = gen_requests()
+    shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
+    shared.shared_modes = ("hypothesis", "baseline")
+    hypothesis = shared.generate_until(reqs)
+    assert len(shared._forked_baseline) == 3
+    shared.mode = "baseline"
+    baseline = shared.generate_until(reqs)
+    assert not shared._forked_baseline
+    assert hypothesis == make_lm("llama", mode="hypothesis", layer=1, batch_size=2).generate_until(reqs)
+    assert baseline == make_lm("llama", mode="baseline", batch_size=2).generate_until(reqs)
+
+
+@pytest.mark.parametrize("other", [{"max_gen_toks": 2}, {"until": ["n"]}], ids=["max_gen_toks", "until"])
+def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwargs_stay_apart(make_lm, other):
+    """The same query batch generated under two sets of generation kwargs (two tasks sharing their queries):
+    baseline gets for each the answers forked under its own kwargs."""
+    reqs = [Instance("generate_until", {}, (context("abc", q), dict(GEN, **kwargs)), i, ("t", i, 1))
+            for i, (q, kwargs) in enumerate((q, kwargs) for kwargs in ({}, other) for q in ["k", "mn", "xyz"])]
+    shared = make_lm("llama", mode="hypothesis", layer=1)
+    shared.shared_modes = ("hypothesis", "baseline")
+    shared.generate_until(reqs)
+    shared.mode = "baseline"
+    baseline = shared.generate_until(reqs)
+    expected = make_lm("llama", mode="baseline").generate_until(reqs)
+    assert expected[:3] != expected[3:]  # the kwargs do change the answers
+    assert baseline == expected
