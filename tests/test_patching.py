@@ -512,3 +512,18 @@ def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwar
     expected = make_lm("llama", mode="baseline").generate_until(reqs)
     assert expected[:3] != expected[3:]  # the kwargs do change the answers
     assert baseline == expected
+
+
+def test_regular_generation_keeps_the_tasks_sampling_kwargs(make_lm):
+    """Sampling generation kwargs reach model.generate on the unpatched path as in stock HFLM."""
+    sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
+    reqs = stock_reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata)
+                         for r in gen_requests()]
+    mode = "regular"
+    lm, stock = make_lm("llama", mode=mode, batch_size=8), make_lm("llama", stock=True, batch_size=8)  # one batch each
+    torch.manual_seed(1)
+    ours = lm.generate_until(reqs)
+    torch.manual_seed(1)
+    assert ours == stock.generate_until(stock_reqs)
+    greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in stock_reqs]
+    assert ours != stock.generate_until(greedy)  # sampling did change the answers
