@@ -527,3 +527,17 @@ def test_regular_generation_keeps_the_tasks_sampling_kwargs(make_lm):
     assert ours == stock.generate_until(stock_reqs)
     greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in stock_reqs]
     assert ours != stock.generate_until(greedy)  # sampling did change the answers
+
+
+@pytest.mark.parametrize("shared", [("hypothesis",), ("hypothesis", "baseline")])
+def test_one_token_queries_generate_with_or_without_a_forked_baseline(make_lm, shared):
+    """Queries of one token leave no column to prefill before the patched one: hypothesis generates them
+    directly (nothing forked for baseline), with the same answers as a plain hypothesis run."""
+    reqs = [Instance("generate_until", {}, (context("abc", "x").rsplit("\n", 1)[0] + "\n" + q, dict(GEN)), i, ("t", i, 1))
+            for i, q in enumerate("kmnp")]
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    assert all(len(lm.tok_encode(p.query)) == 1 for p in lm.plan(reqs))
+    lm.shared_modes = shared
+    outputs = lm.generate_until(reqs)
+    assert not lm._forked_baseline
+    assert outputs == make_lm("llama", mode="hypothesis", layer=1).generate_until(reqs)
