@@ -543,14 +543,14 @@ def test_one_token_queries_generate_with_or_without_a_forked_baseline(make_lm, s
     assert outputs == make_lm("llama", mode="hypothesis", layer=1).generate_until(reqs)
 
 
-def test_forked_baseline_answers_are_sampled_when_the_task_samples(make_lm):
-    """The baseline answers forked in a hypothesis run get the task's sampling kwargs too (seeded: not greedy)."""
+def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_samples(make_lm):
+    """A hypothesis run and the baseline answers forked in it get the task's sampling kwargs (seeded: not greedy)."""
     sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
     reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata) for r in gen_requests()]
     shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=8)
     shared.shared_modes = ("hypothesis", "baseline")
-    torch.manual_seed(1)
-    shared.generate_until(reqs)
-    shared.mode = "baseline"
     greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in reqs]
+    torch.manual_seed(1)
+    assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(greedy)
+    shared.mode = "baseline"
     assert shared.generate_until(reqs) != make_lm("llama", mode="baseline", batch_size=8).generate_until(greedy)
