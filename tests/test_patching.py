@@ -420,3 +420,137 @@ def test_a_grown_prefix_with_holes_continues_like_one_full_pass(make_lm, arch):
             full = rows[r] + one_each[r] + ragged[r] + tails[r]
             expected = lm.model(torch.tensor([full])).logits[0, -len(tails[r]) :]
             assert torch.allclose(logits[r, : len(tails[r])], expected, atol=1e-4)
+
+
+def test_the_same_context_from_two_tasks_at_two_layers_gets_each_tasks_theta(make_lm, monkeypatch):
+    """Two tasks send the very same context strings (same demonstrations and queries) but patch at different
+    layers: a context string cannot tell their rows apart, so each must still get its own task's plan."""
+    def make(task: str):
+        return [Instance("generate_until", {}, (context("abc", q), dict(GEN)), i, (task, i, 1))
+                for i, q in enumerate(["k", "lm", "n", "op"])]
+
+    mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
+    monkeypatch.setattr(mixed_lm, "layer_for", lambda request: {"t1": 0, "t2": 2}[request.task_name])
+    mixed = mixed_lm.generate_until(make("t1") + make("t2"))
+    alone = make_lm("gpt2", mode="hypothesis", layer=0).generate_until(make("t1"))
+    alone += make_lm("gpt2", mode="hypothesis", layer=2).generate_until(make("t2"))
+    assert alone[:4] != alone[4:]  # the two layers' θ do answer differently
+    assert mixed == alone
+
+
+def test_after_a_patched_generation_the_same_instance_generates_as_stock_hflm(make_lm):
+    """Modes evaluated in turn on one instance (as the Python API allows in any order): once a hypothesis
+    generation is over, nothing of its plans is left behind for regular mode's plain HFLM generation."""
+    reqs = gen_requests()
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    lm.generate_until(reqs)
+    lm.mode = "regular"
+    assert lm.generate_until(reqs) == make_lm("llama", stock=True).generate_until(reqs)
+
+
+@pytest.mark.parametrize("shared", [(), ("regular", "hypothesis")])
+def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm, shared):
+    """A few-shot prompt longer than max_length - max_gen_toks: regular mode cuts it from the left, as HFLM does
+    (also when it prepares θ for a later hypothesis run: the full prompt then goes through the planned path)."""
+    reqs = [Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
+            for i, q in enumerate(["k", "mn", "xyz"])]
+    lm = make_lm("llama", mode="regular", layer=1, max_length=24)
+    lm.shared_modes = shared
+    assert min(len(lm.tok_encode(r.args[0])) for r in reqs) > 24
+    ours = lm.generate_until(reqs)
+    assert ours == make_lm("llama", stock=True, max_length=24).generate_until(reqs)
+    assert ours != make_lm("llama", stock=True).generate_until(reqs)  # the cut did change the answers
+
+
+@pytest.mark.parametrize("shared", [(), ("regular", "hypothesis")])
+def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokenizer, shared):
+    """truncation=True (HFLM's model arg) lets the tokenizer cut prompts past its model_max_length."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length = 12
+    reqs = gen_requests()
+    kwargs = dict(pretrained=model_factory("llama"), tokenizer=short, device="cpu", batch_size=4, truncation=True)
+    lm = TaskVectorLM(mode="regular", layer=1, fewshot_delimiter="\n", **kwargs)
+    lm.shared_modes = shared
+    ours = lm.generate_until(reqs)
+    assert ours == HFLM(**kwargs).generate_until(reqs)
+    assert ours != HFLM(**{**kwargs, "truncation": False}).generate_until(reqs)  # the cut did change the answers
+
+
+def test_baseline_answers_forked_from_several_hypothesis_batches_each_go_to_their_own_batch(make_lm, monkeypatch):
+    """Hypothesis then baseline on one instance, in several batches of different widths: each baseline batch
+    gets the answers forked from its own query batch, and none is left waiting."""
+    monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)
+    reqs = gen_requests()
+    shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
+    shared.shared_modes = ("hypothesis", "baseline")
+    hypothesis = shared.generate_until(reqs)
+    assert len(shared._forked_baseline) == 3
+    shared.mode = "baseline"
+    baseline = shared.generate_until(reqs)
+    assert not shared._forked_baseline
+    assert hypothesis == make_lm("llama", mode="hypothesis", layer=1, batch_size=2).generate_until(reqs)
+    assert baseline == make_lm("llama", mode="baseline", batch_size=2).generate_until(reqs)
+
+
+@pytest.mark.parametrize("other", [{"max_gen_toks": 2}, {"until": ["n"]}], ids=["max_gen_toks", "until"])
+def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwargs_stay_apart(make_lm, other):
+    """The same query batch generated under two sets of generation kwargs (two tasks sharing their queries):
+    baseline gets for each the answers forked under its own kwargs."""
+    reqs = [Instance("generate_until", {}, (context("abc", q), dict(GEN, **kwargs)), i, ("t", i, 1))
+            for i, (q, kwargs) in enumerate((q, kwargs) for kwargs in ({}, other) for q in ["k", "mn", "xyz"])]
+    shared = make_lm("llama", mode="hypothesis", layer=1)
+    shared.shared_modes = ("hypothesis", "baseline")
+    shared.generate_until(reqs)
+    shared.mode = "baseline"
+    baseline = shared.generate_until(reqs)
+    expected = make_lm("llama", mode="baseline").generate_until(reqs)
+    assert expected[:3] != expected[3:]  # the kwargs do change the answers
+    assert baseline == expected
+
+
+def test_regular_generation_keeps_the_tasks_sampling_kwargs(make_lm):
+    """Sampling generation kwargs reach model.generate on the unpatched path as in stock HFLM."""
+    sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
+    reqs = stock_reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata)
+                         for r in gen_requests()]
+    mode = "regular"
+    lm, stock = make_lm("llama", mode=mode, batch_size=8), make_lm("llama", stock=True, batch_size=8)  # one batch each
+    torch.manual_seed(1)
+    ours = lm.generate_until(reqs)
+    torch.manual_seed(1)
+    assert ours == stock.generate_until(stock_reqs)
+    greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in stock_reqs]
+    assert ours != stock.generate_until(greedy)  # sampling did change the answers
+
+
+@pytest.mark.parametrize("shared", [("hypothesis",), ("hypothesis", "baseline")])
+def test_one_token_queries_generate_with_or_without_a_forked_baseline(make_lm, shared):
+    """Queries of one token leave no column to prefill before the patched one: hypothesis generates them
+    directly (nothing forked for baseline), with the same answers as a plain hypothesis run."""
+    reqs = [Instance("generate_until", {}, (context("abc", "x").rsplit("\n", 1)[0] + "\n" + q, dict(GEN)), i, ("t", i, 1))
+            for i, q in enumerate("kmnp")]
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    assert all(len(lm.tok_encode(p.query)) == 1 for p in lm.plan(reqs))
+    lm.shared_modes = shared
+    outputs = lm.generate_until(reqs)
+    assert not lm._forked_baseline
+    assert outputs == make_lm("llama", mode="hypothesis", layer=1).generate_until(reqs)
+
+
+def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_samples(make_lm):
+    """A hypothesis run and the baseline answers forked in it get the task's sampling kwargs (seeded: not greedy)."""
+    sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
+    reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata) for r in gen_requests()]
+    shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=8)
+    shared.shared_modes = ("hypothesis", "baseline")
+    greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in reqs]
+    torch.manual_seed(1)
+    assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(greedy)
+    shared.mode = "baseline"
+    assert shared.generate_until(reqs) != make_lm("llama", mode="baseline", batch_size=8).generate_until(greedy)
