@@ -266,8 +266,8 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     # Up to ROW_CHUNK distinct contexts share one KV cache; its rows run in chunks of similar continuation length.
     groups = []
     for first in range(0, len(contexts), ROW_CHUNK):
-        group = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
-        groups.append((first, _length_chunks(group, lambda i: len(rows[i][1]))))
+        group_rows = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
+        groups.append((first, _length_chunks(group_rows, lambda i: len(rows[i][1]))))
     bar = tqdm(total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc,
                disable=desc is None or lm.rank != 0)
     replay, check = True, True
