@@ -117,7 +117,7 @@ def main():
         "3 modes, separate runs": fresh(ours["hypothesis"], separately),
         "3 modes, one model (shared S)": fresh(together, all_modes_together),
         "hypothesis on the dev split": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)),
-        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: selection._score(sweeper, args.task, dev)),
+        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: selection._score(sweeper, args.task, [dev])),
     }
     stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
     times, walls, memory = dict.fromkeys(cases, float("inf")), dict.fromkeys(cases, float("inf")), {}

@@ -84,7 +84,7 @@ def main():
 
     def sweep():
         sweeper._theta_cache.clear()
-        return [selection._score(sweeper, args.task, dev) for dev in sets]
+        return selection._score(sweeper, args.task, sets)
 
     def hypothesis():
         fixed._theta_cache.clear()

@@ -42,6 +42,51 @@ class Prefix:
             **{cache_argument(model): self.cache},
         )
 
+    def extend_branches(self, model: nn.Module, heads: list[list[int]], branches: list[list[list[int]]],
+                        mask_kind: str | None):
+        """Run after each prefix row its ``heads`` tokens, then each of its ``branches`` as if it alone followed
+        the head: one sequence per row, kept apart by a 4D attention mask (``mask_kind`` "bool" or "additive",
+        see ``branch_mask_kind``), so that the rows of one context share its KV cache and its head's pass.
+        Without a mask kind, every row has one branch and a plain 2D mask. Returns the model output and each
+        branch's first column; mutates the cache."""
+        lengths = [len(h) + sum(map(len, b)) for h, b in zip(heads, branches)]
+        width, rows = max(lengths), len(heads)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        offset = torch.arange(width).repeat(rows, 1)  # position after the prefix; padding counts on
+        segment = torch.full((rows, width), -1)  # 0: head, b + 1: branch b, -1: padding
+        starts = []
+        for r, (head, row_branches) in enumerate(zip(heads, branches)):
+            ids[r, : len(head)], segment[r, : len(head)] = torch.tensor(head), 0
+            column, starts_of_row = len(head), []
+            for b, tokens in enumerate(row_branches):
+                span = slice(column, column + len(tokens))
+                ids[r, span], segment[r, span] = torch.tensor(tokens, dtype=torch.long), b + 1
+                offset[r, span] = torch.arange(len(head), len(head) + len(tokens))
+                starts_of_row.append(column)
+                column += len(tokens)
+            starts.append(starts_of_row)
+        device = self.mask.device
+        if mask_kind is None:
+            if any(len(b) > 1 for b in branches):
+                raise ValueError("several branches per row need a 4D mask kind")
+            mask = torch.cat([self.mask, self.mask.new_ones(rows, width)], 1)
+        else:
+            q, kv = segment[:, :, None], segment[:, None, :]
+            causal = torch.arange(width)[:, None] >= torch.arange(width)[None, :]
+            new = (causal & (kv >= 0) & ((kv == 0) | (kv == q))) | torch.eye(width, dtype=torch.bool)
+            mask = torch.cat([self.mask.bool()[:, None, :].expand(rows, width, -1), new.to(device)], 2)[:, None]
+            if mask_kind == "additive":
+                dtype = next(model.parameters()).dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        output = model(
+            input_ids=ids.to(device),
+            attention_mask=mask,
+            position_ids=self.mask.sum(-1)[:, None] + offset.to(device),
+            use_cache=True,
+            **{cache_argument(model): self.cache},
+        )
+        return output, starts
+
     def grow(self, model: nn.Module, suffixes: list[list[int]], stop_block: nn.Module) -> None:
         """Append ``suffixes`` (one per row, any lengths, empty allowed) to the cache, through ``stop_block``;
         shorter ones leave masked holes, which later positions (counted from the mask) skip."""
@@ -93,6 +138,32 @@ def prefill_columns(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
             **{cache_argument(model): prefix.cache},
         )
     return prefix
+
+
+def branch_mask_kind(model: nn.Module) -> str | None:
+    """How ``model`` takes the 4D attention mask of ``Prefix.extend_branches``: "bool" under SDPA, "additive"
+    under eager attention, None otherwise (flash attention takes no custom mask) or when a check fails. The
+    check, once per model: a small input run as branches gives the logits of each branch run on its own."""
+    if hasattr(model, "_taskvec_branch_mask"):
+        return model._taskvec_branch_mask
+    kind = {"sdpa": "bool", "eager": "additive"}.get(getattr(model.config, "_attn_implementation", None))
+    if kind is not None:
+        vocab = model.get_input_embeddings().num_embeddings
+        tokens = [(7 * i + 3) % vocab for i in range(12)]
+        prefixes, heads = [tokens[:3], tokens[3:4]], [tokens[4:5], tokens[5:7]]
+        branches = [[tokens[7:9], tokens[9:10]], [tokens[10:12]]]
+        exact = next(model.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            output, starts = prefill(model, prefixes).extend_branches(model, heads, branches, kind)
+            for r, (prefix, head) in enumerate(zip(prefixes, heads)):
+                for start, branch in zip(starts[r], branches[r]):
+                    alone = model(input_ids=torch.tensor([prefix + head + branch], device=next(model.parameters()).device))
+                    columns = list(range(len(head))) + list(range(start, start + len(branch)))
+                    if not torch.allclose(output.logits[r, columns], alone.logits[0, len(prefix) :],
+                                          rtol=1e-4 if exact else 2e-2, atol=1e-4 if exact else 2e-2):
+                        kind = None
+    model._taskvec_branch_mask = kind
+    return kind
 
 
 def last_token_states(

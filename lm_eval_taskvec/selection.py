@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import tempfile
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
 from lm_eval_taskvec.embedded import cache_dir
-from lm_eval_taskvec.extraction import common_prefix_length, prefill, states_after
+from lm_eval_taskvec.extraction import branch_mask_kind, common_prefix_length, prefill, states_after
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
 from lm_eval_taskvec.stats import mcnemar_exact
 from lm_eval_taskvec.theta import few_shot_requests
@@ -151,7 +151,7 @@ def _gold(task, doc) -> int | str:
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _sweep_sets(lm, task_name: str, sets: list[DevSet]) -> dict:
-    results = [_score(lm, task_name, dev) for dev in sets]
+    results = _score(lm, task_name, sets)
     if len(results) == 1:
         return {"task": task_name, **_summary(*results[0]), "dev_split": sets[0].split,
                 "dev_docs": sorted({ex.doc_id for ex in sets[0].examples})}
@@ -176,14 +176,17 @@ def _summary(layer_hits: torch.Tensor, baseline: torch.Tensor, regular: torch.Te
             "num_dev": layer_hits.shape[-1]}
 
 
-def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per dev prompt: right at each block (Tensor[blocks, prompts]), right in baseline, right in regular."""
-    requests = [r for ex in dev.examples for r in ex.requests]
+def _score(lm, task_name: str, sets: list[DevSet]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per dev set, per dev prompt: right at each block (Tensor[blocks, prompts]), right in baseline, right in
+    regular. The sets run together: cross-fitted halves draw the same demonstrations for most of their prompts,
+    and a shared S runs once."""
+    examples = [ex for dev in sets for ex in dev.examples]
+    requests = [r for ex in examples for r in ex.requests]
     plans = lm.plan(requests, layer=0, extract=False)
     layers = list(range(len(lm.blocks)))
     generation = requests[0].request_type == "generate_until"
     if generation:
-        targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
+        targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in examples]
         if not all(targets):
             raise ValueError(f"task {task_name!r} has a dev document with an empty target: nothing to score")
         queries = [(lm.tok_encode(p.query), t) for p, t in zip(plans, targets)]
@@ -195,16 +198,18 @@ def _score(lm, task_name: str, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor,
     desc = f"{task_name}: dev accuracy by block"
     scores = _fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
-    return tuple(_hits(dev, scores, generation) for scores in (per_block, baseline, regular))
+    hits = [_hits(examples, scores, generation).split([len(dev.examples) for dev in sets], -1)
+            for scores in (per_block, baseline, regular)]
+    return list(zip(*hits))
 
 
-def _hits(dev: DevSet, scores: torch.Tensor, generation: bool) -> torch.Tensor:
+def _hits(examples: list[DevExample], scores: torch.Tensor, generation: bool) -> torch.Tensor:
     """Right or wrong per dev prompt, from _fork_scores' per-row scores [..., rows, 2]: the first token for a
     generation, the choice with the highest log-likelihood otherwise."""
     if generation:
         return scores[..., 1] > 0
     hits, row = [], 0
-    for ex in dev.examples:
+    for ex in examples:
         k = len(ex.requests)
         hits.append(scores[..., row : row + k, 0].argmax(-1) == ex.gold)
         row += k
@@ -214,9 +219,9 @@ def _hits(dev: DevSet, scores: torch.Tensor, generation: bool) -> torch.Tensor:
 def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]], layers: list[int],
                         desc: str) -> torch.Tensor:
     """Regular mode's per-row scores (as ``_fork_scores``) of the full prompts ``fulls``, and θ at every listed
-    block for each plan's key, with the demonstrations S run once for both: the tokens a prompt shares with its
-    θ prompts [S, x'] fill one KV cache, from which the dummies' suffixes give θ (one pass through the deepest
-    block), and the rest of the prompt and the continuation give regular's scores."""
+    block for each plan's key, with the demonstrations S run once for both: per θ key, the tokens its θ
+    prompts [S, x'] share with its full prompts fill one KV cache, from which the dummies' suffixes give θ (one
+    pass through the deepest block), and each full prompt's rest and continuation give regular's scores."""
     rows_of: dict = {}
     for i, plan in enumerate(plans):
         rows_of.setdefault(plan.theta_key, []).append(i)
@@ -229,15 +234,16 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
         rows = [i for key in batch for i in rows_of[key]]
         contexts = list(dict.fromkeys((plans[i].theta_key, tuple(fulls[i][0])) for i in rows))
         which = [contexts.index((plans[i].theta_key, tuple(fulls[i][0]))) for i in rows]
-        cuts = [common_prefix_length([list(ctx), *families[key]]) for key, ctx in contexts]
+        owner = [batch.index(key) for key, _ in contexts]
+        cuts = [common_prefix_length([*(list(ctx) for k, ctx in contexts if k == key), *families[key]]) for key in batch]
         cuts = cuts if min(cuts) > 0 else [0] * len(cuts)  # a prompt sharing nothing: no prefix for this batch
-        first = [next(j for j, (key, _) in enumerate(contexts) if key == wanted) for wanted in batch]
         with torch.no_grad(), lm._autocast():
-            prefix = prefill(lm.model, [list(ctx[:cut]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
-            members = [(j, prompt[cuts[j] :]) for j in first for prompt in families[contexts[j][0]]]
-            found = states_after(lm.model, lm.blocks, prefix.take([j for j, _ in members]), [t for _, t in members],
+            prefix = prefill(lm.model, [families[key][0][:cut] for key, cut in zip(batch, cuts)], lm.blocks[-1])
+            members = [(b, prompt[cuts[b] :]) for b, key in enumerate(batch) for prompt in families[key]]
+            found = states_after(lm.model, lm.blocks, prefix.take([b for b, _ in members]), [t for _, t in members],
                                  layers)
-            prefix.grow(lm.model, [list(ctx[cut:-1]) for (_, ctx), cut in zip(contexts, cuts)], lm.blocks[-1])
+            prefix = prefix.take(owner)
+            prefix.grow(lm.model, [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)], lm.blocks[-1])
             for part in _length_chunks(range(len(rows)), lambda j: len(fulls[rows[j]][1])):
                 sub = [rows[j] for j in part]
                 logits = prefix.take([which[j] for j in part]).extend(
@@ -252,67 +258,110 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
     return out
 
 
+@dataclass
+class _Unit:
+    """Rows run as one sequence: one context (a row of the prefix cache) with the same plan per patch, its
+    tokens after the cached prefix (``head``), then each row's continuation as a branch of its own."""
+    context: int
+    head: list[int]
+    rows: list[int]
+    plans: tuple
+
+
+def _units(members: list[int], rows, patches: list, cached: list[list[int]], context_of: list[int],
+           branches: bool) -> list[_Unit]:
+    """The given rows in units: rows of one context and one plan per patch together (with ``branches``), each
+    row alone otherwise. ``context_of`` gives a row's context as its index in ``cached``."""
+    units: dict = {}
+    for i in members:
+        plans = tuple(patch[i] if patch else None for patch in patches)
+        key = (context_of[i], plans) if branches else i
+        if key not in units:
+            units[key] = _Unit(context_of[i], rows[i][0][len(cached[context_of[i]]) :], [], plans)
+        units[key].rows.append(i)
+    return list(units.values())
+
+
+def _unit_scores(output, starts: list[list[int]], chunk: list[_Unit], rows) -> dict[int, torch.Tensor]:
+    """Per row of the units in ``chunk``: the continuation's summed log-probability, and whether its first
+    token is the argmax (from the head's last token, then from the row's branch)."""
+    scores = {}
+    for u, unit in enumerate(chunk):
+        first = output.logits[u, len(unit.head) - 1].float().cpu().log_softmax(-1)
+        for start, i in zip(starts[u], unit.rows):
+            cont = rows[i][1]
+            rest = output.logits[u, start : start + len(cont) - 1].float().cpu().log_softmax(-1)
+            total = first[cont[0]] + rest.gather(1, torch.tensor(cont[1:], dtype=torch.long)[:, None]).sum()
+            scores[i] = torch.stack([total, (first.argmax() == cont[0]).float()])
+    return scores
+
+
 def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, desc: str | None = None) -> torch.Tensor:
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Distinct contexts minus their last token run once into a KV
-    cache (ROW_CHUNK contexts at a time); their rows then run in chunks of similar length (``_length_chunks``).
-    Per chunk, one plain pass records every block's output; a patch at block l replays blocks 0..l from that
-    record and runs only the blocks above l."""
+    cache (ROW_CHUNK contexts at a time). Rows sharing a context and its plans (a question's choices) run as
+    branches of one sequence (``_units``), so its last token runs once; units run in chunks of similar length
+    (``_length_chunks``). Per chunk, one plain pass records every block's output; a patch at block l replays
+    blocks 0..l from that record and runs only the blocks above l."""
     out = torch.empty(len(patches), len(rows), 2)
     contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in rows))
     index = {ctx: c for c, ctx in enumerate(contexts)}
     context_of = [index[tuple(ctx)] for ctx, _ in rows]
-    # Up to ROW_CHUNK distinct contexts share one KV cache; its rows run in chunks of similar continuation length.
-    groups = []
+    mask_kind = branch_mask_kind(lm.model)
+    groups = []  # up to ROW_CHUNK distinct contexts share one KV cache
     for first in range(0, len(contexts), ROW_CHUNK):
-        group_rows = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
-        groups.append((first, _length_chunks(group_rows, lambda i: len(rows[i][1]))))
+        group = contexts[first : first + ROW_CHUNK]
+        cached = [list(c[:-1]) for c in group] if min(map(len, group)) > 1 else [[] for _ in group]
+        members = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
+        units = _units(members, rows, patches, cached, [c - first for c in context_of], mask_kind is not None)
+        length = lambda unit: len(unit.head) + sum(len(rows[i][1]) - 1 for i in unit.rows)  # noqa: E731
+        groups.append((cached, _length_chunks(units, length)))
     bar = tqdm(total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc,
                disable=desc is None or lm.rank != 0)
     replay, check = True, True
-    for first, chunks in groups:
-        group = contexts[first : first + ROW_CHUNK]
-        shared = [list(c[:-1]) for c in group] if min(map(len, group)) > 1 else [[] for _ in group]
+    for cached, chunks in groups:
         with torch.no_grad():
-            context_cache = prefill(lm.model, shared, stop_block=lm.blocks[-1])
-        for members in chunks:
-            chunk = [rows[i] for i in members]
-            which = [context_of[i] - first for i in members]
-            suffixes = [ctx[len(shared[w]) :] + cont[:-1] for (ctx, cont), w in zip(chunk, which)]
-            at = torch.tensor([len(ctx) - len(shared[w]) - 1 for (ctx, _), w in zip(chunk, which)])
+            context_cache = prefill(lm.model, cached, stop_block=lm.blocks[-1])
+        for chunk in chunks:
+            which = [unit.context for unit in chunk]
+            heads = [unit.head for unit in chunk]
+            branches = [[rows[i][1][:-1] for i in unit.rows] for unit in chunk]
+            at = torch.tensor([len(head) - 1 for head in heads])
+
+            def run(plans=(), replayed: int = 0):
+                with lm.patched(list(plans), at) if plans else nullcontext(), \
+                        replay_outputs(lm.blocks, recorded[:replayed]):
+                    return context_cache.take(which).extend_branches(lm.model, heads, branches, mask_kind)
+
             with torch.no_grad():
                 with record_outputs(lm.blocks) as recorded:
-                    plain = context_cache.take(which).extend(lm.model, suffixes).logits
-
-                def patched_logits(plans, replayed: int):
-                    with lm.patched(plans, at), replay_outputs(lm.blocks, recorded[:replayed]):
-                        return context_cache.take(which).extend(lm.model, suffixes).logits
-
-                parts = [[plans[i] for i in members] if plans else [] for plans in patches]
+                    plain = run()
+                parts = [[unit.plans[p] for unit in chunk] if patches[p] else [] for p in range(len(patches))]
                 lowest = [min((p.layer for p in part if p.theta_key is not None), default=None) for part in parts]
                 checked = None
                 if check and any(layer is not None for layer in lowest):
                     # Replaying assumes a block reads nothing but its inputs and its own KV cache: check it once
-                    # against a full pass, on the longest rows, at the patch that replays the most blocks but
+                    # against a full pass, on the longest units, at the patch that replays the most blocks but
                     # leaves one to run (at the last block there would be nothing left to show a difference).
                     check = False
                     checked = max((p for p in range(len(parts)) if lowest[p] is not None),
                                   key=lambda p: (lowest[p] < len(lm.blocks) - 1, lowest[p]))
-                    full = patched_logits(parts[checked], 0)
-                    replay = torch.allclose(patched_logits(parts[checked], lowest[checked] + 1), full, rtol=1e-4,
-                                            atol=1e-4)
+                    full = run(parts[checked])
+                    replay = torch.allclose(run(parts[checked], lowest[checked] + 1)[0].logits, full[0].logits,
+                                            rtol=1e-4, atol=1e-4)
                     if not replay:
                         lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs "
                                      "and its own KV cache, so the layer sweep runs every block for every patch (slower)")
                 for p, part in enumerate(parts):
                     if lowest[p] is None:
-                        logits = plain
+                        output, starts = plain
                     elif p == checked:
-                        logits = full
+                        output, starts = full
                     else:
-                        logits = patched_logits(part, lowest[p] + 1 if replay else 0)
-                    out[p, members] = _continuation_scores(logits, chunk, at)
+                        output, starts = run(part, lowest[p] + 1 if replay else 0)
+                    for i, score in _unit_scores(output, starts, chunk, rows).items():
+                        out[p, i] = score
                     bar.update()
     bar.close()
     return out

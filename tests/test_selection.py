@@ -12,6 +12,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec import selection
+from lm_eval_taskvec.extraction import Prefix, branch_mask_kind
 from lm_eval_taskvec.model import Plan, ThetaKey
 from lm_eval_taskvec.tasks import task_dir
 from tests.conftest import ARCHITECTURES
@@ -120,14 +121,37 @@ def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_
     lm = make_lm("gpt2", mode="hypothesis", num_dev=12, layer_cache="off")
     halves = selection.dev_sets(lm, "tiny")
     fake = iter([[0, 1, 0], [2, 0, 0]])  # block-wise hits: half 0's dev set picks block 1, half 1's picks block 0
-    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
-        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
+    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(
+        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+        for _ in sets])
     choice = selection.select_layer(lm, "tiny")
     assert [fold["layer"] for fold in choice["folds"]] == [1, 0] and choice["task"] == "tiny"
     for fold, other in zip(choice["folds"], halves[::-1]):  # each half's layer was chosen on the other half
         assert fold["dev_docs"] and set(fold["dev_docs"]) <= other.scored
     for request, plan in zip(requests, lm.plan(requests, extract=False)):
         assert plan.layer == (1 if request.doc_id in halves[0].scored else 0)
+
+
+def test_cross_fitted_halves_scored_together_equal_each_half_scored_alone(make_lm, layer_cache, monkeypatch):
+    """The halves share most of their demonstrations, so they run in one sweep: each half's scores are its own."""
+    task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3, doc_to_text="Q: {{input}}\nA:",
+                     target_delimiter=" ", output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}",
+                     doc_to_target=0)
+    requests_of(task, limit=1)
+    lm = make_lm("llama", mode="hypothesis", num_dev=8, layer_cache="off")
+    halves = selection.dev_sets(lm, "tiny")
+    plans = [lm.plan(ex.requests, layer=0, extract=False)[0] for dev in halves for ex in dev.examples]
+    assert len({p.theta_key for p in plans}) < len(plans)  # shared S, shared θ
+    scored = {}
+    for name in ("_fork_scores", "_regular_and_thetas"):
+        monkeypatch.setattr(selection, name, lambda *a, _f=getattr(selection, name), _n=name:
+                            scored.setdefault(_n, []).append(_f(*a)) or scored[_n][-1])
+    together = selection._score(lm, "tiny", halves)
+    for half, result in zip(halves, together):
+        lm._theta_cache.clear()
+        assert [hits.tolist() for hits in result] == [hits.tolist() for hits in selection._score(lm, "tiny", [half])[0]]
+    for name, (both, *alone) in scored.items():
+        assert torch.allclose(both, torch.cat(alone, -2), atol=1e-5), name
 
 
 def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache):
@@ -160,7 +184,7 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_
     run(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
     lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
     (dev,) = selection.dev_sets(lm, "tv_list_first")
-    per_block, baseline, regular = selection._score(lm, "tv_list_first", dev)
+    ((per_block, baseline, regular),) = selection._score(lm, "tv_list_first", [dev])
     requests = [ex.requests[0] for ex in dev.examples]
     targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
     for layer in range(len(lm.blocks)):
@@ -180,7 +204,7 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
     scored = {}
     for name in ("_fork_scores", "_regular_and_thetas"):  # baseline and every block; regular
         monkeypatch.setattr(selection, name, lambda *a, _f=getattr(selection, name), _n=name: scored.setdefault(_n, _f(*a)))
-    per_block, baseline, regular = selection._score(lm, "tiny", dev)
+    ((per_block, baseline, regular),) = selection._score(lm, "tiny", [dev])
     requests = [r for ex in dev.examples for r in ex.requests]
 
     def argmax_right(scores):
@@ -220,7 +244,7 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
                         regular_and_thetas(lm, plans, rows, *a))
     monkeypatch.setattr(selection, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
     monkeypatch.setattr(lm, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
-    selection._score(lm, "tiny", dev)
+    selection._score(lm, "tiny", [dev])
     progress = capsys.readouterr().err  # the issue's "progress bar over blocks", named by task and phase
     assert "tiny: layer sweep, θ at 3 blocks" in progress and "tiny: dev accuracy by block" in progress
     queries, fulls = calls["queries"], calls["fulls"]
@@ -261,13 +285,12 @@ def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_ca
 
 def test_hits_read_each_dev_prompts_own_rows():
     examples = [selection.DevExample(i, [None] * k, gold) for i, (k, gold) in enumerate([(3, 0), (2, 1), (3, 2)])]
-    dev = selection.DevSet("validation", examples)
     scores = torch.zeros(2, 8, 2)  # two blocks; rows 0-2, 3-4 and 5-7 are the three prompts' choices
     scores[0, :, 0] = torch.tensor([-1, -2, -3, -1, -2, -3, -2, -1])  # block 0: choices 0, 0 and 2 win
     scores[1, :, 0] = torch.tensor([-3, -2, -1, -2, -1, -1, -2, -3])  # block 1: choices 2, 1 and 0 win
-    assert selection._hits(dev, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
+    assert selection._hits(examples, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
     scores[..., 1] = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]])  # first token right or not
-    assert selection._hits(dev, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
+    assert selection._hits(examples, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
                                                                       [False] * 8]
 
 
@@ -305,6 +328,7 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     patches.append(plans_at([depth - 1 - i % depth for i in range(len(rows))]))  # each row at its own block
     part_of_block_0 = next(m for m in lm.blocks[0].modules() if list(m.parameters(recurse=False)))
     runs_of_block_0 = []
+    branch_mask_kind(lm.model)  # the model's one-off check of branch masks runs before counting
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
     scores = selection._fork_scores(lm, rows, patches)
     handle.remove()
@@ -313,6 +337,48 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     assert len(runs_of_block_0) == runs
     assert not lm._warned
 
+    assert_oracle_scores(lm, rows, patches, scores)
+
+
+@pytest.mark.parametrize("arch,attention", [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager"),
+                                                                                            ("gpt2", "no mask"),
+                                                                                            ("qwen2", "misread")])
+def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per_row(make_lm, monkeypatch, arch,
+                                                                                     attention):
+    """Choices of one question (one context, one θ) run as branches of one sequence after its last token, under
+    SDPA's and eager attention's masks; a model that takes no such mask runs one row per sequence."""
+    lm = make_lm(arch)
+    branch_mask_kind(lm.model)  # the model's own answer, cached on it: restored after the changes below
+    if attention != "sdpa":
+        monkeypatch.delattr(lm.model, "_taskvec_branch_mask")
+    if attention == "eager":
+        monkeypatch.setattr(lm.model.config, "_attn_implementation", "eager")
+    if attention == "no mask":  # e.g. flash attention: chosen now, while the tiny model runs SDPA below
+        monkeypatch.setattr(lm.model.config, "_attn_implementation", "flash_attention_2")
+        assert branch_mask_kind(lm.model) is None
+        monkeypatch.setattr(lm.model.config, "_attn_implementation", "sdpa")
+    if attention == "misread":  # a model that reads a 4D mask its own way (here: attends everywhere)
+        forward = lm.model.forward
+        monkeypatch.setattr(lm.model, "forward", lambda *a, attention_mask=None, **k: forward(
+            *a, attention_mask=attention_mask if attention_mask is None or attention_mask.dim() < 4 else
+            torch.ones_like(attention_mask), **k))
+    expected = {"sdpa": "bool", "eager": "additive", "no mask": None, "misread": None}[attention]
+    assert selection.branch_mask_kind(lm.model) == expected
+    rows = [([5, 6, 7], [8]), ([5, 6, 7], [9, 10, 11]), ([5, 6, 7], [12, 13]), ([20, 21], [22, 23]), ([20, 21], [24]),
+            ([30, 31, 32, 33], [34, 35])]
+    keys = {tuple(ctx): ThetaKey(demos=str(ctx), dummies=(), strip=False) for ctx, _ in rows}
+    depth, hidden = len(lm.blocks), lm.model.config.hidden_size
+    for layer in range(depth):
+        for c, key in enumerate(keys.values()):
+            lm._theta_cache[(layer, key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(10 * layer + c))
+    patches = [None] + [[Plan("", keys[tuple(ctx)], layer) for ctx, _ in rows] for layer in range(depth)]
+    chunks, extend_branches = set(), Prefix.extend_branches  # each chunk's sequences: heads and branches
+    monkeypatch.setattr(Prefix, "extend_branches", lambda self, model, heads, branches, kind: chunks.add(
+        tuple((tuple(h), tuple(map(tuple, b))) for h, b in zip(heads, branches))) or
+                        extend_branches(self, model, heads, branches, kind))
+    scores = selection._fork_scores(lm, rows, patches)
+    sequences = [sequence for chunk in chunks for sequence in chunk]
+    assert len(sequences) == (3 if expected else 6) and sum(len(b) for _, b in sequences) == 6  # 6 rows: 3 questions
     assert_oracle_scores(lm, rows, patches, scores)
 
 
@@ -367,18 +433,20 @@ def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make
 def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeypatch, arch, row_chunk, unshared):
     """The sweep runs S once for regular's dev scores and θ's prompts: its scores equal a plain forward pass
     of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
-    lengths, two continuations of one prompt, several batches; logits of one row at a time; a batch where
-    one prompt shares nothing with its θ prompts)."""
+    lengths, two continuations of one prompt, two queries after one S, several batches; logits of one row at a
+    time; a batch where one prompt shares nothing with its θ prompts)."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
     lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
     if unshared:  # the first prompt's θ prompts start with a token its full prompt does not have
         theta_prompts = lm.theta_prompts
         monkeypatch.setattr(lm, "theta_prompts", lambda key: [[3] + p if "e->E" in key.demos else p
                                                               for p in theta_prompts(key)])
-    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK")]
+    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK"),
+             ("abcde", "st", "S")]
     requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
                                                cont), i, ("t", i, 1)) for i, (demos, q, cont) in enumerate(cases)]
     plans = lm.plan(requests, layer=0, extract=False)
+    assert plans[0].theta_key == plans[5].theta_key  # two queries after one S (and its dummies): S runs once for both
     fulls = [lm._encode_pair(*r.args) for r in requests]
     layers = list(range(len(lm.blocks)))
     scores = selection._regular_and_thetas(lm, plans, fulls, layers, "t")
@@ -575,8 +643,9 @@ def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, mo
     task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
     requests_of(task, limit=1)
     fake = iter([[0, 1, 0], [2, 0, 0]])
-    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (
-        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)))
+    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(
+        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+        for _ in sets])
     first = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
     monkeypatch.setattr(selection, "_score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
     again = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
@@ -693,7 +762,7 @@ def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, lay
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=10, layer_cache="off")
     same = torch.tensor([True, False] * 5)
-    monkeypatch.setattr(selection, "_score", lambda lm, name, dev: (torch.stack([same] * 3), same, same))
+    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(torch.stack([same] * 3), same, same)])
     choice = selection.select_layer(lm, "tiny")
     assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
     assert choice["task"] == "tiny" and choice["dev_split"] == "validation"
