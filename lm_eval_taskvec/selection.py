@@ -227,7 +227,7 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
         rows_of.setdefault(plan.theta_key, []).append(i)
     families = {key: lm.theta_prompts(key) for key in rows_of}
     keys = sorted(rows_of, key=lambda key: common_prefix_length(families[key]))  # similar S lengths share a batch
-    size = lm.extract_batch_size
+    size, mask_kind = lm.extract_batch_size, branch_mask_kind(lm.model)
     out = torch.empty(len(fulls), 2)
     for start in tqdm(range(0, len(keys), size), desc=desc, disable=lm.rank != 0):
         batch = keys[start : start + size]
@@ -244,11 +244,15 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
                                  layers)
             prefix = prefix.take(owner)
             prefix.grow(lm.model, [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)], lm.blocks[-1])
-            for part in _length_chunks(range(len(rows)), lambda j: len(fulls[rows[j]][1])):
-                sub = [rows[j] for j in part]
-                logits = prefix.take([which[j] for j in part]).extend(
-                    lm.model, [fulls[i][0][-1:] + fulls[i][1][:-1] for i in sub]).logits
-                out[sub] = _continuation_scores(logits, [fulls[i] for i in sub], torch.zeros(len(sub), dtype=torch.long))
+            units = _units(rows, fulls, [], [ctx[:-1] for _, ctx in contexts], dict(zip(rows, which)),
+                           mask_kind is not None)
+            length = lambda unit: 1 + sum(len(fulls[i][1]) - 1 for i in unit.rows)  # noqa: E731
+            for chunk in _length_chunks(units, length):
+                output, starts = prefix.take([unit.context for unit in chunk]).extend_branches(
+                    lm.model, [unit.head for unit in chunk], [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk],
+                    mask_kind)
+                for i, score in _unit_scores(output, starts, chunk, fulls).items():
+                    out[i] = score
         row = 0
         for key in batch:
             k = len(families[key])
@@ -378,16 +382,6 @@ def _length_chunks(rows, length) -> list[list]:
         chunk.append(row)
         real += length(row)
     return chunks + [chunk] if chunk else chunks
-
-
-def _continuation_scores(logits: torch.Tensor, chunk, at: torch.Tensor) -> torch.Tensor:
-    """Per row: the continuation's summed log-probability, and whether its first token is the argmax."""
-    scores = torch.empty(len(chunk), 2)
-    for r, (_, cont) in enumerate(chunk):
-        span = logits[r, at[r] : at[r] + len(cont)].float().cpu()
-        scores[r, 0] = span.log_softmax(-1).gather(1, torch.tensor(cont)[:, None]).sum()
-        scores[r, 1] = float(span[0].argmax().item() == cont[0])
-    return scores
 
 
 # ---------------------------------------------------------------------------------------------- the cache
