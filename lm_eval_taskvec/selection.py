@@ -240,19 +240,22 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
         with torch.no_grad(), lm._autocast():
             prefix = prefill(lm.model, [families[key][0][:cut] for key, cut in zip(batch, cuts)], lm.blocks[-1])
             members = [(b, prompt[cuts[b] :]) for b, key in enumerate(batch) for prompt in families[key]]
-            found = states_after(lm.model, lm.blocks, prefix.take([b for b, _ in members]), [t for _, t in members],
-                                 layers)
-            prefix = prefix.take(owner)
-            prefix.grow(lm.model, [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)], lm.blocks[-1])
-            units = _units(rows, fulls, [], [ctx[:-1] for _, ctx in contexts], dict(zip(rows, which)),
-                           mask_kind is not None)
-            length = lambda unit: 1 + sum(len(fulls[i][1]) - 1 for i in unit.rows)  # noqa: E731
-            for chunk in _length_chunks(units, length):
-                output, starts = prefix.take([unit.context for unit in chunk]).extend_branches(
-                    lm.model, [unit.head for unit in chunk], [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk],
-                    mask_kind)
-                for i, score in _unit_scores(output, starts, chunk, fulls).items():
-                    out[i] = score
+            found = _states_after_prefix(lm, prefix, members, layers)
+            # Queries differ in length: contexts of similar length grow together, then their rows run.
+            rest = [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)]
+            for part in _length_chunks(range(len(contexts)), lambda c: len(rest[c])):
+                grown = prefix.take([owner[c] for c in part])
+                grown.grow(lm.model, [rest[c] for c in part], lm.blocks[-1])
+                context_of = {i: part.index(c) for i, c in zip(rows, which) if c in part}
+                units = _units(list(context_of), fulls, [], [contexts[c][1][:-1] for c in part], context_of,
+                               mask_kind is not None)
+                length = lambda unit: 1 + sum(len(fulls[i][1]) - 1 for i in unit.rows)  # noqa: E731
+                for chunk in _length_chunks(units, length):
+                    output, starts = grown.take([unit.context for unit in chunk]).extend_branches(
+                        lm.model, [unit.head for unit in chunk],
+                        [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk], mask_kind)
+                    for i, score in _unit_scores(output, starts, chunk, fulls).items():
+                        out[i] = score
         row = 0
         for key in batch:
             k = len(families[key])
@@ -260,6 +263,18 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
                 lm._theta_cache.setdefault((layer, key), found[layer][row : row + k].float().mean(0))
             row += k
     return out
+
+
+def _states_after_prefix(lm, prefix, members: list[tuple[int, list[int]]], layers: list[int]) -> dict:
+    """``states_after`` for (prefix row, suffix) members, in chunks of similar suffix length (dummy queries
+    differ in length, and a batch pads every suffix to its longest): {layer: Tensor[members, hidden]}."""
+    found: dict = {}
+    for part in _length_chunks(range(len(members)), lambda m: len(members[m][1])):
+        states = states_after(lm.model, lm.blocks, prefix.take([members[m][0] for m in part]),
+                              [members[m][1] for m in part], layers)
+        for layer, value in states.items():
+            found.setdefault(layer, value.new_empty(len(members), value.shape[-1]))[part] = value
+    return found
 
 
 @dataclass
@@ -309,7 +324,7 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     (``_length_chunks``). Per chunk, one plain pass records every block's output; a patch at block l replays
     blocks 0..l from that record and runs only the blocks above l."""
     out = torch.empty(len(patches), len(rows), 2)
-    contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in rows))
+    contexts = sorted(dict.fromkeys(tuple(ctx) for ctx, _ in rows), key=len)  # a group's prefill pads less
     index = {ctx: c for c, ctx in enumerate(contexts)}
     context_of = [index[tuple(ctx)] for ctx, _ in rows]
     mask_kind = branch_mask_kind(lm.model)

@@ -295,11 +295,12 @@ def test_hits_read_each_dev_prompts_own_rows():
 
 
 # Block 0 runs once per chunk (the plain pass), once per group's shared prefix unless a context is one token,
-# and once for the replay check. Continuation lengths 1, 4, 2, 1, 3, 2 over 5 distinct contexts.
-# ROW_CHUNK 64: one group (with the one-token context [40]: no prefix), chunks by length [4], [3], [2, 2], [1, 1]
-# (padding a chunk by more than an eighth starts a new one): 4 + 0 + 1.
-# ROW_CHUNK 2: groups of two contexts {[5..8], [5, 6]}, {[20..22], [30]*7}, {[40]}; chunks [4], [1, 1]; [3], [2];
-# [2]; prefixes for the first two groups: 5 + 2 + 1.
+# and once for the replay check. Each row is a sequence of its own (its θ is its own): the context's tokens
+# after the group's prefix, then the continuation but its last token.
+# ROW_CHUNK 64: one group (with the one-token context [40]: no prefix), so rows of lengths 4, 5, 4, 2, 9, 2 run in
+# chunks [9], [5, 4], [4], [2, 2] (padding a chunk by more than an eighth starts a new one): 4 + 0 + 1.
+# ROW_CHUNK 2: contexts by length in groups {[40], [5, 6]} (no prefix), {[20..22], [5..8]}, {[30]*7}; chunks [5],
+# [2, 2]; [2], [1]; [3]; prefixes for the last two groups: 5 + 2 + 1.
 @pytest.mark.parametrize("arch,row_chunk,runs", [(arch, 64, 5) for arch in ARCHITECTURES] + [("llama", 2, 8)])
 def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, runs):
     """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks: each score
