@@ -44,6 +44,7 @@ log = logging.getLogger("lm_eval.taskvec")
 CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice changes
 MIN_DEV_DOCS = 10  # fewer disjoint documents than this: try the next source
 ROW_CHUNK = 64  # dev rows scored per batch
+SUFFIX_FLOOR = 256  # tokens a batch of suffixes after S may pad to before it is cut by length
 
 
 @dataclass
@@ -243,7 +244,7 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
             found = _states_after_prefix(lm, prefix, members, layers)
             # Queries differ in length: contexts of similar length grow together, then their rows run.
             rest = [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)]
-            for part in _length_chunks(range(len(contexts)), lambda c: len(rest[c])):
+            for part in _length_chunks(range(len(contexts)), lambda c: len(rest[c]), SUFFIX_FLOOR):
                 grown = prefix.take([owner[c] for c in part])
                 grown.grow(lm.model, [rest[c] for c in part], lm.blocks[-1])
                 context_of = {i: part.index(c) for i, c in zip(rows, which) if c in part}
@@ -269,7 +270,7 @@ def _states_after_prefix(lm, prefix, members: list[tuple[int, list[int]]], layer
     """``states_after`` for (prefix row, suffix) members, in chunks of similar suffix length (dummy queries
     differ in length, and a batch pads every suffix to its longest): {layer: Tensor[members, hidden]}."""
     found: dict = {}
-    for part in _length_chunks(range(len(members)), lambda m: len(members[m][1])):
+    for part in _length_chunks(range(len(members)), lambda m: len(members[m][1]), SUFFIX_FLOOR):
         states = states_after(lm.model, lm.blocks, prefix.take([members[m][0] for m in part]),
                               [members[m][1] for m in part], layers)
         for layer, value in states.items():
@@ -386,12 +387,14 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     return out
 
 
-def _length_chunks(rows, length) -> list[list]:
+def _length_chunks(rows, length, floor: int = 0) -> list[list]:
     """``rows``, longest first, cut into chunks of at most ROW_CHUNK whose padding (every row of a chunk is as
-    long as its first) adds at most an eighth to the real tokens."""
+    long as its first) adds at most an eighth to the real tokens, or keeps the chunk within ``floor`` tokens
+    (a pass after a long S costs a copy of its KV cache: short rows are cheaper padded than apart)."""
     chunks, chunk, real = [], [], 0
     for row in sorted(rows, key=length, reverse=True):
-        if chunk and (len(chunk) == ROW_CHUNK or (len(chunk) + 1) * length(chunk[0]) > 1.125 * (real + length(row))):
+        padded = (len(chunk) + 1) * length(chunk[0]) if chunk else 0
+        if chunk and (len(chunk) == ROW_CHUNK or (padded > 1.125 * (real + length(row)) and padded > floor)):
             chunks.append(chunk)
             chunk, real = [], 0
         chunk.append(row)

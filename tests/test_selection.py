@@ -471,6 +471,8 @@ def test_length_chunks_pad_each_chunk_by_at_most_an_eighth(monkeypatch):
     # [a, d, f]: e with a would pad 4 for 3. g starts the fourth chunk because the third is full.
     assert selection._length_chunks(lengths, lengths.get) == [["b", "c", "h"], ["e"], ["a", "d", "f"], ["g"]]
     assert selection._length_chunks([], len) == []
+    # With a floor of 20 tokens: [e, a, d] pads to 6 for 4 real tokens, more than an eighth but within the floor.
+    assert selection._length_chunks(lengths, lengths.get, 20) == [["b", "c", "h"], ["e", "a", "d"], ["f", "g"]]
 
 
 def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
