@@ -250,8 +250,7 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
                 context_of = {i: part.index(c) for i, c in zip(rows, which) if c in part}
                 units = _units(list(context_of), fulls, [], [contexts[c][1][:-1] for c in part], context_of,
                                mask_kind is not None)
-                length = lambda unit: 1 + sum(len(fulls[i][1]) - 1 for i in unit.rows)  # noqa: E731
-                for chunk in _length_chunks(units, length):
+                for chunk in _length_chunks(units, lambda unit: _unit_length(unit, fulls)):
                     output, starts = grown.take([unit.context for unit in chunk]).extend_branches(
                         lm.model, [unit.head for unit in chunk],
                         [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk], mask_kind)
@@ -288,10 +287,9 @@ class _Unit:
     plans: tuple
 
 
-def _units(members: list[int], rows, patches: list, cached: list[list[int]], context_of: list[int],
-           branches: bool) -> list[_Unit]:
+def _units(members: list[int], rows, patches: list, cached: list[list[int]], context_of, branches: bool) -> list[_Unit]:
     """The given rows in units: rows of one context and one plan per patch together (with ``branches``), each
-    row alone otherwise. ``context_of`` gives a row's context as its index in ``cached``."""
+    row alone otherwise. ``context_of[i]`` (a list or a dict) is row i's context, as an index in ``cached``."""
     units: dict = {}
     for i in members:
         plans = tuple(patch[i] if patch else None for patch in patches)
@@ -300,6 +298,11 @@ def _units(members: list[int], rows, patches: list, cached: list[list[int]], con
             units[key] = _Unit(context_of[i], rows[i][0][len(cached[context_of[i]]) :], [], plans)
         units[key].rows.append(i)
     return list(units.values())
+
+
+def _unit_length(unit: _Unit, rows) -> int:
+    """Tokens the unit's sequence runs: its head, then every row's continuation but its last token."""
+    return len(unit.head) + sum(len(rows[i][1]) - 1 for i in unit.rows)
 
 
 def _unit_scores(output, starts: list[list[int]], chunk: list[_Unit], rows) -> dict[int, torch.Tensor]:
@@ -335,8 +338,7 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
         cached = [list(c[:-1]) for c in group] if min(map(len, group)) > 1 else [[] for _ in group]
         members = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
         units = _units(members, rows, patches, cached, [c - first for c in context_of], mask_kind is not None)
-        length = lambda unit: len(unit.head) + sum(len(rows[i][1]) - 1 for i in unit.rows)  # noqa: E731
-        groups.append((cached, _length_chunks(units, length)))
+        groups.append((cached, _length_chunks(units, lambda unit: _unit_length(unit, rows))))
     bar = tqdm(total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc,
                disable=desc is None or lm.rank != 0)
     replay, check = True, True
