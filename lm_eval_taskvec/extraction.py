@@ -47,34 +47,26 @@ class Prefix:
         """Run after each prefix row its ``heads`` tokens, then each of its ``branches`` as if it alone followed
         the head: one sequence per row, kept apart by a 4D attention mask (``mask_kind`` "bool" or "additive",
         see ``branch_mask_kind``), so that the rows of one context share its KV cache and its head's pass.
-        Without a mask kind, every row has one branch and a plain 2D mask. Returns the model output and each
-        branch's first column; mutates the cache."""
-        lengths = [len(h) + sum(map(len, b)) for h, b in zip(heads, branches)]
-        width, rows = max(lengths), len(heads)
+        Branches that begin alike share those tokens (a trie: a question's choices often start with the same
+        word). Without a mask kind, every row has one branch and a plain 2D mask. Returns the model output and,
+        per row and branch, the columns of the branch's tokens; mutates the cache."""
+        if mask_kind is None and any(len(b) > 1 for b in branches):
+            raise ValueError("several branches per row need a 4D mask kind")
+        layouts = [_trie(head, row_branches) for head, row_branches in zip(heads, branches)]
+        width, rows = max(len(tokens) for tokens, _, _, _ in layouts), len(heads)
         ids = torch.zeros(rows, width, dtype=torch.long)
         offset = torch.arange(width).repeat(rows, 1)  # position after the prefix; padding counts on
-        segment = torch.full((rows, width), -1)  # 0: head, b + 1: branch b, -1: padding
-        starts = []
-        for r, (head, row_branches) in enumerate(zip(heads, branches)):
-            ids[r, : len(head)], segment[r, : len(head)] = torch.tensor(head), 0
-            column, starts_of_row = len(head), []
-            for b, tokens in enumerate(row_branches):
-                span = slice(column, column + len(tokens))
-                ids[r, span], segment[r, span] = torch.tensor(tokens, dtype=torch.long), b + 1
-                offset[r, span] = torch.arange(len(head), len(head) + len(tokens))
-                starts_of_row.append(column)
-                column += len(tokens)
-            starts.append(starts_of_row)
+        sees = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # new token i attends to new token j
+        for r, (tokens, parents, depths, _) in enumerate(layouts):
+            ids[r, : len(tokens)], offset[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long), torch.tensor(depths)
+            for column, parent in enumerate(parents):
+                if parent >= 0:
+                    sees[r, column] |= sees[r, parent]  # a token sees its ancestors, itself, and the prefix
         device = self.mask.device
         if mask_kind is None:
-            if any(len(b) > 1 for b in branches):
-                raise ValueError("several branches per row need a 4D mask kind")
             mask = torch.cat([self.mask, self.mask.new_ones(rows, width)], 1)
         else:
-            q, kv = segment[:, :, None], segment[:, None, :]
-            causal = torch.arange(width)[:, None] >= torch.arange(width)[None, :]
-            new = (causal & (kv >= 0) & ((kv == 0) | (kv == q))) | torch.eye(width, dtype=torch.bool)
-            mask = torch.cat([self.mask.bool()[:, None, :].expand(rows, width, -1), new.to(device)], 2)[:, None]
+            mask = torch.cat([self.mask.bool()[:, None, :].expand(rows, width, -1), sees.to(device)], 2)[:, None]
             if mask_kind == "additive":
                 dtype = next(model.parameters()).dtype
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -85,7 +77,7 @@ class Prefix:
             use_cache=True,
             **{cache_argument(model): self.cache},
         )
-        return output, starts
+        return output, [columns for _, _, _, columns in layouts]
 
     def grow(self, model: nn.Module, suffixes: list[list[int]], stop_block: nn.Module) -> None:
         """Append ``suffixes`` (one per row, any lengths, empty allowed) to the cache, through ``stop_block``;
@@ -151,14 +143,14 @@ def branch_mask_kind(model: nn.Module) -> str | None:
         vocab = model.get_input_embeddings().num_embeddings
         tokens = [(7 * i + 3) % vocab for i in range(12)]
         prefixes, heads = [tokens[:3], tokens[3:4]], [tokens[4:5], tokens[5:7]]
-        branches = [[tokens[7:9], tokens[9:10]], [tokens[10:12]]]
+        branches = [[tokens[7:9], tokens[9:10], tokens[7:8] + tokens[10:11]], [tokens[10:12]]]  # two share a token
         exact = next(model.parameters()).dtype == torch.float32
         with torch.no_grad():
-            output, starts = prefill(model, prefixes).extend_branches(model, heads, branches, kind)
+            output, columns_of = prefill(model, prefixes).extend_branches(model, heads, branches, kind)
             for r, (prefix, head) in enumerate(zip(prefixes, heads)):
-                for start, branch in zip(starts[r], branches[r]):
+                for own, branch in zip(columns_of[r], branches[r]):
                     alone = model(input_ids=torch.tensor([prefix + head + branch], device=next(model.parameters()).device))
-                    columns = list(range(len(head))) + list(range(start, start + len(branch)))
+                    columns = list(range(len(head))) + own
                     if not torch.allclose(output.logits[r, columns], alone.logits[0, len(prefix) :],
                                           rtol=1e-4 if exact else 2e-2, atol=1e-4 if exact else 2e-2):
                         kind = None
@@ -215,6 +207,27 @@ def common_prefix_length(family: list[list[int]]) -> int:
     while n < shortest - 1 and all(tokens[n] == family[0][n] for tokens in family):
         n += 1
     return n
+
+
+def _trie(head: list[int], branches: list[list[int]]):
+    """One sequence: ``head`` as a chain, then ``branches`` as a trie hanging from its last token. Returns its
+    tokens, each token's parent column (-1: none), its depth (position after the prefix), and per branch the
+    columns of its tokens."""
+    tokens, parents, depths = list(head), list(range(-1, len(head) - 1)), list(range(len(head)))
+    node: dict[tuple[int, ...], int] = {}
+    columns = []
+    for branch in branches:
+        path = []
+        for k in range(len(branch)):
+            key = tuple(branch[: k + 1])
+            if key not in node:
+                node[key] = len(tokens)
+                tokens.append(branch[k])
+                parents.append(path[-1] if path else len(head) - 1)
+                depths.append(len(head) + k)
+            path.append(node[key])
+        columns.append(path)
+    return tokens, parents, depths, columns
 
 
 def _pad(rows: list[list[int]], width: int, left: bool) -> torch.Tensor:

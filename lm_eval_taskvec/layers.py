@@ -187,13 +187,17 @@ def record_outputs(blocks: nn.ModuleList):
 
 
 @contextmanager
-def replay_outputs(blocks: nn.ModuleList, outputs: list):
+def replay_outputs(blocks: nn.ModuleList, outputs: list, copies: int = 1):
     """Blocks 0..len(outputs)-1 return their recorded output instead of running; their forward hooks still run.
+    With ``copies`` > 1, the batch holds that many copies of the recorded one, one after another.
 
     Exact when the pass differs from the recorded one only from the last replayed block's output on (e.g. a
     patch there): a block's output depends on its inputs and its own layer's KV cache alone, so every block
     below the patch would recompute what was recorded. The replayed blocks write nothing to the KV cache.
     """
+    if copies > 1:
+        outputs = [_with_hidden(output, _hidden(output).repeat(copies, *[1] * (_hidden(output).dim() - 1)))
+                   for output in outputs]
     saved = [block.__dict__.get("forward") for block in blocks[: len(outputs)]]  # accelerate may wrap forward
     for block, output in zip(blocks, outputs):
         block.forward = lambda *args, _output=output, **kwargs: _output

@@ -45,6 +45,7 @@ CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice chang
 MIN_DEV_DOCS = 10  # fewer disjoint documents than this: try the next source
 ROW_CHUNK = 64  # dev rows scored per batch
 SUFFIX_FLOOR = 256  # tokens a batch of suffixes after S may pad to before it is cut by length
+STACK_TOKENS = 256  # a pass of the sweep scores several blocks' patches at once, up to this many tokens
 
 
 @dataclass
@@ -251,10 +252,10 @@ def _regular_and_thetas(lm, plans: list, fulls: list[tuple[list[int], list[int]]
                 units = _units(list(context_of), fulls, [], [contexts[c][1][:-1] for c in part], context_of,
                                mask_kind is not None)
                 for chunk in _length_chunks(units, lambda unit: _unit_length(unit, fulls)):
-                    output, starts = grown.take([unit.context for unit in chunk]).extend_branches(
+                    output, columns = grown.take([unit.context for unit in chunk]).extend_branches(
                         lm.model, [unit.head for unit in chunk],
                         [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk], mask_kind)
-                    for i, score in _unit_scores(output, starts, chunk, fulls).items():
+                    for i, score in _unit_scores(output.logits, columns, chunk, fulls).items():
                         out[i] = score
         row = 0
         for key in batch:
@@ -301,19 +302,20 @@ def _units(members: list[int], rows, patches: list, cached: list[list[int]], con
 
 
 def _unit_length(unit: _Unit, rows) -> int:
-    """Tokens the unit's sequence runs: its head, then every row's continuation but its last token."""
-    return len(unit.head) + sum(len(rows[i][1]) - 1 for i in unit.rows)
+    """Tokens the unit's sequence runs: its head, then every row's continuation but its last token, as a trie
+    (choices that begin alike share those tokens)."""
+    return len(unit.head) + len({tuple(rows[i][1][:k]) for i in unit.rows for k in range(1, len(rows[i][1]))})
 
 
-def _unit_scores(output, starts: list[list[int]], chunk: list[_Unit], rows) -> dict[int, torch.Tensor]:
+def _unit_scores(logits, columns: list[list[list[int]]], chunk: list[_Unit], rows) -> dict[int, torch.Tensor]:
     """Per row of the units in ``chunk``: the continuation's summed log-probability, and whether its first
-    token is the argmax (from the head's last token, then from the row's branch)."""
+    token is the argmax (from the head's last token, then from the columns of the row's branch)."""
     scores = {}
     for u, unit in enumerate(chunk):
-        first = output.logits[u, len(unit.head) - 1].float().cpu().log_softmax(-1)
-        for start, i in zip(starts[u], unit.rows):
+        first = logits[u, len(unit.head) - 1].float().cpu().log_softmax(-1)
+        for own, i in zip(columns[u], unit.rows):
             cont = rows[i][1]
-            rest = output.logits[u, start : start + len(cont) - 1].float().cpu().log_softmax(-1)
+            rest = logits[u, own].float().cpu().log_softmax(-1)
             total = first[cont[0]] + rest.gather(1, torch.tensor(cont[1:], dtype=torch.long)[:, None]).sum()
             scores[i] = torch.stack([total, (first.argmax() == cont[0]).float()])
     return scores
@@ -324,9 +326,12 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Distinct contexts minus their last token run once into a KV
     cache (ROW_CHUNK contexts at a time). Rows sharing a context and its plans (a question's choices) run as
-    branches of one sequence (``_units``), so its last token runs once; units run in chunks of similar length
-    (``_length_chunks``). Per chunk, one plain pass records every block's output; a patch at block l replays
-    blocks 0..l from that record and runs only the blocks above l."""
+    branches of one sequence (``_units``), so its last token runs once, and so do tokens the choices begin
+    with alike; units run in chunks of similar length (``_length_chunks``). Per chunk, one plain pass records
+    every block's output; a patch at block l replays blocks 0..l from that record and runs only the blocks
+    above l. Patches at neighbouring blocks run as copies of the chunk in one pass (up to STACK_TOKENS
+    tokens), replayed up to the lowest of them: a pass of a few dozen tokens runs far below the rate of a
+    larger one."""
     out = torch.empty(len(patches), len(rows), 2)
     contexts = sorted(dict.fromkeys(tuple(ctx) for ctx, _ in rows), key=len)  # a group's prefill pads less
     index = {ctx: c for c, ctx in enumerate(contexts)}
@@ -351,10 +356,16 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
             branches = [[rows[i][1][:-1] for i in unit.rows] for unit in chunk]
             at = torch.tensor([len(head) - 1 for head in heads])
 
-            def run(plans=(), replayed: int = 0):
-                with lm.patched(list(plans), at) if plans else nullcontext(), \
-                        replay_outputs(lm.blocks, recorded[:replayed]):
-                    return context_cache.take(which).extend_branches(lm.model, heads, branches, mask_kind)
+            def run(plans=(), replayed: int = 0, copies: int = 1):
+                with lm.patched(list(plans), at.repeat(copies)) if plans else nullcontext(), \
+                        replay_outputs(lm.blocks, recorded[:replayed], copies):
+                    return context_cache.take(which * copies).extend_branches(
+                        lm.model, heads * copies, branches * copies, mask_kind)
+
+            def score(p, logits, columns):
+                for i, row_score in _unit_scores(logits, columns, chunk, rows).items():
+                    out[p, i] = row_score
+                bar.update()
 
             with torch.no_grad():
                 with record_outputs(lm.blocks) as recorded:
@@ -375,16 +386,21 @@ def _fork_scores(lm, rows: list[tuple[list[int], list[int]]], patches: list, des
                     if not replay:
                         lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs "
                                      "and its own KV cache, so the layer sweep runs every block for every patch (slower)")
-                for p, part in enumerate(parts):
+                    score(checked, full[0].logits, full[1])
+                for p in range(len(parts)):
                     if lowest[p] is None:
-                        output, starts = plain
-                    elif p == checked:
-                        output, starts = full
-                    else:
-                        output, starts = run(part, lowest[p] + 1 if replay else 0)
-                    for i, score in _unit_scores(output, starts, chunk, rows).items():
-                        out[p, i] = score
-                    bar.update()
+                        score(p, plain[0].logits, plain[1])
+                # Patches at neighbouring blocks share a pass (a small pass runs slowly): replayed up to the
+                # lowest of them, each copy of the chunk patched at its own block.
+                todo = sorted((p for p in range(len(parts)) if lowest[p] is not None and p != checked),
+                              key=lambda p: lowest[p])
+                size = max(1, STACK_TOKENS // (len(chunk) * _unit_length(chunk[0], rows)))
+                for start in range(0, len(todo), size):
+                    stack = todo[start : start + size]
+                    output, columns = run([plan for p in stack for plan in parts[p]],
+                                          min(lowest[p] for p in stack) + 1 if replay else 0, len(stack))
+                    for k, p in enumerate(stack):
+                        score(p, output.logits[k * len(chunk) : (k + 1) * len(chunk)], columns)
     bar.close()
     return out
 

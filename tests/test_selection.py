@@ -301,11 +301,20 @@ def test_hits_read_each_dev_prompts_own_rows():
 # chunks [9], [5, 4], [4], [2, 2] (padding a chunk by more than an eighth starts a new one): 4 + 0 + 1.
 # ROW_CHUNK 2: contexts by length in groups {[40], [5, 6]} (no prefix), {[20..22], [5..8]}, {[30]*7}; chunks [5],
 # [2, 2]; [2], [1]; [3]; prefixes for the last two groups: 5 + 2 + 1.
-@pytest.mark.parametrize("arch,row_chunk,runs", [(arch, 64, 5) for arch in ARCHITECTURES] + [("llama", 2, 8)])
-def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, runs):
-    """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks: each score
-    must land on its own row, and equal a full forward pass patched by the oracle's own hook."""
+# Passes: the prefixes, the replay check's two, then per chunk the plain one and, as the chunks are far below
+# STACK_TOKENS, one for all its patches together: 0 + 2 + 4 x 2, and 2 + 2 + 5 x 2. STACK_TOKENS 1: a pass per
+# patch; 20: a chunk of 9 tokens stacks 2 patches per pass, one of 4 tokens 5.
+@pytest.mark.parametrize("arch,row_chunk,stack_tokens,runs,passes",
+                         [(arch, 64, selection.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
+                         + [("llama", 2, selection.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None),
+                            ("llama", 64, 20, 5, None)])
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, stack_tokens, runs,
+                                                        passes):
+    """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks, patches
+    stacked in one pass or not: each score must land on its own row, and equal a full forward pass patched by
+    the oracle's own hook."""
     monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(selection, "STACK_TOKENS", stack_tokens)
     lm = make_lm(arch)
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
@@ -328,14 +337,17 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     patches = [None] + [plans_at([layer] * len(rows)) for layer in range(depth)]
     patches.append(plans_at([depth - 1 - i % depth for i in range(len(rows))]))  # each row at its own block
     part_of_block_0 = next(m for m in lm.blocks[0].modules() if list(m.parameters(recurse=False)))
-    runs_of_block_0 = []
+    runs_of_block_0, model_passes = [], []
     branch_mask_kind(lm.model)  # the model's one-off check of branch masks runs before counting
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
+    counter = lm.model.register_forward_pre_hook(lambda *_: model_passes.append(1))
     scores = selection._fork_scores(lm, rows, patches)
     handle.remove()
+    counter.remove()
     assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
     # Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
     assert len(runs_of_block_0) == runs
+    assert passes is None or len(model_passes) == passes
     assert not lm._warned
 
     assert_oracle_scores(lm, rows, patches, scores)
@@ -365,21 +377,34 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
             torch.ones_like(attention_mask), **k))
     expected = {"sdpa": "bool", "eager": "additive", "no mask": None, "misread": None}[attention]
     assert selection.branch_mask_kind(lm.model) == expected
-    rows = [([5, 6, 7], [8]), ([5, 6, 7], [9, 10, 11]), ([5, 6, 7], [12, 13]), ([20, 21], [22, 23]), ([20, 21], [24]),
-            ([30, 31, 32, 33], [34, 35])]
+    # Choices [9, 10, 11] and [9, 10, 14] share all their tokens but the last, [22, 23] and [22, 25] their first.
+    rows = [([5, 6, 7], [8]), ([5, 6, 7], [9, 10, 11]), ([5, 6, 7], [12, 13]), ([5, 6, 7], [9, 10, 14]),
+            ([20, 21], [22, 23]), ([20, 21], [24]), ([20, 21], [22, 25]), ([30, 31, 32, 33], [34, 35])]
     keys = {tuple(ctx): ThetaKey(demos=str(ctx), dummies=(), strip=False) for ctx, _ in rows}
     depth, hidden = len(lm.blocks), lm.model.config.hidden_size
     for layer in range(depth):
         for c, key in enumerate(keys.values()):
             lm._theta_cache[(layer, key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(10 * layer + c))
     patches = [None] + [[Plan("", keys[tuple(ctx)], layer) for ctx, _ in rows] for layer in range(depth)]
-    chunks, extend_branches = set(), Prefix.extend_branches  # each chunk's sequences: heads and branches
-    monkeypatch.setattr(Prefix, "extend_branches", lambda self, model, heads, branches, kind: chunks.add(
-        tuple((tuple(h), tuple(map(tuple, b))) for h, b in zip(heads, branches))) or
-                        extend_branches(self, model, heads, branches, kind))
+    monkeypatch.setattr(selection, "STACK_TOKENS", 1)  # a pass per patch: every pass runs the chunk's sequences once
+    tokens_run, extend_branches = {}, Prefix.extend_branches  # each chunk's sequences: real tokens they run
+
+    def counting(self, model, heads, branches, kind):
+        count = []
+        handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: count.append(int((a[0] > 0).sum())))
+        try:
+            return extend_branches(self, model, heads, branches, kind)
+        finally:
+            handle.remove()
+            tokens_run[tuple((tuple(h), tuple(map(tuple, b))) for h, b in zip(heads, branches))] = count[0]
+
+    monkeypatch.setattr(Prefix, "extend_branches", counting)
     scores = selection._fork_scores(lm, rows, patches)
-    sequences = [sequence for chunk in chunks for sequence in chunk]
-    assert len(sequences) == (3 if expected else 6) and sum(len(b) for _, b in sequences) == 6  # 6 rows: 3 questions
+    sequences = [sequence for chunk in tokens_run for sequence in chunk]
+    assert len(sequences) == (3 if expected else 8) and sum(len(b) for _, b in sequences) == 8  # 8 rows: 3 questions
+    # As branches, each question's last token once, then its choices but their last token as a trie: [7] [9]
+    # [10] [12], [21] [22], [33] [34]. One row per sequence: 8 heads and 8 branches of 0 to 2 tokens.
+    assert sum(tokens_run.values()) == (8 if expected else 8 + 2 + 1 + 2 + 1 + 0 + 1 + 1)
     assert_oracle_scores(lm, rows, patches, scores)
 
 
@@ -487,7 +512,8 @@ def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pa
         lm._theta_cache[(layer, key)] = torch.randn(lm.model.config.hidden_size)
     exact = selection._fork_scores(lm, rows, [None, *patches])
     real = selection.replay_outputs
-    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs: real(blocks, [o + 1e-3 for o in outputs]))
+    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs, copies: real(blocks, [o + 1e-3 for o in outputs],
+                                                                                          copies))
     assert torch.allclose(selection._fork_scores(lm, rows, [None, *patches]), exact, atol=1e-5)
     assert any("runs every block for every patch" in message for message in lm._warned)
     lm._warned.clear()
