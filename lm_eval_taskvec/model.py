@@ -399,22 +399,30 @@ class TaskVectorLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _prefill_and_extract(self, context: torch.Tensor, mask: torch.Tensor, plans: list[Plan]):
-        """For a regular batch whose θ a later hypothesis run needs: run the columns every row shares with its
-        dummy prompts [S, x'] once into the KV cache that generation continues from, and extract θ from that
-        cache with only the dummies' own tokens. Returns the cache, or None when no column is shared."""
+        """For a regular batch whose θ a later hypothesis run needs: run the prompts but their last column once
+        into the KV cache that generation continues from, and extract θ from a copy of that cache, in which each
+        row's dummies see only the tokens the row shares with its dummy prompts [S, x'] (the columns after them
+        become masked holes) and run only their own tokens. Under sliding-window attention, holes would move the
+        window, so only the columns every row shares run first. Returns the cache, or None when none is shared."""
         todo = [r for r, p in enumerate(plans) if p.theta_key is not None and (p.layer, p.theta_key) not in self._theta_cache]
         if not todo:
             return None
         pads = (mask == 0).sum(-1).tolist()
         families = {r: self.theta_prompts(plans[r].theta_key) for r in todo}
-        cut = min(pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in todo)
-        if cut == 0:
+        members = [r for r in todo for _ in families[r]]
+        ends = [pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in members]
+        upto = min(ends) if _sliding_window(self.model) else context.shape[1] - 1
+        ends = [min(end, upto) for end in ends]
+        if max(ends) == 0:
             return None
+        prompts = [prompt for r in todo for prompt in families[r]]
+        suffixes = [prompt[max(0, end - pads[r]) :] for r, end, prompt in zip(members, ends, prompts)]
         layers = sorted({plans[r].layer for r in todo})
-        suffixes = [prompt[max(0, cut - pads[r]) :] for r in todo for prompt in families[r]]
         with torch.no_grad(), self._autocast():
-            prefix = prefill_columns(self.model, context[:, :cut], mask[:, :cut], stop_block=self.blocks[-1])
-            found = states_after(self.model, self.blocks, prefix.take([r for r in todo for _ in families[r]]), suffixes, layers)
+            prefix = prefill_columns(self.model, context[:, :upto], mask[:, :upto], stop_block=self.blocks[-1])
+            shared = prefix.take(members)  # a copy: the cache generation continues from keeps its mask
+            shared.mask[torch.arange(upto, device=mask.device) >= torch.tensor(ends, device=mask.device)[:, None]] = 0
+            found = states_after(self.model, self.blocks, shared, suffixes, layers)
         for i, r in enumerate(todo):
             k = len(families[r])
             self._theta_cache[(plans[r].layer, plans[r].theta_key)] = found[plans[r].layer][i * k : (i + 1) * k].float().mean(0)
@@ -552,6 +560,12 @@ class TaskVectorLM(HFLM):
             info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
                      "embedded_model": self.embedded}
         return info
+
+
+def _sliding_window(model) -> bool:
+    """Whether some attention layer of ``model`` sees only a window of recent positions."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
 def _in_parts(n: int, key, value, run) -> list:

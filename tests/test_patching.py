@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from lm_eval.api.instance import Instance
 
 import lm_eval_taskvec.model as model_module
@@ -347,9 +349,12 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
         torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
 
 
-def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make_lm):
-    """A short prompt beside a long query with a short S: its padding covers every column the batch shares with
-    the θ prompts, so its θ prompts run in full from the (all-padding) prefix."""
+@pytest.mark.parametrize("sliding", [False, True])
+def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make_lm, monkeypatch, sliding):
+    """A short prompt beside a long query with a short S. Whole prompts in the cache, each row's dummies seeing
+    its own S; or, as under sliding-window attention, only the columns all rows share: the short prompt's
+    padding covers them, so its θ prompts run in full from the (all-padding) prefix."""
+    monkeypatch.setattr(model_module, "_sliding_window", lambda model: sliding)
     cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
     reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
     shared = make_lm("llama", mode="regular", layer=1, batch_size=4)
@@ -554,3 +559,10 @@ def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_sa
     assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(greedy)
     shared.mode = "baseline"
     assert shared.generate_until(reqs) != make_lm("llama", mode="baseline", batch_size=8).generate_until(greedy)
+
+
+def test_sliding_window_is_read_from_the_config():
+    assert model_module._sliding_window(SimpleNamespace(config=transformers.MistralConfig(sliding_window=16)))
+    assert not model_module._sliding_window(SimpleNamespace(config=transformers.MistralConfig(sliding_window=None)))
+    assert not model_module._sliding_window(SimpleNamespace(config=transformers.Qwen2Config(use_sliding_window=False)))
+    assert not model_module._sliding_window(SimpleNamespace(config=transformers.LlamaConfig()))
