@@ -387,14 +387,18 @@ class TaskVectorLM(HFLM):
             plans = [p if p.patch else replace(p, theta_key=None) for p in plans]
         elif self.mode == "hypothesis" and "baseline" in self.shared_modes and context.shape[1] > 1:
             # Baseline and hypothesis run the same query tokens and differ from the last one on: prefill the
-            # rest once; baseline continues from a copy, unpatched, and waits for the baseline run.
+            # rest once, then generate both in one batch, each row twice, its first copy unpatched; baseline's
+            # answers wait for the baseline run.
             with torch.no_grad(), self._autocast():
                 prefix = prefill_columns(self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1],
                                          stop_block=self.blocks[-1])
-            rows = list(range(context.shape[0]))
-            self._forked_baseline[key] = super()._model_generate(
-                context, max_length, stop, **generation_kwargs, **{cache_argument(self.model): prefix.take(rows).cache})
-            generation_kwargs[cache_argument(self.model)] = prefix.cache
+            rows = context.shape[0]
+            both = dict(generation_kwargs, attention_mask=generation_kwargs["attention_mask"].repeat(2, 1),
+                        **{cache_argument(self.model): prefix.take(list(range(rows)) * 2).cache})
+            with self.patched([replace(p, theta_key=None) for p in plans] + plans, -1, first_call_only=True):
+                answers = super()._model_generate(context.repeat(2, 1), max_length, stop, **both)
+            self._forked_baseline[key] = answers[:rows]
+            return answers[rows:]
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
