@@ -1,9 +1,10 @@
 """Batched forward passes that compute a shared prefix once and reuse its KV cache.
 
-Extraction: a family is the prompts [S, x'_1], ..., [S, x'_k] behind one task vector; they share S. The
-prefix runs once, left-padded, into a KV cache repeated for the k members; then only the short suffixes
-run. Both passes stop after the deepest block needed, so extraction at layer L never pays for blocks above.
-The layer sweep uses the same two steps: the query minus its last token once, then the last token per layer.
+Extraction: a family is the prompts [S, x'_1], ..., [S, x'_k] behind one task vector; they share S. S runs
+once and the members' short suffixes run as branches after it, kept apart by a 4D attention mask, in one pass
+(or, for a model that takes no such mask, S into a KV cache repeated for the k members, then the suffixes).
+Passes stop after the deepest block needed, so extraction at layer L never pays for blocks above. The layer
+sweep reuses a cache the same way: the query minus its last token once, then the last token per layer.
 """
 
 from __future__ import annotations
@@ -171,23 +172,46 @@ def last_token_states(
     k = len(families[0])
     if any(len(f) != k for f in families):
         raise ValueError("every family needs the same number of prompts")
-    deepest = blocks[max(layers)]
+    longest = max(len(tokens) for family in families for tokens in family)
+    mask_kind = branch_mask_kind(model) if within_window(model, longest) else None
     out = None
     order = sorted(range(len(families)), key=lambda i: -max(map(len, families[i])))
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2):
         batch = [families[i] for i in order[start : start + batch_size]]
         cut = [common_prefix_length(f) for f in batch]
-        cut = cut if min(cut) > 0 else [0] * len(cut)  # a family sharing nothing: no prefix for this batch
-        suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
         with torch.no_grad():
-            prefix = prefill(model, [f[0][:c] for f, c in zip(batch, cut)], stop_block=deepest)
-            found = states_after(model, blocks, prefix, suffixes, layers, repeat=k)
-        states = torch.stack([found[layer] for layer in layers]).unflatten(1, (len(batch), k))
+            if mask_kind is not None:
+                found = _family_states(model, blocks, batch, cut, layers, mask_kind)
+            else:  # S into a KV cache repeated per member, then the suffixes: two passes
+                cut = cut if min(cut) > 0 else [0] * len(cut)  # a family sharing nothing: no prefix for this batch
+                prefix = prefill(model, [f[0][:c] for f, c in zip(batch, cut)], stop_block=blocks[max(layers)])
+                suffixes = [tokens[c:] for f, c in zip(batch, cut) for tokens in f]
+                found = states_after(model, blocks, prefix, suffixes, layers, repeat=k)
+        states = torch.stack([found[layer] for layer in layers]).reshape(len(layers), len(batch), k, -1)
         if out is None:
             out = states.new_empty(len(layers), len(families), k, states.shape[-1])
         out[:, order[start : start + batch_size]] = states
     return out
+
+
+def _family_states(model, blocks, batch, cut, layers, mask_kind) -> dict[int, torch.Tensor]:
+    """One pass per batch: each family's shared prefix S once, its members' suffixes as branches after it
+    (``Prefix.extend_branches`` from an empty cache). {layer: Tensor[families, k, hidden]}."""
+    heads = [family[0][:c] for family, c in zip(batch, cut)]
+    branches = [[tokens[c:] for tokens in family] for family, c in zip(batch, cut)]
+    last = torch.tensor([[columns[-1] for columns in _trie(h, b)[3]] for h, b in zip(heads, branches)])
+    with read_last_states(blocks, layers, last) as found, stop_after(blocks[max(layers)]):
+        prefill(model, [[] for _ in batch]).extend_branches(model, heads, branches, mask_kind)
+    return found
+
+
+def within_window(model: nn.Module, width: int) -> bool:
+    """Whether every attention layer of ``model`` sees all of ``width`` positions. A sliding window would be
+    moved by a custom 4D mask or by masked holes in the cache, so those passes run only within it."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
+    return not window or width <= window
 
 
 def states_after(model: nn.Module, blocks: nn.ModuleList, prefix: Prefix, suffixes: list[list[int]], layers: list[int],

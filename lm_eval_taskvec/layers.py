@@ -102,17 +102,18 @@ def stop_after(block: nn.Module):
 
 @contextmanager
 def read_last_states(blocks: nn.ModuleList, layers: list[int], last_index: torch.Tensor):
-    """Collect each listed block's output at row ``i``'s position ``last_index[i]``.
+    """Collect each listed block's output at row ``i``'s position ``last_index[i]`` (or positions: a row of
+    ``last_index`` per batch row, for several sequences in one row).
 
-    Yields a dict {layer: Tensor[batch, hidden]} that fills as the forward runs; only one vector per row and
-    layer is kept, so memory stays O(batch x hidden x layers), never x sequence.
+    Yields a dict {layer: Tensor[batch, (positions,) hidden]} that fills as the forward runs; only the vectors
+    asked for are kept, so memory stays O(batch x hidden x layers), never x sequence.
     """
     found: dict[int, torch.Tensor] = {}
 
     def make_hook(layer):
         def hook(module, args, output):
             hidden = _hidden(output)
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            rows = torch.arange(hidden.shape[0], device=hidden.device).view(-1, *[1] * (last_index.dim() - 1))
             found[layer] = hidden[rows, last_index.to(hidden.device)].detach()
 
         return hook

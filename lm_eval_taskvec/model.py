@@ -27,7 +27,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
-from lm_eval_taskvec.extraction import cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after
+from lm_eval_taskvec.extraction import (cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after,
+                                        within_window)
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
@@ -415,7 +416,8 @@ class TaskVectorLM(HFLM):
         families = {r: self.theta_prompts(plans[r].theta_key) for r in todo}
         members = [r for r in todo for _ in families[r]]
         ends = [pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in members]
-        upto = min(ends) if _sliding_window(self.model) else context.shape[1] - 1
+        holes = within_window(self.model, context.shape[1] + max(map(len, families[todo[0]])))
+        upto = context.shape[1] - 1 if holes else min(ends)
         ends = [min(end, upto) for end in ends]
         if max(ends) == 0:
             return None
@@ -564,12 +566,6 @@ class TaskVectorLM(HFLM):
             info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
                      "embedded_model": self.embedded}
         return info
-
-
-def _sliding_window(model) -> bool:
-    """Whether some attention layer of ``model`` sees only a window of recent positions."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
 def _in_parts(n: int, key, value, run) -> list:

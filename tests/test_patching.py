@@ -96,14 +96,21 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, arch):
-    """Families of different prefix and suffix lengths in one batch: left-padded prefix, cache, suffixes."""
+@pytest.mark.parametrize("arch,branches", [(arch, True) for arch in ARCHITECTURES] + [("llama", False), ("gpt2", False)])
+def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monkeypatch, arch, branches):
+    """Families of different prefix and suffix lengths in one batch: each family's S once and its dummies'
+    suffixes as branches after it, in one pass per batch; or, where a model takes no 4D mask, a left-padded
+    prefix into a KV cache, then the suffixes (two passes)."""
     lm = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
+    monkeypatch.setattr(lm.model, "_taskvec_branch_mask", "bool" if branches else None, raising=False)
     families = [[context(d, q) for q in queries] for d, queries in
                 [("abcdefgh", ("k", "mno")), ("a", ("bc", "d")), ("abc", ("de", "f")), ("xy", ("z", "uvw"))]]
     layers = list(range(len(lm.blocks)))
+    passes = []
+    counter = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
     shared = lm.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    counter.remove()
+    assert len(passes) == (2 if branches else 4)  # two batches of up to three families
     for f, family in enumerate(families):
         for j, prompt in enumerate(family):
             full = lm.model(torch.tensor([lm.tok_encode(prompt)]), output_hidden_states=True).hidden_states
@@ -354,7 +361,7 @@ def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make
     """A short prompt beside a long query with a short S. Whole prompts in the cache, each row's dummies seeing
     its own S; or, as under sliding-window attention, only the columns all rows share: the short prompt's
     padding covers them, so its θ prompts run in full from the (all-padding) prefix."""
-    monkeypatch.setattr(model_module, "_sliding_window", lambda model: sliding)
+    monkeypatch.setattr(model_module, "within_window", lambda model, width: not sliding)
     cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
     reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
     shared = make_lm("llama", mode="regular", layer=1, batch_size=4)
@@ -562,7 +569,11 @@ def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_sa
 
 
 def test_sliding_window_is_read_from_the_config():
-    assert model_module._sliding_window(SimpleNamespace(config=transformers.MistralConfig(sliding_window=16)))
-    assert not model_module._sliding_window(SimpleNamespace(config=transformers.MistralConfig(sliding_window=None)))
-    assert not model_module._sliding_window(SimpleNamespace(config=transformers.Qwen2Config(use_sliding_window=False)))
-    assert not model_module._sliding_window(SimpleNamespace(config=transformers.LlamaConfig()))
+    def config(cls, **kwargs):
+        return SimpleNamespace(config=cls(**kwargs))
+
+    assert model_module.within_window(config(transformers.MistralConfig, sliding_window=16), 16)
+    assert not model_module.within_window(config(transformers.MistralConfig, sliding_window=16), 17)
+    assert model_module.within_window(config(transformers.MistralConfig, sliding_window=None), 10**6)
+    assert model_module.within_window(config(transformers.Qwen2Config, use_sliding_window=False, sliding_window=16), 10**6)
+    assert model_module.within_window(config(transformers.LlamaConfig), 10**6)
