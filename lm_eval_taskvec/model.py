@@ -23,12 +23,13 @@ from dataclasses import dataclass, replace
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from transformers import DynamicCache
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, read_escapes, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, identity
-from lm_eval_taskvec.extraction import (cache_argument, common_prefix_length, last_token_states, prefill_columns, states_after,
-                                        within_window)
+from lm_eval_taskvec.extraction import (Prefix, cache_argument, common_prefix_length, last_token_states, prefill_columns,
+                                        states_after, within_window)
 from lm_eval_taskvec.layers import find_blocks, replace_states, resolve_layer
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
@@ -381,12 +382,13 @@ class TaskVectorLM(HFLM):
             if key in self._forked_baseline:  # computed alongside hypothesis, from the same query prefill
                 return self._forked_baseline.pop(key)
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        if not all(p.patch for p in plans):
-            cache = self._prefill_and_extract(context, generation_kwargs["attention_mask"], plans)
-            if cache is not None:
-                generation_kwargs[cache_argument(self.model)] = cache
-            plans = [p if p.patch else replace(p, theta_key=None) for p in plans]
-        elif self.mode == "hypothesis" and "baseline" in self.shared_modes and context.shape[1] > 1:
+        if not all(p.patch for p in plans):  # regular, preparing θ: stock generation, then θ from its KV cache
+            cache = DynamicCache(config=self.model.config)
+            answers = super()._model_generate(context, max_length, stop, **generation_kwargs,
+                                              **{cache_argument(self.model): cache})
+            self._extract_from_cache(cache, context, generation_kwargs["attention_mask"], plans)
+            return answers
+        if self.mode == "hypothesis" and "baseline" in self.shared_modes and context.shape[1] > 1:
             # Baseline and hypothesis run the same query tokens and differ from the last one on: prefill the
             # rest once, then generate both in one batch, each row twice, its first copy unpatched; baseline's
             # answers wait for the baseline run.
@@ -403,36 +405,30 @@ class TaskVectorLM(HFLM):
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
-    def _prefill_and_extract(self, context: torch.Tensor, mask: torch.Tensor, plans: list[Plan]):
-        """For a regular batch whose θ a later hypothesis run needs: run the prompts but their last column once
-        into the KV cache that generation continues from, and extract θ from a copy of that cache, in which each
-        row's dummies see only the tokens the row shares with its dummy prompts [S, x'] (the columns after them
-        become masked holes) and run only their own tokens. Under sliding-window attention, holes would move the
-        window, so only the columns every row shares run first. Returns the cache, or None when none is shared."""
+    def _extract_from_cache(self, cache, context: torch.Tensor, mask: torch.Tensor, plans: list[Plan]) -> None:
+        """θ for a later hypothesis run from the KV cache of a regular batch's generation, so that S runs once:
+        in a copy of the cache, each row's dummies see only the tokens the row shares with its dummy prompts
+        [S, x'] (the columns after them, query and answer, become masked holes) and run only their own tokens.
+        Under a sliding window shorter than the cache, holes would move the window: hypothesis extracts θ."""
         todo = [r for r, p in enumerate(plans) if p.theta_key is not None and (p.layer, p.theta_key) not in self._theta_cache]
-        if not todo:
-            return None
-        pads = (mask == 0).sum(-1).tolist()
         families = {r: self.theta_prompts(plans[r].theta_key) for r in todo}
+        width = cache.get_seq_length()
+        if not todo or not within_window(self.model, width + max(len(t) for f in families.values() for t in f)):
+            return
+        pads = (mask == 0).sum(-1).tolist()
         members = [r for r in todo for _ in families[r]]
-        ends = [pads[r] + common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in members]
-        holes = within_window(self.model, context.shape[1] + max(map(len, families[todo[0]])))
-        upto = context.shape[1] - 1 if holes else min(ends)
-        ends = [min(end, upto) for end in ends]
-        if max(ends) == 0:
-            return None
-        prompts = [prompt for r in todo for prompt in families[r]]
-        suffixes = [prompt[max(0, end - pads[r]) :] for r, end, prompt in zip(members, ends, prompts)]
+        cuts = [common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in members]
+        suffixes = [prompt[cut:] for cut, prompt in zip(cuts, (p for r in todo for p in families[r]))]
+        columns, pads = torch.arange(width, device=mask.device), torch.tensor(pads, device=mask.device)[members]
+        seen = (columns >= pads[:, None]) & (columns < (pads + torch.tensor(cuts, device=mask.device))[:, None])
         layers = sorted({plans[r].layer for r in todo})
         with torch.no_grad(), self._autocast():
-            prefix = prefill_columns(self.model, context[:, :upto], mask[:, :upto], stop_block=self.blocks[-1])
-            shared = prefix.take(members)  # a copy: the cache generation continues from keeps its mask
-            shared.mask[torch.arange(upto, device=mask.device) >= torch.tensor(ends, device=mask.device)[:, None]] = 0
+            shared = Prefix(cache, mask).take(members)  # a copy of the selected rows
+            shared.mask = seen.to(mask.dtype)
             found = states_after(self.model, self.blocks, shared, suffixes, layers)
         for i, r in enumerate(todo):
             k = len(families[r])
             self._theta_cache[(plans[r].layer, plans[r].theta_key)] = found[plans[r].layer][i * k : (i + 1) * k].float().mean(0)
-        return prefix.cache
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):

@@ -357,10 +357,10 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
 
 
 @pytest.mark.parametrize("sliding", [False, True])
-def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make_lm, monkeypatch, sliding):
-    """A short prompt beside a long query with a short S. Whole prompts in the cache, each row's dummies seeing
-    its own S; or, as under sliding-window attention, only the columns all rows share: the short prompt's
-    padding covers them, so its θ prompts run in full from the (all-padding) prefix."""
+def test_regular_run_prepares_theta_of_a_row_padded_past_its_demonstrations(make_lm, monkeypatch, sliding):
+    """A short prompt beside a long query with a short S: in the KV cache of the regular batch's generation,
+    each row's dummies see its own S only (its query and answer masked). Under a sliding window shorter than
+    that cache, the regular run leaves θ to the hypothesis run, which extracts it on its own."""
     monkeypatch.setattr(model_module, "within_window", lambda model, width: not sliding)
     cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
     reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
@@ -368,7 +368,11 @@ def test_regular_run_prepares_theta_of_a_row_padded_past_the_shared_columns(make
     shared.shared_modes = ("regular", "hypothesis")
     shared.generate_until(reqs)
     separate = make_lm("llama", mode="hypothesis", layer=1)
-    for plan in separate.plan(reqs):
+    plans = separate.plan(reqs)
+    assert [(p.layer, p.theta_key) in shared._theta_cache for p in plans] == [not sliding] * len(plans)
+    shared.mode = "hypothesis"
+    shared.plan(reqs)
+    for plan in plans:
         torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
 
 
