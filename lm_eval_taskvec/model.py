@@ -415,17 +415,16 @@ class TaskVectorLM(HFLM):
         width = cache.get_seq_length()
         if not todo or not within_window(self.model, width + max(len(t) for f in families.values() for t in f)):
             return
-        pads = (mask == 0).sum(-1).tolist()
+        pads = (mask == 0).sum(-1)
+        cuts = {r: common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in todo}
+        ends = pads + torch.tensor([cuts.get(r, 0) for r in range(len(plans))], device=mask.device)
+        columns = torch.arange(width, device=mask.device)
+        seen = ((columns >= pads[:, None]) & (columns < ends[:, None])).to(mask.dtype)  # each row's S alone
         members = [r for r in todo for _ in families[r]]
-        cuts = [common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in members]
-        suffixes = [prompt[cut:] for cut, prompt in zip(cuts, (p for r in todo for p in families[r]))]
-        columns, pads = torch.arange(width, device=mask.device), torch.tensor(pads, device=mask.device)[members]
-        seen = (columns >= pads[:, None]) & (columns < (pads + torch.tensor(cuts, device=mask.device))[:, None])
+        suffixes = [prompt[cuts[r] :] for r in todo for prompt in families[r]]
         layers = sorted({plans[r].layer for r in todo})
         with torch.no_grad(), self._autocast():
-            shared = Prefix(cache, mask).take(members)  # a copy of the selected rows
-            shared.mask = seen.to(mask.dtype)
-            found = states_after(self.model, self.blocks, shared, suffixes, layers)
+            found = states_after(self.model, self.blocks, Prefix(cache, seen).take(members), suffixes, layers)
         for i, r in enumerate(todo):
             k = len(families[r])
             self._theta_cache[(plans[r].layer, plans[r].theta_key)] = found[plans[r].layer][i * k : (i + 1) * k].float().mean(0)
