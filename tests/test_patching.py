@@ -10,6 +10,7 @@ import torch
 import transformers
 from lm_eval.api.instance import Instance
 
+import lm_eval_taskvec.extraction as extraction
 import lm_eval_taskvec.model as model_module
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.layers import replace_states
@@ -96,13 +97,18 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,branches", [(arch, True) for arch in ARCHITECTURES] + [("llama", False), ("gpt2", False)])
-def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monkeypatch, arch, branches):
+@pytest.mark.parametrize("arch,case", [(arch, "branches") for arch in ARCHITECTURES]
+                         + [("llama", "no 4D mask"), ("gpt2", "no 4D mask"), ("llama", "short sliding window")])
+def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monkeypatch, arch, case):
     """Families of different prefix and suffix lengths in one batch: each family's S once and its dummies'
-    suffixes as branches after it, in one pass per batch; or, where a model takes no 4D mask, a left-padded
-    prefix into a KV cache, then the suffixes (two passes)."""
+    suffixes as branches after it, in one pass per batch; or, where a model takes no 4D mask or a sliding
+    window is shorter than the prompts, a left-padded prefix into a KV cache, then the suffixes (two passes)."""
     lm = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
-    monkeypatch.setattr(lm.model, "_taskvec_branch_mask", "bool" if branches else None, raising=False)
+    monkeypatch.setattr(lm.model, "_taskvec_branch_mask", None if case == "no 4D mask" else "bool", raising=False)
+    asked = []  # the widths extraction asks a sliding window to cover
+    monkeypatch.setattr(extraction, "within_window",
+                        lambda model, width: asked.append(width) or case != "short sliding window")
+    branches = case == "branches"
     families = [[context(d, q) for q in queries] for d, queries in
                 [("abcdefgh", ("k", "mno")), ("a", ("bc", "d")), ("abc", ("de", "f")), ("xy", ("z", "uvw"))]]
     layers = list(range(len(lm.blocks)))
@@ -111,6 +117,7 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     shared = lm.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
     counter.remove()
     assert len(passes) == (2 if branches else 4)  # two batches of up to three families
+    assert asked == [max(len(lm.tok_encode(p)) for f in families for p in f)]
     for f, family in enumerate(families):
         for j, prompt in enumerate(family):
             full = lm.model(torch.tensor([lm.tok_encode(prompt)]), output_hidden_states=True).hidden_states
