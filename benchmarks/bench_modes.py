@@ -69,7 +69,7 @@ def main():
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_eval_taskvec import selection
+    from lm_eval_taskvec.selection import dev_sets, sweep
     from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
     from lm_eval_taskvec.model import TaskVectorLM
     from lm_eval_taskvec.tasks import task_dir
@@ -85,18 +85,18 @@ def main():
     stock = HFLM(**common)
     ours = {mode: TaskVectorLM(mode=mode, layer=args.layer, **common) for mode in ("regular", "hypothesis", "baseline")}
     together = TaskVectorLM(mode="regular", layer=args.layer, **common)
-    together.shared_modes = ("regular", "hypothesis", "baseline")
+    together.set_mode("regular", shared_modes=("regular", "hypothesis", "baseline"))
     sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.limit, layer_cache="off", **common)
-    (dev,) = selection.dev_sets(sweeper, args.task)  # per-document S, like the test requests
+    (dev,) = dev_sets(sweeper.settings, args.task)  # per-document S, like the test requests
     dev_requests = [r for ex in dev.examples for r in ex.requests]
     task.sampler = FirstNSampler(list(task.fewshot_docs()), rnd=1234)  # every document gets the same S
     shared = requests_of(task, args.limit)
 
     def fresh(lm, call):
-        def run():
-            lm._theta_cache.clear()  # every repeat extracts θ again
+        def again():
+            lm.thetas.clear()  # every repeat extracts θ again
             return call()
-        return run
+        return again
 
     def separately():
         for mode in ("regular", "hypothesis", "baseline"):
@@ -104,9 +104,9 @@ def main():
 
     def all_modes_together():
         for mode in ("regular", "hypothesis", "baseline"):
-            together.mode = mode
+            together.set_mode(mode)
             together.generate_until(per_doc, disable_tqdm=True)
-        together.mode = "regular"
+        together.set_mode("regular")
 
     cases = {
         "stock hf, regular": lambda: stock.generate_until(per_doc, disable_tqdm=True),
@@ -117,16 +117,16 @@ def main():
         "3 modes, separate runs": fresh(ours["hypothesis"], separately),
         "3 modes, one model (shared S)": fresh(together, all_modes_together),
         "hypothesis on the dev split": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)),
-        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: selection._score(sweeper, args.task, [dev])),
+        "full sweep (all blocks, dev split)": fresh(sweeper, lambda: sweep.score(sweeper, args.task, [dev])),
     }
     stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
     times, walls, memory = dict.fromkeys(cases, float("inf")), dict.fromkeys(cases, float("inf")), {}
     for _ in range(args.repeats):  # round robin, so that no case is always the first after some other
-        for name, run in cases.items():
+        for name, case in cases.items():
             gc.collect()
             with PeakMemory() as peak:
                 start, start_wall = time.process_time(), time.perf_counter()
-                run()
+                case()
                 times[name] = min(times[name], time.process_time() - start)
                 walls[name] = min(walls[name], time.perf_counter() - start_wall)
             memory[name] = max(memory.get(name, 0.0), peak.mib)

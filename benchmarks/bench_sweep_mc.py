@@ -65,7 +65,8 @@ def main():
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_eval_taskvec import offline_tasks, selection
+    from lm_eval_taskvec import offline_tasks
+    from lm_eval_taskvec.selection import dev_sets, sweep
     from lm_eval_taskvec.embedded import EMBEDDED_NAME, cache_dir, embedded_model_path
     from lm_eval_taskvec.model import TaskVectorLM
 
@@ -79,25 +80,25 @@ def main():
     task.set_config(key="num_fewshot", value=args.num_fewshot)
     sweeper = TaskVectorLM(mode="hypothesis", layer="auto", num_dev=args.num_dev, layer_cache="off", **common)
     fixed = TaskVectorLM(mode="hypothesis", layer=args.layer, **common)
-    sets = selection.dev_sets(sweeper, args.task)  # two halves when the task cross-fits (ARC here)
+    sets = dev_sets(sweeper.settings, args.task)  # two halves when the task cross-fits (ARC here)
     requests = [r for dev in sets for ex in dev.examples for r in ex.requests]
 
-    def sweep():
-        sweeper._theta_cache.clear()
-        return selection._score(sweeper, args.task, sets)
+    def full_sweep():
+        sweeper.thetas.clear()
+        return sweep.score(sweeper, args.task, sets)
 
     def hypothesis():
-        fixed._theta_cache.clear()
+        fixed.thetas.clear()
         return fixed.loglikelihood(requests, disable_tqdm=True)
 
-    cases = {"sweep": (sweep, sweeper), "hypothesis": (hypothesis, fixed)}
+    cases = {"sweep": (full_sweep, sweeper), "hypothesis": (hypothesis, fixed)}
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         flops = {}
-        for name, (run, _) in cases.items():
+        for name, (case, _) in cases.items():
             with FlopCounterMode(display=False) as counter:
-                run()
+                case()
             flops[name] = counter.get_total_flops()
         print(f"floating-point operations: sweep {flops['sweep'] / 1e12:.2f} T, hypothesis "
               f"{flops['hypothesis'] / 1e12:.2f} T, ratio {flops['sweep'] / flops['hypothesis']:.2f}")
@@ -106,25 +107,25 @@ def main():
     fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
     best, wall, parts, outputs = defaultdict(lambda: float("inf")), defaultdict(lambda: float("inf")), {}, {}
     for _ in range(args.repeats):
-        for name, (run, lm) in cases.items():
+        for name, (case, lm) in cases.items():
             totals = defaultdict(float)
-            with (timed_calls(lm, "ensure_thetas", totals), timed_calls(selection, "_regular_and_thetas", totals),
-                  timed_calls(selection, "_fork_scores", totals)):
+            with (timed_calls(lm.thetas, "ensure", totals), timed_calls(sweep, "regular_and_thetas", totals),
+                  timed_calls(sweep, "fork_scores", totals)):
                 start, start_wall = time.process_time(), time.perf_counter()
-                outputs[name] = run()
+                outputs[name] = case()
                 seconds, wall[name] = time.process_time() - start, min(wall[name], time.perf_counter() - start_wall)
             if seconds < best[name]:
                 best[name], parts[name] = seconds, dict(totals)
 
     prompts = sum(len(dev.examples) for dev in sets)
-    plans = sweeper.plan(requests, layer=0, extract=False)
-    pairs = [sweeper._encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
-    fulls = {tuple(sweeper._encode_pair(*r.args)[0]) for r in requests}
+    plans = sweeper.planner.plan(requests)
+    pairs = [sweeper.encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
+    fulls = {tuple(sweeper.encode_pair(*r.args)[0]) for r in requests}
     thetas = {p.theta_key for p in plans}
     query, cont = (sum(len(pair[i]) for pair in pairs) for i in (0, 1))
     n = len(fixed.blocks)
     print(f"\ntokens through the model (one block-pass of one token = 1/{n}):\n"
-          f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.theta_prompts(k))))} "
+          f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.thetas.prompts(k))))} "
           f"(hypothesis to block {args.layer}, sweep through all {n})\n"
           f"  query + choice rows: {query + cont} (hypothesis runs each in full; the sweep runs each distinct query "
           f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
@@ -144,9 +145,9 @@ def main():
         print(f"half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
               f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}")
     if args.profile:
-        for name, run in (("sweep", sweep), ("hypothesis", hypothesis)):
+        for name, case in (("sweep", full_sweep), ("hypothesis", hypothesis)):
             profiler = cProfile.Profile()
-            profiler.runcall(run)
+            profiler.runcall(case)
             print(f"--- cProfile of one {name}")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)

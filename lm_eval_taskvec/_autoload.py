@@ -69,7 +69,7 @@ def _guarded(callback):
     """A registration that finds an lm-eval it does not fit warns once and stands down: it never breaks
     ``import lm_eval``."""
 
-    def run():
+    def guarded():
         try:
             callback()
         except Exception as err:  # noqa: BLE001 - any incompatibility, reported
@@ -79,7 +79,7 @@ def _guarded(callback):
                           f"{err!r}), so hf-taskvec and the tv_* tasks are not registered: install "
                           "lm-eval>=0.4.13,<0.5", stacklevel=2)
 
-    return run
+    return guarded
 
 
 _AFTER_IMPORT = {"lm_eval.models": _guarded(register_model), "lm_eval.tasks.manager": _guarded(add_task_path)}

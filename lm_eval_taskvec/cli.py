@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     offline = offline_tasks.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "offline-tasks":
-        offline_tasks.run(args, offline)
+        offline_tasks.write_from_args(args, offline)
     elif args.command == "compare":
-        compare_cli.run(args, compare)
+        compare_cli.compare_from_args(args, compare)
     elif getattr(args, "analysis", None):
         from lm_eval.utils import setup_logging
 
@@ -202,7 +202,7 @@ def run_sweep(args) -> None:
     lm = load_model(args, **fixed)
     tasks = load_tasks(args)
     lm.choose_layers(tasks)
-    choices = {name: lm.selections[name] for name in sorted(tasks)}
+    choices = {name: lm.layer_choices[name] for name in sorted(tasks)}
 
     out = Path(args.output_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def run_sweep(args) -> None:
     model = f"{lm.embedded['model']} (embedded, {lm.embedded['weights']})" if lm.embedded else lm.model.name_or_path
     shots = span([task.get_config("num_fewshot") or 0 for task in tasks.values()])
     title = (f"{model}\n{', '.join(args.tasks)}: n = {span([c['num_dev'] for c in choices.values()])} dev "
-             f"prompts per task, {shots}-shot, {lm.num_dummy} dummy queries per θ")
+             f"prompts per task, {shots}-shot, {lm.settings.num_dummy} dummy queries per θ")
     plot(choices, out / "sweep.png", title)
     print(f"\nwrote {out / 'sweep.json'} and {out / 'sweep.png'}")
 

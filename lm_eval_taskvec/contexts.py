@@ -86,11 +86,6 @@ def split_at_delimiter(context: str, delimiter: str) -> Split:
     return Split(demos + delimiter, query)
 
 
-def read_escapes(text: str) -> str:
-    r"""The CLI passes "\n" as a backslash and an n: read Python escapes, keeping non-ASCII characters intact."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
 def choose_dummies(pool, own: tuple[str, ...], k: int, seed: int, task: str, demos: str) -> tuple[str, ...]:
     """``k`` dummy queries from ``pool``, never one of the document's ``own`` queries, reproducible.
 

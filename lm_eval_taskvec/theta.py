@@ -1,17 +1,127 @@
-"""The public API for θ, shared by hf-taskvec, layer=auto and every analysis: few-shot requests built by
-lm-eval's own task objects, θ extracted at any blocks, and requests run with θ patched in.
+"""θ: what identifies one (``ThetaKey``), the one place θ are kept (``ThetaStore``), and the public API the
+analyses use: few-shot requests built by lm-eval's own task objects and θ at any blocks.
 
     requests = few_shot_requests(task, docs, num_fewshot=4, seed=0)   # one list of Instances per document
     thetas = task_vectors(lm, [r[0] for r in requests], layers=[15])  # Tensor[layers, requests, hidden]
-    plans = lm.plan(requests_of_b, layer=15)                           # S, x, dummies and θ of each request
-    lm.generate_planned(requests_of_a, [replace(p, query=...) ...])    # run any text with any planned θ
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from lm_eval_taskvec.extraction import Prefix, common_prefix_length, last_token_states, states_after, within_window
+
+
+@dataclass(frozen=True)
+class ThetaKey:
+    """Identifies θ: the prompts [S, x'] exactly as the regular path would tokenize them."""
+
+    demos: str
+    dummies: tuple[str, ...]
+    strip: bool  # likelihood requests: trailing whitespace of the context moves onto the continuation
+    max_tokens: int | None = None  # left-truncate each prompt to this many tokens, as regular mode does
+    stored: str | None = None  # θ read from a theta_path file ("path#task@layer"), not extracted
+
+
+class ThetaStore:
+    """Every θ of one model, by (layer, key): filled by extraction passes (``ensure``), from the KV cache of a
+    regular generation (``fill_from_cache``) or from a file (``put``); nothing else holds θ.
+
+    Args:
+        model, blocks: the model and its decoder blocks.
+        encode: text -> token ids, as the model's regular path tokenizes a context.
+        batch_size: prompts per extraction pass (read at each pass: the user's batch size may change).
+        autocast: a context manager for the model's mixed precision.
+        progress: whether to show progress bars (rank 0).
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, encode: Callable[[str], list[int]],
+                 batch_size: Callable[[], int], autocast: Callable[[], AbstractContextManager], progress: bool = True):
+        self.model, self.blocks, self.encode = model, blocks, encode
+        self.batch_size, self.autocast, self.progress = batch_size, autocast, progress
+        self._thetas: dict[tuple[int, ThetaKey], torch.Tensor] = {}
+
+    def __contains__(self, item: tuple[int, ThetaKey]) -> bool:
+        return item in self._thetas
+
+    def __len__(self) -> int:
+        return len(self._thetas)
+
+    def get(self, layer: int, key: ThetaKey) -> torch.Tensor:
+        """θ of ``key`` at block ``layer``: Tensor[hidden]."""
+        return self._thetas[(layer, key)]
+
+    def put(self, layer: int, key: ThetaKey, theta: torch.Tensor) -> None:
+        """Keep ``theta`` unless the store already holds one for (layer, key): the first computation wins."""
+        self._thetas.setdefault((layer, key), theta)
+
+    def missing(self, wanted) -> set[tuple[int, ThetaKey]]:
+        """The (layer, key) pairs of ``wanted`` the store does not hold yet."""
+        return {item for item in wanted if item not in self._thetas}
+
+    def clear(self) -> None:
+        self._thetas.clear()
+
+    def prompts(self, key: ThetaKey) -> list[list[int]]:
+        """Tokens of [S, x'] for each dummy x', tokenized (and truncated) as the regular path does."""
+        texts = [key.demos + dummy for dummy in key.dummies]
+        tokens = [self.encode(text.rstrip() if key.strip else text) for text in texts]
+        return [t[-key.max_tokens :] for t in tokens] if key.max_tokens else tokens
+
+    def ensure(self, wanted, desc: str = "Extracting task vectors") -> None:
+        """Compute every missing θ of ``wanted`` ((layer, key) pairs): one extraction pass per set of layers
+        (a sweep needs all blocks of each [S, x'] prompt; an evaluation needs one layer per task, and stops
+        there). θ is the mean over the dummies, accumulated in float32."""
+        layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
+        for layer, key in wanted:
+            if (layer, key) not in self._thetas:
+                layers_of[key].add(layer)
+        passes: dict[tuple[int, ...], list[ThetaKey]] = defaultdict(list)
+        for key, layers in layers_of.items():
+            passes[tuple(sorted(layers))].append(key)
+        for layers, keys in passes.items():
+            states = self.last_token_states([self.prompts(key) for key in keys], list(layers), desc).float().mean(2)
+            for li, layer in enumerate(layers):
+                for ki, key in enumerate(keys):
+                    self._thetas[(layer, key)] = states[li, ki]
+
+    def last_token_states(self, families: list[list[list[int]]], layers: list[int],
+                          desc: str = "Extracting task vectors") -> torch.Tensor:
+        """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
+        with self.autocast():
+            return last_token_states(self.model, self.blocks, families, layers, self.batch_size(), self.progress, desc)
+
+    def fill_from_cache(self, cache, context: torch.Tensor, mask: torch.Tensor,
+                        rows: list[tuple[int, ThetaKey] | None]) -> None:
+        """θ of each row's (layer, key) from the KV cache of a regular batch's generation, so that S runs once:
+        in a copy of the cache, each row's dummies see only the tokens the row shares with its dummy prompts
+        [S, x'] (the columns after them, query and answer, become masked holes) and run only their own tokens.
+        Under a sliding window shorter than the cache, holes would move the window: nothing is filled, and
+        hypothesis mode extracts θ itself. ``context`` and ``mask`` are the batch's left-padded prompt."""
+        todo = [r for r, item in enumerate(rows) if item is not None and item not in self._thetas]
+        families = {r: self.prompts(rows[r][1]) for r in todo}
+        width = cache.get_seq_length()
+        if not todo or not within_window(self.model, width + max(len(t) for f in families.values() for t in f)):
+            return
+        pads = (mask == 0).sum(-1)
+        cuts = {r: common_prefix_length([context[r, pads[r] :].tolist(), *families[r]]) for r in todo}
+        ends = pads + torch.tensor([cuts.get(r, 0) for r in range(len(rows))], device=mask.device)
+        columns = torch.arange(width, device=mask.device)
+        seen = ((columns >= pads[:, None]) & (columns < ends[:, None])).to(mask.dtype)  # each row's S alone
+        members = [r for r in todo for _ in families[r]]
+        suffixes = [prompt[cuts[r] :] for r in todo for prompt in families[r]]
+        layers = sorted({rows[r][0] for r in todo})
+        with torch.no_grad(), self.autocast():
+            found = states_after(self.model, self.blocks, Prefix(cache, seen).take(members), suffixes, layers)
+        for i, r in enumerate(todo):
+            k = len(families[r])
+            self._thetas[rows[r]] = found[rows[r][0]][i * k : (i + 1) * k].float().mean(0)
 
 
 def few_shot_requests(task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int) -> list[list]:
@@ -45,8 +155,16 @@ def _seeded_demos_without(task, seed: int):
 
 
 def task_vectors(lm, requests: list, layers: list[int]) -> torch.Tensor:
-    """θ of each request (block outputs at the last token of [S, x'], averaged over its dummies) at each of
-    ``layers``: Tensor[len(layers), len(requests), hidden], from one extraction pass."""
-    plans = lm.plan(requests, layer=layers[0], extract=False)
-    lm.ensure_thetas({(layer, plan.theta_key) for plan in plans for layer in layers})
-    return torch.stack([torch.stack([lm._theta_cache[(layer, plan.theta_key)] for plan in plans]) for layer in layers])
+    """θ of each request at each of ``layers``, from one extraction pass.
+
+    Args:
+        lm: an hf-taskvec model (its planner splits S and x and draws the dummies; its store keeps θ).
+        requests: lm-eval requests with few-shot contexts (e.g. from ``few_shot_requests``).
+        layers: 0-based blocks.
+    Returns:
+        Tensor[len(layers), len(requests), hidden]: block outputs at the last token of [S, x'], averaged over
+        each request's dummies.
+    """
+    plans = lm.planner.plan(requests)
+    lm.thetas.ensure({(layer, plan.theta_key) for plan in plans for layer in layers})
+    return torch.stack([torch.stack([lm.thetas.get(layer, plan.theta_key) for plan in plans]) for layer in layers])

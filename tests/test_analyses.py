@@ -16,8 +16,10 @@ from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distance
 
 from lm_eval.tasks import TaskManager
 
+from lm_eval_taskvec import thetafile
 from lm_eval_taskvec.analyses import common, conflict, export, geometry, vocab
-from lm_eval_taskvec.model import TaskVectorLM, ThetaKey
+from lm_eval_taskvec.model import TaskVectorLM
+from lm_eval_taskvec.theta import ThetaKey
 from lm_eval_taskvec.selection import select_layer
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import task_vectors
@@ -48,7 +50,7 @@ def tasks(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- geometry
 def test_geometry_distances_table_and_files(make_lm, tasks, tmp_path):
     lm = make_lm("llama", num_dev=10)
-    result = geometry.run(lm, tasks, tmp_path / "out", layer="auto", num_sets=5, num_fewshot=3, seed=7)
+    result = geometry.theta_geometry(lm, tasks, tmp_path / "out", layer="auto", num_sets=5, num_fewshot=3, seed=7)
     distances, thetas, labels = result["distances"], result["thetas"], np.array(result["labels"])
     assert thetas.shape == (10, lm.model.config.hidden_size)
     torch.testing.assert_close(distances, distances.T, rtol=0, atol=1e-12)
@@ -97,7 +99,7 @@ def test_conflict_theta_of_a_prompts_own_state_changes_nothing(make_lm, tasks):
     requests = [r[0] for r in conflict.few_shot_requests(task, docs, 3, 0)]
     plans = lm.plan(requests, layer=1)
     own = [conflict.replace(p, theta_key=ThetaKey(p.theta_key.demos, (p.query,), strip=False)) for p in plans]
-    lm.ensure_thetas({(1, p.theta_key) for p in own})
+    lm.thetas.ensure({(1, p.theta_key) for p in own})
     outputs = conflict.generations(lm, requests, own)
     assert outputs["patched"] == outputs["regular"]
     assert conflict.accuracy(task, [d for _, d in docs], outputs["patched"]) == \
@@ -109,7 +111,7 @@ def test_conflict_theta_of_a_prompts_own_state_changes_nothing(make_lm, tasks):
 
 def test_conflict_scores_both_tasks_and_writes_files(make_lm, tasks, tmp_path):
     lm = make_lm("gpt2")
-    result = conflict.run(lm, tasks, [("upper", "double"), ("upper", "upper")], tmp_path / "out", layer=1,
+    result = conflict.conflicting_tasks(lm, tasks, [("upper", "double"), ("upper", "upper")], tmp_path / "out", layer=1,
                           num_docs=6, num_fewshot=3, seed=0, metric="exact_match")
     across, same = result["table"]
     assert (across["task_A"], across["task_B"], across["num_docs"], across["layer"]) == ("upper", "double", 6, 1)
@@ -132,11 +134,11 @@ def test_conflict_refuses_pairs_without_shared_inputs_and_bad_options(make_lm, t
     lm = make_lm("gpt2")
     words = loaded("words", lambda n, offset=0: [{"input": f"{a}{a}{a}", "answers": [a]} for a in LETTERS[offset:][:n]])
     with pytest.raises(ValueError, match=r"--pairs upper:words: no query of upper is also a query of words"):
-        conflict.run(lm, tasks | {"words": words}, [("upper", "words")], tmp_path, layer=1, metric="exact_match")
+        conflict.conflicting_tasks(lm, tasks | {"words": words}, [("upper", "words")], tmp_path, layer=1, metric="exact_match")
     with pytest.raises(ValueError, match=r"--metric 'paper_match': task 'upper' reports \['exact_match'\]"):
-        conflict.run(lm, tasks, [("upper", "double")], tmp_path, layer=1)
+        conflict.conflicting_tasks(lm, tasks, [("upper", "double")], tmp_path, layer=1)
     with pytest.raises(ValueError, match="--pairs names 'nope'"):
-        conflict.run(lm, tasks, [("upper", "nope")], tmp_path, layer=1, metric="exact_match")
+        conflict.conflicting_tasks(lm, tasks, [("upper", "nope")], tmp_path, layer=1, metric="exact_match")
     with pytest.raises(ValueError, match="DEMONSTRATIONS_TASK:THETA_TASK"):
         conflict.parse_pairs("tv_next_letter:tv_letter_to_upper,tv_en_es")
     assert conflict.parse_pairs(" a:b , c:d ") == [("a", "b"), ("c", "d")]
@@ -149,7 +151,7 @@ def test_unknown_task_and_layer_are_refused_by_name(make_lm, monkeypatch):
     with pytest.raises(ValueError, match=r"--tasks: .*tv_no_such_task.* is not a registered task"):
         common.load_tasks("tv_letter_to_upper,tv_no_such_task")
     with pytest.raises(ValueError, match=r"--layer 'middle' is not 'auto'"):
-        common.parse_layer(make_lm("gpt2"), "upper", "middle")
+        common.block_of(make_lm("gpt2"), "upper", "middle")
     with pytest.raises(ValueError, match=r"--model_args mode=regular has no meaning here"):
         common.open_model("pretrained=gpt2,mode=regular")
 
@@ -173,7 +175,7 @@ def test_projecting_the_last_blocks_output_reproduces_the_models_logits(make_lm,
         lm = make_lm(arch, mode="hypothesis")
     prompts = [lm.tok_encode(text) for text in ("example:a->A\nexample:b->", "example: ab-> ba", "Question: c?")]
     last = len(lm.blocks) - 1
-    states = lm.last_token_states([[p] for p in prompts], [last])[0, :, 0]
+    states = lm.thetas.last_token_states([[p] for p in prompts], [last])[0, :, 0]
     projected = vocab.project(lm, states)
     with torch.no_grad():
         logits = torch.stack([lm.model(torch.tensor([p])).logits[0, -1] for p in prompts])
@@ -190,7 +192,7 @@ def test_vocab_at_the_last_block_lists_the_models_own_next_tokens(make_lm, tasks
     model's own top next tokens after [S, x']."""
     lm = make_lm("llama", num_dummy=1)
     last = len(lm.blocks) - 1
-    result = vocab.run(lm, tasks, tmp_path / "out", layers=["1", str(last)], top_k=5, num_sets=1, num_fewshot=3, seed=2)
+    result = vocab.vocab_projection(lm, tasks, tmp_path / "out", layers=["1", str(last)], top_k=5, num_sets=1, num_fewshot=3, seed=2)
     assert [(r["task"], r["layer"]) for r in result["table"]] == [("upper", 1), ("upper", last), ("double", 1),
                                                                   ("double", last)]
     for name in tasks:
@@ -209,8 +211,8 @@ def test_vocab_at_the_last_block_lists_the_models_own_next_tokens(make_lm, tasks
 # ---------------------------------------------------------------------------------------------- export
 def test_export_round_trips_theta_exactly_with_its_metadata(make_lm, tasks, tmp_path):
     lm = make_lm("llama", num_dummy=2)
-    saved = export.run(lm, tasks, tmp_path / "out", layers=["1", "2"], num_sets=3, num_fewshot=3, seed=5)
-    loaded_file = export.load_thetas(tmp_path / "out" / export.FILE_NAME, lm)
+    saved = export.export_thetas(lm, tasks, tmp_path / "out", layers=["1", "2"], num_sets=3, num_fewshot=3, seed=5)
+    loaded_file = thetafile.load_thetas(tmp_path / "out" / thetafile.FILE_NAME, lm)
     assert set(loaded_file.thetas) == {(t, layer) for t in tasks for layer in (1, 2)}
     for key, stored in saved.thetas.items():
         again = loaded_file.thetas[key]
@@ -233,12 +235,12 @@ def test_export_round_trips_theta_exactly_with_its_metadata(make_lm, tasks, tmp_
 def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp_path):
     """Save, load, evaluate: hypothesis mode with theta_path= generates what patching the saved θ by hand at
     the query's last token generates, with no demonstrations in the prompt."""
-    from lm_eval_taskvec.layers import replace_states
+    from lm_eval_taskvec.layers import write_states
 
     lm = make_lm("llama", num_dummy=2)
-    export.run(lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=3, seed=5)
-    path = tmp_path / "out" / export.FILE_NAME
-    theta = export.load_thetas(path, lm).get("upper").theta
+    export.export_thetas(lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=3, seed=5)
+    path = tmp_path / "out" / thetafile.FILE_NAME
+    theta = thetafile.load_thetas(path, lm).get("upper").theta
     zero_shot = make_task("upper", splits={"train": letter_rows(24), "test": letter_rows(12, 24)}, num_fewshot=0)
     requests = requests_of(zero_shot, limit=6)
     assert requests[0].args[0] == f"example:{requests[0].doc['input']}->"  # no demonstrations at all
@@ -246,7 +248,7 @@ def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp
     outputs = stored.generate_until(requests)
     by_hand = make_lm("llama", stock=True, batch_size=1)
     for request, output in zip(requests, outputs):
-        with replace_states(stored.blocks[1], theta[None], -1, first_call_only=True) as record:
+        with write_states(stored.blocks[1], theta[None], -1, first_call_only=True) as record:
             assert by_hand.generate_until([request]) == [output]
         assert record.patched == 1
     assert make_lm("llama", stock=True).generate_until(requests) != outputs  # the query alone answers otherwise
@@ -265,26 +267,26 @@ def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp
 def test_loading_theta_for_another_model_is_refused_naming_both(make_lm, tasks, tmp_path, tokenizer):
     lm = TaskVectorLM(pretrained=make_model("llama", len(tokenizer)), tokenizer=tokenizer, device="cpu",
                       batch_size=4, fewshot_delimiter="\n")  # its own copy: this test edits a weight
-    path = export.run(lm, {"upper": tasks["upper"]}, tmp_path, layers=["1"], num_sets=2, num_fewshot=3).path
+    path = export.export_thetas(lm, {"upper": tasks["upper"]}, tmp_path, layers=["1"], num_sets=2, num_fewshot=3).path
     with pytest.raises(ValueError, match=r"made for model 'LlamaForCausalLM' \(llama.*not for this model "
                                          r"'GPT2LMHeadModel' \(gpt2"):
-        export.load_thetas(path, make_lm("gpt2"))
+        thetafile.load_thetas(path, make_lm("gpt2"))
     wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     other = TaskVectorLM(pretrained=wider, tokenizer=tokenizer, device="cpu", batch_size=4, fewshot_delimiter="\n")
     with pytest.raises(ValueError, match=r"hidden size 32 from model 'LlamaForCausalLM'; this model "
                                          r"'LlamaForCausalLM' has hidden size 48"):
-        export.load_thetas(path, other)
+        thetafile.load_thetas(path, other)
     with torch.no_grad():
         lm.model.lm_head.weight[0, 0] += 1.0  # the same architecture with other weights
     with pytest.raises(ValueError, match=r"weights [0-9a-f]{12}\), not for this model"):
-        export.load_thetas(path, lm)
+        thetafile.load_thetas(path, lm)
     (tmp_path / "not.safetensors").write_bytes(b"hello")
     with pytest.raises(ValueError, match="is not a safetensors file"):
-        export.load_thetas(tmp_path / "not.safetensors", lm)
+        thetafile.load_thetas(tmp_path / "not.safetensors", lm)
     with pytest.raises(FileNotFoundError, match="theta_path=.*missing.safetensors does not exist"):
-        export.load_thetas(tmp_path / "missing.safetensors", lm)
+        thetafile.load_thetas(tmp_path / "missing.safetensors", lm)
 
 
 def test_a_missing_extra_is_named():
@@ -324,7 +326,7 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_
            "--tasks", "tv_algorithmic", "--num_sets", "2", "--layer", "1", "--device", "cpu", "--output_path", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    stored = export.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu"))
+    stored = thetafile.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu"))
     assert sorted(stored.thetas) == sorted((name, 1) for name in [
         "tv_next_letter", "tv_prev_letter", "tv_list_first", "tv_list_last", "tv_letter_to_upper", "tv_letter_to_lower"])
     assert stored.get("tv_list_first").info["num_fewshot"] == 5  # the task's own, by default

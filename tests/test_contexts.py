@@ -6,7 +6,8 @@ import pytest
 from lm_eval.api.instance import Instance
 import torch
 
-from lm_eval_taskvec.contexts import choose_dummies, read_escapes, split_at_delimiter, split_for_task
+from lm_eval_taskvec.contexts import choose_dummies, split_at_delimiter, split_for_task
+from lm_eval_taskvec.settings import read_escapes
 from tests.tasks import make_task, requests_of
 
 FIRST_TWO = {"sampler": "first_n"}  # demonstrations: the first two train rows, a and b
@@ -16,7 +17,7 @@ MC = {"output_type": "multiple_choice", "doc_to_choice": "{{[answers[0], 'zz']}}
 def split_first(lm, build=None, **config):
     task = make_task(fewshot_config=FIRST_TWO, num_fewshot=2, **config)
     request = requests_of(task, limit=1, **(build or {}))[0]
-    return lm.split(request)[0]
+    return lm.planner.split(request)[0]
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_split_of_each_prompt_shape(make_lm, config, build, demos, query):
 def test_zero_shot_with_a_description_is_refused(make_lm):
     task = make_task(num_fewshot=0, description="Make it big.\n\n")
     with pytest.raises(ValueError, match="0-shot.*no demonstrations.*--num_fewshot"):
-        make_lm(mode="baseline").split(requests_of(task, limit=1)[0])
+        make_lm(mode="baseline").planner.split(requests_of(task, limit=1)[0])
 
 
 def test_empty_query_is_refused(make_lm):
@@ -104,7 +105,7 @@ def test_dummies_never_include_the_documents_own_query(make_lm):
     lm = make_lm(mode="hypothesis", layer=1)
     task = make_task(num_fewshot=1, fewshot_config=FIRST_TWO)  # every document shares S: one dummy order for all
     requests = requests_of(task)
-    for request, plan in zip(requests, lm.plan(requests, extract=False)):
+    for request, plan in zip(requests, lm.planner.plan(requests)):
         own = f"example:{request.doc['input']}->"
         assert plan.query == own and own not in plan.theta_key.dummies and len(plan.theta_key.dummies) == 2
     assert choose_dummies(["x", "y", "z"], ("x",), 2, 0, "t", "S") in {("y", "z"), ("z", "y")}
@@ -113,8 +114,8 @@ def test_dummies_never_include_the_documents_own_query(make_lm):
 def test_dummies_do_not_depend_on_limit(make_lm):
     lm = make_lm(mode="hypothesis", layer=1)
     task = make_task()
-    first = lm.plan(requests_of(task, limit=1), extract=False)[0]
-    assert lm.plan(requests_of(task)[:1], extract=False)[0] == first
+    first = lm.planner.plan(requests_of(task, limit=1))[0]
+    assert lm.planner.plan(requests_of(task)[:1])[0] == first
 
 
 @pytest.mark.parametrize("description", [None, "Make it big. " * 60], ids=["short", "over-long demonstrations"])
@@ -122,20 +123,20 @@ def test_theta_is_read_and_patched_at_the_same_token_when_the_query_ends_in_a_sp
     lm = make_lm(mode="hypothesis", layer=1)
     task = make_task(doc_to_text="Q: {{input}} A: ", description=description, **MC)
     request = requests_of(task, limit=1)[0]
-    plan = lm.plan([request], extract=False)[0]
+    plan = lm.planner.plan([request])[0]
     assert (plan.theta_key.max_tokens is None) == (description is None)  # θ's prompts left-truncated, still stripped
-    read_at = [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)]
-    patched_at = lm._encode_pair(plan.query, request.args[1])[0][-1]
+    read_at = [prompt[-1] for prompt in lm.thetas.prompts(plan.theta_key)]
+    patched_at = lm.encode_pair(plan.query, request.args[1])[0][-1]
     assert lm.tok_decode([patched_at]).endswith(":") and read_at == [patched_at, patched_at]
 
 
 def test_generation_reads_theta_at_the_querys_own_last_token_trailing_space_included(make_lm):
     lm = make_lm(mode="hypothesis", layer=1)
     request = requests_of(make_task(doc_to_text="Q: {{input}} A: "), limit=1)[0]  # generate_until keeps the space
-    plan = lm.plan([request], extract=False)[0]
+    plan = lm.planner.plan([request])[0]
     patched_at = lm.tok_encode(plan.query)[-1]  # generate_until patches the prompt's last column
     assert lm.tok_decode([patched_at]).endswith(" ")
-    assert [prompt[-1] for prompt in lm.theta_prompts(plan.theta_key)] == [patched_at, patched_at]
+    assert [prompt[-1] for prompt in lm.thetas.prompts(plan.theta_key)] == [patched_at, patched_at]
 
 
 def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, caplog):
@@ -148,7 +149,7 @@ def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, 
     full = [lm.tok_encode(plan.theta_key.demos + d) for d in plan.theta_key.dummies]
     assert all(len(f) > budget for f in full)
     states = [lm.model(torch.tensor([f[-budget:]]), output_hidden_states=True).hidden_states[2][0, -1] for f in full]
-    torch.testing.assert_close(lm.theta(plan), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
 
 
 def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
@@ -202,7 +203,7 @@ def test_plans_do_not_depend_on_the_rank(make_lm):
     alone = []
     for requests in by_rank:
         lm = make_lm(mode="hypothesis", layer=1)
-        alone += [(plan, lm.theta(plan)) for plan in lm.plan(requests)]
+        alone += [(plan, lm.thetas.get(plan.layer, plan.theta_key)) for plan in lm.plan(requests)]
     assert [plan for plan, _ in alone] == together and len(together) == 24
     for (plan, theta), other in zip(alone, together):
-        torch.testing.assert_close(theta, everything.theta(other))
+        torch.testing.assert_close(theta, everything.thetas.get(other.layer, other.theta_key))

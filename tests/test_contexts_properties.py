@@ -57,7 +57,7 @@ def test_generated_formats_split_exactly(make_lm, fewshot_delimiter, target_deli
             demos = "".join(f"{before}{r['input']}{after}{target_delimiter}{r['answers'][0]}{fewshot_delimiter}"
                             for r in rows[:num_fewshot])
         assert request.args[0] == description + demos + query  # the format is what we think it is
-        split, own = lm.split(request)
+        split, own = lm.planner.split(request)
         assert (split.demos, split.query) == (description + demos, query)
         assert own == (query,)
 
@@ -68,4 +68,4 @@ def test_a_context_that_does_not_end_with_the_query_fails_clearly(make_lm, conte
     request = requests_of(task, limit=1)[0]
     request.arguments = (context, request.args[1])
     with pytest.raises(ValueError, match="does not end with the query the task renders"):
-        make_lm(mode="baseline").split(request)
+        make_lm(mode="baseline").planner.split(request)

@@ -65,7 +65,7 @@ def test_batch_size_auto_probes_generation_with_the_longest_real_prompt(make_lm,
     """On a GPU HFLM probes generate_until at max_length; we probe with the prompt the model will really see."""
     lm = make_lm(mode=mode, layer=1, batch_size="auto")
     probed = []
-    monkeypatch.setattr(lm, "_detect_batch_size", lambda requests=None, pos=0: probed.append(lm._probe_tokens) or 4)
+    monkeypatch.setattr(lm, "_detect_batch_size", lambda requests=None, pos=0: probed.append(lm.handoff.probe_tokens) or 4)
     lm.generate_until(gen_requests())
     texts = [r.args[0] for r in gen_requests()]
     if mode == "hypothesis":
@@ -79,7 +79,7 @@ def test_the_probe_runs_at_that_length_on_an_accelerator(make_lm, monkeypatch):
     shapes = []
     monkeypatch.setattr(lm, "_model_call", lambda inps, *a, **k: shapes.append(tuple(inps.shape)) or
                         torch.zeros(*inps.shape, 8))
-    with lm._probing(37):
+    with lm.handoff.during(probe_tokens=37):
         assert lm._detect_batch_size() == lm.max_batch_size  # nothing ran out of memory
     assert set(shapes) == {(lm.max_batch_size, 37)}
 
@@ -97,14 +97,14 @@ def test_the_probe_on_an_accelerator_keeps_the_requests_patches_and_hflms_own_pr
     lm._device = torch.device("meta")  # stands in for a GPU
     seen = []
     monkeypatch.setattr(HFLM, "_detect_batch_size", lambda self, requests=None, pos=0:
-                        seen.append((requests, pos if requests else None, self._row_patches)) or 5)
-    patches = lm._row_patches = {(7, 8, 9): "a request's plan and position"}
+                        seen.append((requests, pos if requests else None, self.handoff.row_patches)) or 5)
+    patches = lm.handoff.row_patches = {(7, 8, 9): "a request's plan and position"}
     requests = [(None, [3, 4, 5], [6]), (None, [3], [4])]
     assert lm._detect_batch_size() == lm._detect_batch_size(requests, 1) == 5
-    with lm._probing(9):
+    with lm.handoff.during(probe_tokens=9):
         assert lm._detect_batch_size() == 5
     assert seen == [(None, None, None), (requests, 1, None), ([(None, [0] * 9, [0])], 0, None)]
-    assert lm._row_patches is patches
+    assert lm.handoff.row_patches is patches
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def embedded_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("embedded")
     make_model("llama", len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    record = embedded.IDENTITY | {"gguf_sha256": "ab" * 32}
+    record = embedded.SOURCE | {"gguf_sha256": "ab" * 32}
     (path / embedded.RECORD).write_text(json.dumps(record))
     return str(path)
 
@@ -147,11 +147,13 @@ def test_embedded_instruct_model_gets_lm_evals_chat_template_warning_once(embedd
 
 
 def test_no_instruct_warning_with_a_chat_template_or_for_other_models(embedded_dir, model_dir, caplog):
+    from tests.tasks import make_task, requests_of
+
     templated = TaskVectorLM(pretrained=embedded_dir, mode="regular", batch_size=4)
     templated.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = requests_of(make_task(), limit=2, apply_chat_template=True, chat_template=templated.apply_chat_template)
     with caplog.at_level(logging.WARNING):
-        templated.apply_chat_template([{"role": "user", "content": "example:a->"}])
-        templated.loglikelihood(ll_requests())
+        templated.generate_until(chat)
         TaskVectorLM(pretrained=model_dir, mode="regular", batch_size=4).loglikelihood(ll_requests())
     assert not [r for r in caplog.records if INSTRUCT in r.getMessage()]
 

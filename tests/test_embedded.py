@@ -63,9 +63,9 @@ def test_empty_or_relative_xdg_cache_home_counts_as_unset(tmp_path, monkeypatch)
 def test_first_use_converts_once_and_records_the_source(cache, fake_conversion, installed_gguf):
     path = Path(embedded.embedded_model_path())
     assert path.parent == cache and fake_conversion == [FAKE_GGUF]
-    assert embedded.identity(path) == embedded.IDENTITY | {"gguf_sha256": hashlib.sha256(FAKE_GGUF).hexdigest()}
+    assert embedded.embedded_record(path) == embedded.SOURCE | {"gguf_sha256": hashlib.sha256(FAKE_GGUF).hexdigest()}
     assert embedded.embedded_model_path() == str(path) and len(fake_conversion) == 1  # second use: no conversion
-    assert embedded.identity(cache) is None
+    assert embedded.embedded_record(cache) is None
 
 
 def test_interrupted_conversion_and_stale_staging_folders_are_redone(cache, fake_conversion, installed_gguf):

@@ -25,7 +25,7 @@ def test_layer_out_of_range(make_lm, layer):
 
 @pytest.mark.parametrize("layer, block", [(-1.0, 2), (0.5, 1), ("2", 2), (-3, 0), ("0.34", 1)])
 def test_layer_forms_the_cli_sends(make_lm, layer, block):
-    assert make_lm(mode="hypothesis", layer=layer).layer == block
+    assert make_lm(mode="hypothesis", layer=layer).settings.layer == block
 
 
 def test_auto_layer_needs_the_runs_task(make_lm):
@@ -47,7 +47,7 @@ def test_bad_num_dummy(make_lm, num_dummy):
 
 def test_the_smallest_counts_are_accepted(make_lm):
     lm = make_lm(mode="hypothesis", layer=1, num_dummy=1, num_dev="2")
-    assert (lm.num_dummy, lm.num_dev) == (1, 2)
+    assert (lm.settings.num_dummy, lm.settings.num_dev) == (1, 2)
 
 
 def test_blocks_not_found():
@@ -91,7 +91,7 @@ def test_explicit_delimiter_that_is_absent(make_lm):
 
 
 def test_fewshot_delimiter_escapes_from_the_command_line(make_lm):
-    assert make_lm(mode="baseline", fewshot_delimiter="\\n\\n").fewshot_delimiter == "\n\n"
+    assert make_lm(mode="baseline", fewshot_delimiter="\\n\\n").settings.fewshot_delimiter == "\n\n"
 
 
 def test_use_cache_never_hands_one_modes_answers_to_another(make_lm, tmp_path):

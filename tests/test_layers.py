@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lm_eval_taskvec.extraction import common_prefix_length
-from lm_eval_taskvec.layers import find_blocks, read_last_states, replace_states, resolve_layer
+from lm_eval_taskvec.layers import find_blocks, read_last_states, write_states, resolve_layer
 
 
 class TupleBlock(nn.Module):
@@ -38,10 +38,10 @@ def test_tuple_outputs_are_patched_and_read():
     base = model(x)
     with read_last_states(model.layers, [1], torch.tensor([4, 2])) as found:
         model(x)
-    with replace_states(model.layers[1], found[1], torch.tensor([4, 2])) as record:
+    with write_states(model.layers[1], found[1], torch.tensor([4, 2])) as record:
         same = model(x)
     torch.testing.assert_close(same, base)
-    with replace_states(model.layers[1], torch.zeros(2, 4), torch.tensor([4, 2])) as record:
+    with write_states(model.layers[1], torch.zeros(2, 4), torch.tensor([4, 2])) as record:
         changed = model(x)
     assert record.calls == record.patched == 1
     assert torch.equal(changed[0, :4], base[0, :4]) and not torch.equal(changed[0, 4], base[0, 4])
@@ -51,7 +51,7 @@ def test_tuple_outputs_are_patched_and_read():
 def test_row_mask_patches_only_those_rows():
     model, x = TupleModel(), torch.randn(3, 5, 4)
     base = model(x)
-    with replace_states(model.layers[0], torch.zeros(3, 4), -1, rows=torch.tensor([False, True, False])):
+    with write_states(model.layers[0], torch.zeros(3, 4), -1, rows=torch.tensor([False, True, False])):
         out = model(x)
     torch.testing.assert_close(out[[0, 2]], base[[0, 2]])
     assert not torch.allclose(out[1, -1], base[1, -1])
@@ -60,7 +60,7 @@ def test_row_mask_patches_only_those_rows():
 def test_hooks_are_removed_when_an_exception_flies():
     model = TupleModel()
     with pytest.raises(RuntimeError, match="boom"):
-        with replace_states(model.layers[0], torch.zeros(1, 4), -1), read_last_states(model.layers, [2], torch.tensor([0])):
+        with write_states(model.layers[0], torch.zeros(1, 4), -1), read_last_states(model.layers, [2], torch.tensor([0])):
             raise RuntimeError("boom")
     assert all(not block._forward_hooks for block in model.layers)
 
@@ -71,7 +71,7 @@ def test_unsupported_block_output_raises_instead_of_doing_nothing():
             return {"hidden": x}
 
     block = DictBlock()
-    with replace_states(block, torch.zeros(1, 4), -1), pytest.raises(TypeError, match="unsupported block output"):
+    with write_states(block, torch.zeros(1, 4), -1), pytest.raises(TypeError, match="unsupported block output"):
         block(torch.zeros(1, 2, 4))
 
 

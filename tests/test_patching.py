@@ -11,9 +11,11 @@ import transformers
 from lm_eval.api.instance import Instance
 
 import lm_eval_taskvec.extraction as extraction
+import lm_eval_taskvec.layers as layers
 import lm_eval_taskvec.model as model_module
+import lm_eval_taskvec.theta as theta_module
 from lm_eval_taskvec.extraction import prefill
-from lm_eval_taskvec.layers import replace_states
+from lm_eval_taskvec.layers import write_states
 from tests.conftest import ARCHITECTURES
 
 GEN = {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}
@@ -50,7 +52,7 @@ def records(monkeypatch):
     seen = []
 
     def spy(*args, **kwargs):
-        cm = replace_states(*args, **kwargs)
+        cm = write_states(*args, **kwargs)
 
         class Wrapped:
             def __enter__(self):
@@ -63,7 +65,7 @@ def records(monkeypatch):
 
         return Wrapped()
 
-    monkeypatch.setattr(model_module, "replace_states", spy)
+    monkeypatch.setattr(layers, "write_states", spy)
     return seen
 
 
@@ -72,10 +74,10 @@ def test_theta_from_full_prompt_at_last_block_reproduces_regular_logits(make_lm,
     lm = make_lm(arch, mode="hypothesis", layer=-1)
     full = context("abcde", "k")
     last = len(lm.blocks) - 1
-    theta = lm.last_token_states([[lm.tok_encode(full)]], [last])[0, :, 0]
+    theta = lm.thetas.last_token_states([[lm.tok_encode(full)]], [last])[0, :, 0]
     query = torch.tensor([lm.tok_encode("example:k->")])
     regular = logits(lm, full)[-1]
-    with replace_states(lm.blocks[last], theta, -1) as record:
+    with write_states(lm.blocks[last], theta, -1) as record:
         patched = lm._model_call(query)[0, -1]
     assert record.patched == 1
     torch.testing.assert_close(patched, regular, rtol=1e-4, atol=1e-4)
@@ -89,9 +91,9 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
     ids = torch.tensor([lm.tok_encode(text)])
     base = lm._model_call(ids)
     layers = list(range(len(lm.blocks)))
-    states = lm.last_token_states([[lm.tok_encode(text)]], layers)[:, :, 0]
+    states = lm.thetas.last_token_states([[lm.tok_encode(text)]], layers)[:, :, 0]
     for layer in layers:
-        with replace_states(lm.blocks[layer], states[layer], -1) as record:
+        with write_states(lm.blocks[layer], states[layer], -1) as record:
             out = lm._model_call(ids)
         assert record.patched == 1
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
@@ -114,7 +116,7 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     layers = list(range(len(lm.blocks)))
     passes = []
     counter = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
-    shared = lm.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
     counter.remove()
     assert len(passes) == (2 if branches else 4)  # two batches of up to three families
     assert asked == [max(len(lm.tok_encode(p)) for f in families for p in f)]
@@ -126,7 +128,7 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
                 if layer < len(layers) - 1:
                     torch.testing.assert_close(shared[layer, f, j], full[layer + 1][0, -1], rtol=1e-4, atol=1e-4)
     for layer in layers:  # the last block, against an unshared run of the same reader
-        alone = lm.last_token_states([[lm.tok_encode(families[1][0])]], [layer])[0, 0, 0]
+        alone = lm.thetas.last_token_states([[lm.tok_encode(families[1][0])]], [layer])[0, 0, 0]
         torch.testing.assert_close(shared[layer, 1, 0], alone, rtol=1e-4, atol=1e-4)
 
 
@@ -141,7 +143,7 @@ def test_hook_replaces_only_the_given_position_of_each_row(make_lm):
     base = lm._model_call(inps)
     positions = torch.tensor([3, 5])
     values = torch.randn(2, lm.model.config.hidden_size)
-    with replace_states(lm.blocks[1], values, positions):
+    with write_states(lm.blocks[1], values, positions):
         out = lm._model_call(inps)
     for r, p in enumerate(positions.tolist()):
         torch.testing.assert_close(out[r, :p], base[r, :p])  # causal: earlier positions untouched
@@ -166,7 +168,7 @@ def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm):
     plans = lm.plan(reqs)
     for plan, output in zip(plans, outputs):
         query = torch.tensor([lm.tok_encode(plan.query)])
-        with replace_states(lm.blocks[1], lm.theta(plan)[None], -1):
+        with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], -1):
             first = lm._model_call(query)[0, -1].argmax().item()
         expected = lm.tok_decode([first])
         assert output.startswith(expected.split("\n")[0])
@@ -178,9 +180,9 @@ def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, recor
     results = lm.loglikelihood(reqs)
     assert records and all(rec.patched == 1 and rec.calls == 1 for *_, rec in records)
     for req, plan, (logprob, _) in zip(reqs, lm.plan(reqs), results):
-        ctx, cont = lm._encode_pair(plan.query, req.args[1])
+        ctx, cont = lm.encode_pair(plan.query, req.args[1])
         ids = torch.tensor([ctx + cont])
-        with replace_states(lm.blocks[1], lm.theta(plan)[None], len(ctx) - 1):
+        with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], len(ctx) - 1):
             logp = torch.log_softmax(lm._model_call(ids[:, :-1])[0], -1)
         expected = logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert logprob == pytest.approx(expected, abs=1e-4)
@@ -198,13 +200,13 @@ def test_loglikelihood_at_the_edges_matches_a_manual_patched_run(make_lm, case):
         longest = max(len(probe.tok_encode(r.args[0].rpartition("\n")[2] + r.args[1])) for r in reqs)
         lm = make_lm("gpt2", mode="hypothesis", layer=1, max_length=longest - 1)
     plans = lm.plan(reqs)
-    encoded = [lm._encode_pair(plan.query, req.args[1]) for req, plan in zip(reqs, plans)]
+    encoded = [lm.encode_pair(plan.query, req.args[1]) for req, plan in zip(reqs, plans)]
     if case == "a one-token query":
         assert len(encoded[0][0]) == 1
     else:
         assert max(len(ctx) + len(cont) for ctx, cont in encoded) == lm.max_length + 1
     for (logprob, _), plan, (ctx, cont) in zip(lm.loglikelihood(reqs), plans, encoded):
-        with replace_states(lm.blocks[1], lm.theta(plan)[None], len(ctx) - 1):
+        with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], len(ctx) - 1):
             logp = torch.log_softmax(lm._model_call(torch.tensor([ctx + cont])[:, :-1])[0], -1)
         assert logprob == pytest.approx(logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
 
@@ -256,7 +258,7 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
         dummies = plan.theta_key.dummies
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
-    draws = {seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).plan(reqs, extract=False)]
+    draws = {seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).planner.plan(reqs)]
              for seed in (1, 2, 3)}
     assert len({tuple(d) for d in draws.values()}) > 1  # the seed model arg draws the dummies
 
@@ -274,7 +276,7 @@ def test_documents_sharing_demonstrations_share_theta(make_lm, records):
     reqs = [Instance("generate_until", {}, (context("abcde", q), dict(GEN)), i, ("t", i, 1)) for i, q in enumerate("klmnop")]
     plans = lm.plan(reqs)
     assert len({p.theta_key for p in plans}) <= 3  # all but the dummies' own documents share one θ
-    assert len(lm._theta_cache) == len({p.theta_key for p in plans})
+    assert len(lm.thetas) == len({p.theta_key for p in plans})
 
 
 @pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
@@ -308,22 +310,22 @@ def test_theta_is_the_mean_over_dummies_of_block_outputs_at_the_last_token(make_
     assert len(plan.theta_key.dummies) == 3
     states = [lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True)
               .hidden_states[2][0, -1] for dummy in plan.theta_key.dummies]
-    torch.testing.assert_close(lm.theta(plan), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(lm.theta(plan), states[0], atol=1e-3)  # the dummies differ: the mean matters
+    torch.testing.assert_close(lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(lm.thetas.get(plan.layer, plan.theta_key), states[0], atol=1e-3)  # the dummies differ: the mean matters
 
 
 def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
     """The sweep reads every block in one pass; each block's θ must be what a single-layer pass reads."""
     reqs = gen_requests()
     lm = make_lm("gpt2", mode="hypothesis", layer=0)
-    keys = {p.theta_key for p in lm.plan(reqs, extract=False)}
+    keys = {p.theta_key for p in lm.planner.plan(reqs)}
     layers = list(range(len(lm.blocks)))
-    lm.ensure_thetas({(layer, key) for key in keys for layer in layers})
+    lm.thetas.ensure({(layer, key) for key in keys for layer in layers})
     for layer in layers:
         alone = make_lm("gpt2", mode="hypothesis", layer=layer)
-        alone.ensure_thetas({(layer, key) for key in keys})
+        alone.thetas.ensure({(layer, key) for key in keys})
         for key in keys:
-            torch.testing.assert_close(lm._theta_cache[(layer, key)], alone._theta_cache[(layer, key)])
+            torch.testing.assert_close(lm.thetas.get(layer, key), alone.thetas.get(layer, key))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -332,16 +334,16 @@ def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records,
     separate outputs; regular extracts θ from the KV cache of S it generates from, and θ equals a fresh pass."""
     reqs = gen_requests()
     shared = make_lm(arch, mode="regular", layer=1, batch_size=3)
-    shared.shared_modes = ("regular", "hypothesis", "baseline")
+    shared.set_mode(shared.mode, shared_modes=("regular", "hypothesis", "baseline"))
     outputs = {"regular": shared.generate_until(reqs)}
-    assert shared._theta_cache and not records  # θ ready after the regular run, nothing patched
+    assert shared.thetas and not records  # θ ready after the regular run, nothing patched
     separate = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
     for plan in separate.plan(reqs):
-        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
     for mode in ("hypothesis", "baseline"):
-        shared.mode = mode
+        shared.set_mode(mode)
         outputs[mode] = shared.generate_until(reqs)
-        assert bool(shared._forked_baseline) == (mode == "hypothesis")  # baseline's answers, waiting, then used
+        assert bool(shared.shared.forked_baseline) == (mode == "hypothesis")  # baseline's answers, waiting, then used
     assert outputs["regular"] == make_lm(arch, stock=True, batch_size=3).generate_until(reqs)
     assert outputs["hypothesis"] == separate.generate_until(reqs)
     assert outputs["baseline"] == make_lm(arch, mode="baseline", batch_size=3).generate_until(reqs)
@@ -352,7 +354,7 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
                                  for i, q in enumerate(["k", "lm", "n", "op"])]
     layer_of = {"t1": 0, "t2": 2}
     shared = make_lm("gpt2", mode="regular", layer=0, batch_size=16)
-    shared.shared_modes = ("regular", "hypothesis")
+    shared.set_mode(shared.mode, shared_modes=("regular", "hypothesis"))
     monkeypatch.setattr(shared, "layer_for", lambda request: layer_of[request.task_name])
     shared.generate_until(reqs)
     separate = make_lm("gpt2", mode="hypothesis", layer=0)
@@ -360,7 +362,7 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
     plans = separate.plan(reqs)
     assert {p.layer for p in plans} == {0, 2}
     for plan in plans:
-        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("sliding", [False, True])
@@ -368,19 +370,19 @@ def test_regular_run_prepares_theta_of_a_row_padded_past_its_demonstrations(make
     """A short prompt beside a long query with a short S: in the KV cache of the regular batch's generation,
     each row's dummies see its own S only (its query and answer masked). Under a sliding window shorter than
     that cache, the regular run leaves θ to the hypothesis run, which extracts it on its own."""
-    monkeypatch.setattr(model_module, "within_window", lambda model, width: not sliding)
+    monkeypatch.setattr(theta_module, "within_window", lambda model, width: not sliding)
     cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
     reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
     shared = make_lm("llama", mode="regular", layer=1, batch_size=4)
-    shared.shared_modes = ("regular", "hypothesis")
+    shared.set_mode(shared.mode, shared_modes=("regular", "hypothesis"))
     shared.generate_until(reqs)
     separate = make_lm("llama", mode="hypothesis", layer=1)
     plans = separate.plan(reqs)
-    assert [(p.layer, p.theta_key) in shared._theta_cache for p in plans] == [not sliding] * len(plans)
-    shared.mode = "hypothesis"
+    assert [(p.layer, p.theta_key) in shared.thetas for p in plans] == [not sliding] * len(plans)
+    shared.set_mode("hypothesis")
     shared.plan(reqs)
     for plan in plans:
-        torch.testing.assert_close(shared.theta(plan), separate.theta(plan), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
 
 
 def test_rows_without_theta_stay_untouched_in_a_patched_batch(make_lm):
@@ -404,7 +406,7 @@ def test_extraction_runs_no_block_past_the_deepest_layer_asked_for(make_lm):
              for i, block in enumerate(lm.blocks)]
     try:
         families = [[lm.tok_encode(context(d, q)) for q in ("k", "mno")] for d in ("abcdefgh", "abc", "xy")]
-        lm.last_token_states(families, [0, 1])
+        lm.thetas.last_token_states(families, [0, 1])
     finally:
         for hook in hooks:
             hook.remove()
@@ -467,7 +469,7 @@ def test_after_a_patched_generation_the_same_instance_generates_as_stock_hflm(ma
     reqs = gen_requests()
     lm = make_lm("llama", mode="hypothesis", layer=1)
     lm.generate_until(reqs)
-    lm.mode = "regular"
+    lm.set_mode("regular")
     assert lm.generate_until(reqs) == make_lm("llama", stock=True).generate_until(reqs)
 
 
@@ -478,7 +480,7 @@ def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm, 
     reqs = [Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
             for i, q in enumerate(["k", "mn", "xyz"])]
     lm = make_lm("llama", mode="regular", layer=1, max_length=24)
-    lm.shared_modes = shared
+    lm.set_mode(lm.mode, shared_modes=shared)
     assert min(len(lm.tok_encode(r.args[0])) for r in reqs) > 24
     ours = lm.generate_until(reqs)
     assert ours == make_lm("llama", stock=True, max_length=24).generate_until(reqs)
@@ -499,7 +501,7 @@ def test_regular_generation_keeps_the_truncation_model_arg(model_factory, tokeni
     reqs = gen_requests()
     kwargs = dict(pretrained=model_factory("llama"), tokenizer=short, device="cpu", batch_size=4, truncation=True)
     lm = TaskVectorLM(mode="regular", layer=1, fewshot_delimiter="\n", **kwargs)
-    lm.shared_modes = shared
+    lm.set_mode(lm.mode, shared_modes=shared)
     ours = lm.generate_until(reqs)
     assert ours == HFLM(**kwargs).generate_until(reqs)
     assert ours != HFLM(**{**kwargs, "truncation": False}).generate_until(reqs)  # the cut did change the answers
@@ -511,12 +513,12 @@ def test_baseline_answers_forked_from_several_hypothesis_batches_each_go_to_thei
     monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)
     reqs = gen_requests()
     shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
-    shared.shared_modes = ("hypothesis", "baseline")
+    shared.set_mode(shared.mode, shared_modes=("hypothesis", "baseline"))
     hypothesis = shared.generate_until(reqs)
-    assert len(shared._forked_baseline) == 3
-    shared.mode = "baseline"
+    assert len(shared.shared.forked_baseline) == 3
+    shared.set_mode("baseline")
     baseline = shared.generate_until(reqs)
-    assert not shared._forked_baseline
+    assert not shared.shared.forked_baseline
     assert hypothesis == make_lm("llama", mode="hypothesis", layer=1, batch_size=2).generate_until(reqs)
     assert baseline == make_lm("llama", mode="baseline", batch_size=2).generate_until(reqs)
 
@@ -528,9 +530,9 @@ def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwar
     reqs = [Instance("generate_until", {}, (context("abc", q), dict(GEN, **kwargs)), i, ("t", i, 1))
             for i, (q, kwargs) in enumerate((q, kwargs) for kwargs in ({}, other) for q in ["k", "mn", "xyz"])]
     shared = make_lm("llama", mode="hypothesis", layer=1)
-    shared.shared_modes = ("hypothesis", "baseline")
+    shared.set_mode(shared.mode, shared_modes=("hypothesis", "baseline"))
     shared.generate_until(reqs)
-    shared.mode = "baseline"
+    shared.set_mode("baseline")
     baseline = shared.generate_until(reqs)
     expected = make_lm("llama", mode="baseline").generate_until(reqs)
     assert expected[:3] != expected[3:]  # the kwargs do change the answers
@@ -560,9 +562,9 @@ def test_one_token_queries_generate_with_or_without_a_forked_baseline(make_lm, s
             for i, q in enumerate("kmnp")]
     lm = make_lm("llama", mode="hypothesis", layer=1)
     assert all(len(lm.tok_encode(p.query)) == 1 for p in lm.plan(reqs))
-    lm.shared_modes = shared
+    lm.set_mode(lm.mode, shared_modes=shared)
     outputs = lm.generate_until(reqs)
-    assert not lm._forked_baseline
+    assert not lm.shared.forked_baseline
     assert outputs == make_lm("llama", mode="hypothesis", layer=1).generate_until(reqs)
 
 
@@ -571,11 +573,11 @@ def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_sa
     sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
     reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata) for r in gen_requests()]
     shared = make_lm("llama", mode="hypothesis", layer=1, batch_size=8)
-    shared.shared_modes = ("hypothesis", "baseline")
+    shared.set_mode(shared.mode, shared_modes=("hypothesis", "baseline"))
     greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in reqs]
     torch.manual_seed(1)
     assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(greedy)
-    shared.mode = "baseline"
+    shared.set_mode("baseline")
     assert shared.generate_until(reqs) != make_lm("llama", mode="baseline", batch_size=8).generate_until(greedy)
 
 
@@ -583,8 +585,8 @@ def test_sliding_window_is_read_from_the_config():
     def config(cls, **kwargs):
         return SimpleNamespace(config=cls(**kwargs))
 
-    assert model_module.within_window(config(transformers.MistralConfig, sliding_window=16), 16)
-    assert not model_module.within_window(config(transformers.MistralConfig, sliding_window=16), 17)
-    assert model_module.within_window(config(transformers.MistralConfig, sliding_window=None), 10**6)
-    assert model_module.within_window(config(transformers.Qwen2Config, use_sliding_window=False, sliding_window=16), 10**6)
-    assert model_module.within_window(config(transformers.LlamaConfig), 10**6)
+    assert extraction.within_window(config(transformers.MistralConfig, sliding_window=16), 16)
+    assert not extraction.within_window(config(transformers.MistralConfig, sliding_window=16), 17)
+    assert extraction.within_window(config(transformers.MistralConfig, sliding_window=None), 10**6)
+    assert extraction.within_window(config(transformers.Qwen2Config, use_sliding_window=False, sliding_window=16), 10**6)
+    assert extraction.within_window(config(transformers.LlamaConfig), 10**6)

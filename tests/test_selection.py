@@ -11,12 +11,19 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from lm_eval_taskvec import selection
+from lm_eval_taskvec import identity, selection
 from lm_eval_taskvec.extraction import Prefix, branch_mask_kind
-from lm_eval_taskvec.model import Plan, ThetaKey
+from lm_eval_taskvec.planning import Plan
+from lm_eval_taskvec.selection import cache, sweep
+from lm_eval_taskvec.selection.dev import DevExample, dev_sets, fold_members
+from lm_eval_taskvec.theta import ThetaKey, ThetaStore
 from lm_eval_taskvec.tasks import task_dir
 from tests.conftest import ARCHITECTURES
 from tests.tasks import letter_rows, make_task, requests_of
+
+
+def key_of(lm, task_name: str, sets) -> str:
+    return cache.cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, task_name, sets)
 
 
 @pytest.fixture
@@ -50,7 +57,7 @@ def test_validation_dev_documents_are_validation_rows(make_lm, layer_cache):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
     data = [json.loads(line) for line in (task_dir() / "data" / "tv_list_first.jsonl").read_text().splitlines()]
     split_of = {f"example:{row['input']}->": row["split"] for row in data}
-    (dev,) = selection.dev_sets(lm, "tv_list_first")
+    (dev,) = dev_sets(lm.settings, "tv_list_first")
     assert dev.split == "validation" and dev.scored is None
     assert len(dev.examples) == 10 and {split_of[q] for q in queries(dev.examples)} == {"validation"}
 
@@ -59,7 +66,7 @@ def test_leave_one_out_over_the_fewshot_pool_when_there_is_no_validation_split(m
     task = make_task(splits={"train": letter_rows(30), "test": letter_rows(20, 30)}, num_fewshot=4)
     requests_of(task, limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=30)
-    (dev,) = selection.dev_sets(lm, "tiny")
+    (dev,) = dev_sets(lm.settings, "tiny")
     assert dev.split == "train (leave-one-out)" and len({ex.doc_id for ex in dev.examples}) == 30
     train = {f"example:{row['input']}->" for row in letter_rows(30)}
     for ex in dev.examples:
@@ -75,7 +82,7 @@ def test_tasks_without_disjoint_dev_documents_are_cross_fitted(make_lm, layer_ca
     task = make_task(splits=layout, fewshot_split="test", num_fewshot=3)
     requests_of(task, limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=20)
-    halves = selection.dev_sets(lm, "tiny")
+    halves = dev_sets(lm.settings, "tiny")
     assert [dev.split for dev in halves] == ["test (cross-fit: scored on the other half)"] * 2
     assert halves[0].scored | halves[1].scored == set(range(26)) and not halves[0].scored & halves[1].scored
     for dev in halves:
@@ -99,9 +106,9 @@ def test_each_dev_source_is_used_from_exactly_its_minimum_size(make_lm, rows, so
     lm = make_lm("llama", mode="hypothesis", num_dev=4)
     if source is None:
         with pytest.raises(ValueError, match="too few to cross-fit"):
-            selection.dev_sets(lm, "tiny")
+            dev_sets(lm.settings, "tiny")
     else:
-        assert {dev.split for dev in selection.dev_sets(lm, "tiny")} == {source}
+        assert {dev.split for dev in dev_sets(lm.settings, "tiny")} == {source}
 
 
 @pytest.mark.parametrize("shots", [0, 1])
@@ -109,26 +116,26 @@ def test_auto_needs_at_least_one_demonstration(make_lm, shots):
     requests_of(make_task(num_fewshot=shots), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=4)
     if shots:
-        assert [len(dev.examples) for dev in selection.dev_sets(lm, "tiny")] == [4]
+        assert [len(dev.examples) for dev in dev_sets(lm.settings, "tiny")] == [4]
     else:
         with pytest.raises(ValueError, match="layer=auto needs demonstrations.*--num_fewshot"):
-            selection.dev_sets(lm, "tiny")
+            dev_sets(lm.settings, "tiny")
 
 
 def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_cache, monkeypatch):
     task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
     requests = requests_of(task)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=12, layer_cache="off")
-    halves = selection.dev_sets(lm, "tiny")
+    halves = dev_sets(lm.settings, "tiny")
     fake = iter([[0, 1, 0], [2, 0, 0]])  # block-wise hits: half 0's dev set picks block 1, half 1's picks block 0
-    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(
+    monkeypatch.setattr(sweep, "score", lambda lm, name, sets: [(
         torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
         for _ in sets])
     choice = selection.select_layer(lm, "tiny")
     assert [fold["layer"] for fold in choice["folds"]] == [1, 0] and choice["task"] == "tiny"
     for fold, other in zip(choice["folds"], halves[::-1]):  # each half's layer was chosen on the other half
         assert fold["dev_docs"] and set(fold["dev_docs"]) <= other.scored
-    for request, plan in zip(requests, lm.plan(requests, extract=False)):
+    for request, plan in zip(requests, lm.plan(requests)):
         assert plan.layer == (1 if request.doc_id in halves[0].scored else 0)
 
 
@@ -139,26 +146,29 @@ def test_cross_fitted_halves_scored_together_equal_each_half_scored_alone(make_l
                      doc_to_target=0)
     requests_of(task, limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=8, layer_cache="off")
-    halves = selection.dev_sets(lm, "tiny")
-    plans = [lm.plan(ex.requests, layer=0, extract=False)[0] for dev in halves for ex in dev.examples]
+    halves = dev_sets(lm.settings, "tiny")
+    plans = [lm.planner.plan(ex.requests)[0] for dev in halves for ex in dev.examples]
     assert len({p.theta_key for p in plans}) < len(plans)  # shared S, shared θ
     scored = {}
-    for name in ("_fork_scores", "_regular_and_thetas"):
-        monkeypatch.setattr(selection, name, lambda *a, _f=getattr(selection, name), _n=name:
+    for name in ("fork_scores", "regular_and_thetas"):
+        monkeypatch.setattr(sweep, name, lambda *a, _f=getattr(sweep, name), _n=name:
                             scored.setdefault(_n, []).append(_f(*a)) or scored[_n][-1])
-    together = selection._score(lm, "tiny", halves)
+    together = sweep.score(lm, "tiny", halves)
     for half, result in zip(halves, together):
-        lm._theta_cache.clear()
-        assert [hits.tolist() for hits in result] == [hits.tolist() for hits in selection._score(lm, "tiny", [half])[0]]
+        lm.thetas.clear()
+        assert [hits.tolist() for hits in result] == [hits.tolist() for hits in sweep.score(lm, "tiny", [half])[0]]
     for name, (both, *alone) in scored.items():
         assert torch.allclose(both, torch.cat(alone, -2), atol=1e-5), name
 
 
-def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache):
+def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache, monkeypatch):
     lm = make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="off")
+    sweeps, choose = [], sweep.choose
+    monkeypatch.setattr(sweep, "choose", lambda *a: sweeps.append(a[1]) or choose(*a))
     first = run(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
     second = run(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
-    assert first["source"] == second["source"] == "sweep" and len(lm.layer_choices) == 2
+    run(lm, num_fewshot=3)  # the same shots again: remembered
+    assert first["source"] == second["source"] == "sweep" and sweeps == ["tv_list_first"] * 2
     assert not layer_cache.exists()  # layer_cache=off writes nothing
 
 
@@ -183,8 +193,8 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_
     """Each block's dev accuracy, and baseline's and regular's, equal what the evaluation paths generate."""
     run(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
     lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
-    (dev,) = selection.dev_sets(lm, "tv_list_first")
-    ((per_block, baseline, regular),) = selection._score(lm, "tv_list_first", [dev])
+    (dev,) = dev_sets(lm.settings, "tv_list_first")
+    ((per_block, baseline, regular),) = sweep.score(lm, "tv_list_first", [dev])
     requests = [ex.requests[0] for ex in dev.examples]
     targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
     for layer in range(len(lm.blocks)):
@@ -199,12 +209,12 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
                      output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
-    (dev,) = selection.dev_sets(lm, "tiny")
+    (dev,) = dev_sets(lm.settings, "tiny")
     assert all(len(ex.requests) == 3 and ex.gold == 0 for ex in dev.examples)
     scored = {}
-    for name in ("_fork_scores", "_regular_and_thetas"):  # baseline and every block; regular
-        monkeypatch.setattr(selection, name, lambda *a, _f=getattr(selection, name), _n=name: scored.setdefault(_n, _f(*a)))
-    ((per_block, baseline, regular),) = selection._score(lm, "tiny", [dev])
+    for name in ("fork_scores", "regular_and_thetas"):  # baseline and every block; regular
+        monkeypatch.setattr(sweep, name, lambda *a, _f=getattr(sweep, name), _n=name: scored.setdefault(_n, _f(*a)))
+    ((per_block, baseline, regular),) = sweep.score(lm, "tiny", [dev])
     requests = [r for ex in dev.examples for r in ex.requests]
 
     def argmax_right(scores):
@@ -213,9 +223,9 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
     for layer in range(len(lm.blocks)):
         fixed = fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer)
         assert per_block[layer].tolist() == argmax_right(fixed)
-        assert scored["_fork_scores"][1 + layer, :, 0].tolist() == pytest.approx(fixed, abs=1e-4)  # its own log-likelihoods
-    for mode, hits, scores in (("baseline", baseline, scored["_fork_scores"][0]),
-                               ("regular", regular, scored["_regular_and_thetas"])):
+        assert scored["fork_scores"][1 + layer, :, 0].tolist() == pytest.approx(fixed, abs=1e-4)  # its own log-likelihoods
+    for mode, hits, scores in (("baseline", baseline, scored["fork_scores"][0]),
+                               ("regular", regular, scored["regular_and_thetas"])):
         fixed = fixed_layer_hits(make_lm, "gpt2", mode, requests)
         assert hits.tolist() == argmax_right(fixed) and scores[:, 0].tolist() == pytest.approx(fixed, abs=1e-4)
 
@@ -235,16 +245,16 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
     requests_of(make_task(num_fewshot=3), limit=1)
     args = dict(pretrained=model_factory("gpt2"), tokenizer=bos, device="cpu", max_length=14, batch_size=4)
     lm = TaskVectorLM(mode="hypothesis", num_dev=4, **args)
-    (dev,) = selection.dev_sets(lm, "tiny")
+    (dev,) = dev_sets(lm.settings, "tiny")
     calls, passes = {}, []
-    fork_scores, regular_and_thetas, states_after = selection._fork_scores, selection._regular_and_thetas, selection.states_after
-    monkeypatch.setattr(selection, "_fork_scores", lambda lm, rows, *a: calls.setdefault("queries", rows) and
+    fork_scores, regular_and_thetas, states_after = sweep.fork_scores, sweep.regular_and_thetas, sweep.states_after
+    monkeypatch.setattr(sweep, "fork_scores", lambda lm, rows, *a: calls.setdefault("queries", rows) and
                         fork_scores(lm, rows, *a))
-    monkeypatch.setattr(selection, "_regular_and_thetas", lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and
+    monkeypatch.setattr(sweep, "regular_and_thetas", lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and
                         regular_and_thetas(lm, plans, rows, *a))
-    monkeypatch.setattr(selection, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
-    monkeypatch.setattr(lm, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
-    selection._score(lm, "tiny", [dev])
+    monkeypatch.setattr(sweep, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
+    monkeypatch.setattr(lm.thetas, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
+    sweep.score(lm, "tiny", [dev])
     progress = capsys.readouterr().err  # the issue's "progress bar over blocks", named by task and phase
     assert "tiny: layer sweep, θ at 3 blocks" in progress and "tiny: dev accuracy by block" in progress
     queries, fulls = calls["queries"], calls["fulls"]
@@ -266,7 +276,7 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
 
     assert sorted(tuple(ctx) for ctx, _ in fulls) == hflm_contexts([ex.requests[0].args[0] for ex in dev.examples])
     assert sorted(tuple(ctx) for ctx, _ in queries) == hflm_contexts(
-        [p.query for p in lm.plan([ex.requests[0] for ex in dev.examples], layer=0, extract=False)])
+        [p.query for p in lm.planner.plan([ex.requests[0] for ex in dev.examples])])
     answers = [bos.convert_tokens_to_ids(bos.tokenize(ex.gold))[:1] for ex in dev.examples]
     assert [cont for _, cont in fulls] == [cont for _, cont in queries] == answers and 1 not in sum(answers, [])
 
@@ -277,20 +287,20 @@ def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_ca
     task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", output_type="multiple_choice",
                      doc_to_choice=choices, doc_to_target=target)
     requests_of(task, limit=1)
-    (dev,) = selection.dev_sets(make_lm("gpt2", mode="hypothesis", num_dev=24), "tiny")
+    (dev,) = dev_sets(make_lm("gpt2", mode="hypothesis", num_dev=24).settings, "tiny")
     golds = {ex.requests[0].doc["input"]: ex.gold for ex in dev.examples}
     assert golds == {doc["input"]: 1 if len(doc["input"]) == 1 else 0 for doc in letter_rows(24, 24)}
     assert set(golds.values()) == {0, 1}
 
 
 def test_hits_read_each_dev_prompts_own_rows():
-    examples = [selection.DevExample(i, [None] * k, gold) for i, (k, gold) in enumerate([(3, 0), (2, 1), (3, 2)])]
+    examples = [DevExample(i, [None] * k, gold) for i, (k, gold) in enumerate([(3, 0), (2, 1), (3, 2)])]
     scores = torch.zeros(2, 8, 2)  # two blocks; rows 0-2, 3-4 and 5-7 are the three prompts' choices
     scores[0, :, 0] = torch.tensor([-1, -2, -3, -1, -2, -3, -2, -1])  # block 0: choices 0, 0 and 2 win
     scores[1, :, 0] = torch.tensor([-3, -2, -1, -2, -1, -1, -2, -3])  # block 1: choices 2, 1 and 0 win
-    assert selection._hits(examples, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
+    assert sweep._hits(examples, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
     scores[..., 1] = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]])  # first token right or not
-    assert selection._hits(examples, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
+    assert sweep._hits(examples, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
                                                                       [False] * 8]
 
 
@@ -305,16 +315,16 @@ def test_hits_read_each_dev_prompts_own_rows():
 # STACK_TOKENS, one for all its patches together: 0 + 2 + 4 x 2, and 2 + 2 + 5 x 2. STACK_TOKENS 1: a pass per
 # patch; 20: a chunk of 9 tokens stacks 2 patches per pass, one of 4 tokens 5.
 @pytest.mark.parametrize("arch,row_chunk,stack_tokens,runs,passes",
-                         [(arch, 64, selection.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
-                         + [("llama", 2, selection.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None),
+                         [(arch, 64, sweep.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
+                         + [("llama", 2, sweep.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None),
                             ("llama", 64, 20, 5, None)])
 def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, stack_tokens, runs,
                                                         passes):
     """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks, patches
     stacked in one pass or not: each score must land on its own row, and equal a full forward pass patched by
     the oracle's own hook."""
-    monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
-    monkeypatch.setattr(selection, "STACK_TOKENS", stack_tokens)
+    monkeypatch.setattr(sweep, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(sweep, "STACK_TOKENS", stack_tokens)
     lm = make_lm(arch)
     rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
             ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
@@ -331,7 +341,7 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
                  for i, layer in enumerate(layers)]
         for i, plan in enumerate(plans):
             seed = torch.Generator().manual_seed(100 * plan.layer + i)
-            lm._theta_cache[(plan.layer, plan.theta_key)] = torch.randn(hidden, generator=seed)
+            lm.thetas.put(plan.layer, plan.theta_key, torch.randn(hidden, generator=seed))
         return plans
 
     patches = [None] + [plans_at([layer] * len(rows)) for layer in range(depth)]
@@ -341,7 +351,7 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     branch_mask_kind(lm.model)  # the model's one-off check of branch masks runs before counting
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
     counter = lm.model.register_forward_pre_hook(lambda *_: model_passes.append(1))
-    scores = selection._fork_scores(lm, rows, patches)
+    scores = sweep.fork_scores(lm, rows, patches)
     handle.remove()
     counter.remove()
     assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
@@ -376,7 +386,7 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
             *a, attention_mask=attention_mask if attention_mask is None or attention_mask.dim() < 4 else
             torch.ones_like(attention_mask), **k))
     expected = {"sdpa": "bool", "eager": "additive", "no mask": None, "misread": None}[attention]
-    assert selection.branch_mask_kind(lm.model) == expected
+    assert sweep.branch_mask_kind(lm.model) == expected
     # Choices [9, 10, 11] and [9, 10, 14] share all their tokens but the last, [22, 23] and [22, 25] their first.
     rows = [([5, 6, 7], [8]), ([5, 6, 7], [9, 10, 11]), ([5, 6, 7], [12, 13]), ([5, 6, 7], [9, 10, 14]),
             ([20, 21], [22, 23]), ([20, 21], [24]), ([20, 21], [22, 25]), ([30, 31, 32, 33], [34, 35])]
@@ -384,9 +394,9 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
     depth, hidden = len(lm.blocks), lm.model.config.hidden_size
     for layer in range(depth):
         for c, key in enumerate(keys.values()):
-            lm._theta_cache[(layer, key)] = torch.randn(hidden, generator=torch.Generator().manual_seed(10 * layer + c))
+            lm.thetas.put(layer, key, torch.randn(hidden, generator=torch.Generator().manual_seed(10 * layer + c)))
     patches = [None] + [[Plan("", keys[tuple(ctx)], layer) for ctx, _ in rows] for layer in range(depth)]
-    monkeypatch.setattr(selection, "STACK_TOKENS", 1)  # a pass per patch: every pass runs the chunk's sequences once
+    monkeypatch.setattr(sweep, "STACK_TOKENS", 1)  # a pass per patch: every pass runs the chunk's sequences once
     tokens_run, extend_branches = {}, Prefix.extend_branches  # each chunk's sequences: real tokens they run
 
     def counting(self, model, heads, branches, kind):
@@ -399,7 +409,7 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
             tokens_run[tuple((tuple(h), tuple(map(tuple, b))) for h, b in zip(heads, branches))] = count[0]
 
     monkeypatch.setattr(Prefix, "extend_branches", counting)
-    scores = selection._fork_scores(lm, rows, patches)
+    scores = sweep.fork_scores(lm, rows, patches)
     sequences = [sequence for chunk in tokens_run for sequence in chunk]
     assert len(sequences) == (3 if expected else 8) and sum(len(b) for _, b in sequences) == 8  # 8 rows: 3 questions
     # As branches, each question's last token once, then its choices but their last token as a trie: [7] [9]
@@ -418,7 +428,7 @@ def assert_oracle_scores(lm, rows, patches, scores):
 
     for p, plans in enumerate(patches):
         for i, (ctx, cont) in enumerate(rows):
-            handle = replace_at(plans[i].layer, len(ctx) - 1, lm.theta(plans[i])) if plans else None
+            handle = replace_at(plans[i].layer, len(ctx) - 1, lm.thetas.get(plans[i].layer, plans[i].theta_key)) if plans else None
             with torch.no_grad():
                 logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
             if handle:
@@ -448,8 +458,8 @@ def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make
     key = ThetaKey(demos="d", dummies=(), strip=False)
     patches = [None] + [[Plan(query="", theta_key=key, layer=layer)] * len(rows) for layer in range(len(lm.blocks))]
     for layer in range(len(lm.blocks)):
-        lm._theta_cache[(layer, key)] = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
-    scores = selection._fork_scores(lm, rows, patches)
+        lm.thetas.put(layer, key, torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(layer)))
+    scores = sweep.fork_scores(lm, rows, patches)
     assert any("runs every block for every patch" in message for message in lm._warned)
     assert_oracle_scores(lm, rows, patches, scores)
 
@@ -461,26 +471,28 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
     of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
     lengths, two continuations of one prompt, two queries after one S, several batches; logits of one row at a
     time; a batch where one prompt shares nothing with its θ prompts)."""
-    monkeypatch.setattr(selection, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(sweep, "ROW_CHUNK", row_chunk)
     lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
     if unshared:  # the first prompt's θ prompts start with a token its full prompt does not have
-        theta_prompts = lm.theta_prompts
-        monkeypatch.setattr(lm, "theta_prompts", lambda key: [[3] + p if "e->E" in key.demos else p
+        theta_prompts = lm.thetas.prompts
+        monkeypatch.setattr(lm.thetas, "prompts", lambda key: [[3] + p if "e->E" in key.demos else p
                                                               for p in theta_prompts(key)])
     cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK"),
              ("abcde", "st", "S")]
     requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
                                                cont), i, ("t", i, 1)) for i, (demos, q, cont) in enumerate(cases)]
-    plans = lm.plan(requests, layer=0, extract=False)
+    plans = lm.planner.plan(requests)
     assert plans[0].theta_key == plans[5].theta_key  # two queries after one S (and its dummies): S runs once for both
-    fulls = [lm._encode_pair(*r.args) for r in requests]
+    fulls = [lm.encode_pair(*r.args) for r in requests]
     layers = list(range(len(lm.blocks)))
-    scores = selection._regular_and_thetas(lm, plans, fulls, layers, "t")
-    shared, lm._theta_cache = lm._theta_cache, {}
-    lm.ensure_thetas({(layer, p.theta_key) for p in plans for layer in layers})
-    assert shared.keys() == lm._theta_cache.keys() and len(shared) == len(layers) * len({p.theta_key for p in plans})
-    for key, theta in shared.items():
-        assert torch.allclose(theta, lm._theta_cache[key], atol=1e-4), key
+    scores = sweep.regular_and_thetas(lm, plans, fulls, layers, "t")
+    wanted = {(layer, p.theta_key) for p in plans for layer in layers}
+    fresh = ThetaStore(lm.model, lm.blocks, lm.tok_encode, lambda: lm.extract_batch_size, lm.autocast)
+    fresh.prompts = lm.thetas.prompts  # the same [S, x'] tokens (changed above when unshared)
+    fresh.ensure(wanted)
+    assert len(lm.thetas) == len(fresh) == len(wanted) and not lm.thetas.missing(wanted)
+    for layer, key in wanted:
+        assert torch.allclose(lm.thetas.get(layer, key), fresh.get(layer, key), atol=1e-4), (layer, key)
     for i, (ctx, cont) in enumerate(fulls):
         with torch.no_grad():
             logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
@@ -490,14 +502,14 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
 
 
 def test_length_chunks_pad_each_chunk_by_at_most_an_eighth(monkeypatch):
-    monkeypatch.setattr(selection, "ROW_CHUNK", 3)
+    monkeypatch.setattr(sweep, "ROW_CHUNK", 3)
     lengths = {"a": 1, "b": 9, "c": 8, "d": 1, "e": 2, "f": 1, "g": 1, "h": 8}
     # Longest first. [b, c, h]: 27 padded for 25 real, within an eighth (28.1), and full at ROW_CHUNK 3. [e] then
     # [a, d, f]: e with a would pad 4 for 3. g starts the fourth chunk because the third is full.
-    assert selection._length_chunks(lengths, lengths.get) == [["b", "c", "h"], ["e"], ["a", "d", "f"], ["g"]]
-    assert selection._length_chunks([], len) == []
+    assert sweep.length_chunks(lengths, lengths.get) == [["b", "c", "h"], ["e"], ["a", "d", "f"], ["g"]]
+    assert sweep.length_chunks([], len) == []
     # With a floor of 20 tokens: [e, a, d] pads to 6 for 4 real tokens, more than an eighth but within the floor.
-    assert selection._length_chunks(lengths, lengths.get, 20) == [["b", "c", "h"], ["e", "a", "d"], ["f", "g"]]
+    assert sweep.length_chunks(lengths, lengths.get, 20) == [["b", "c", "h"], ["e", "a", "d"], ["f", "g"]]
 
 
 def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pass(make_lm, monkeypatch):
@@ -509,33 +521,33 @@ def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pa
     key = ThetaKey(demos="d", dummies=(), strip=False)
     patches = [[Plan(query="", theta_key=key, layer=layer)] * len(rows) for layer in range(len(lm.blocks))]
     for layer in range(len(lm.blocks)):
-        lm._theta_cache[(layer, key)] = torch.randn(lm.model.config.hidden_size)
-    exact = selection._fork_scores(lm, rows, [None, *patches])
-    real = selection.replay_outputs
-    monkeypatch.setattr(selection, "replay_outputs", lambda blocks, outputs, copies: real(blocks, [o + 1e-3 for o in outputs],
+        lm.thetas.put(layer, key, torch.randn(lm.model.config.hidden_size))
+    exact = sweep.fork_scores(lm, rows, [None, *patches])
+    real = sweep.replay_outputs
+    monkeypatch.setattr(sweep, "replay_outputs", lambda blocks, outputs, copies: real(blocks, [o + 1e-3 for o in outputs],
                                                                                           copies))
-    assert torch.allclose(selection._fork_scores(lm, rows, [None, *patches]), exact, atol=1e-5)
+    assert torch.allclose(sweep.fork_scores(lm, rows, [None, *patches]), exact, atol=1e-5)
     assert any("runs every block for every patch" in message for message in lm._warned)
     lm._warned.clear()
-    assert torch.allclose(selection._fork_scores(lm, rows, patches), exact[1:], atol=1e-5)
+    assert torch.allclose(sweep.fork_scores(lm, rows, patches), exact[1:], atol=1e-5)
     assert any("runs every block for every patch" in message for message in lm._warned)
 
 
 def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
     baseline = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
     same = torch.stack([baseline, baseline & False])
-    summary = selection._summary(same, baseline, baseline)
+    summary = sweep.summary(same, baseline, baseline)
     assert summary["layer"] == 0 and summary["no_effect"] and summary["p_value"] == 1.0
     gains = torch.stack([baseline | True, baseline])  # 8 documents gained, none lost: p = 2 / 2**8
     regular = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
-    summary = selection._summary(gains, baseline, regular)
+    summary = sweep.summary(gains, baseline, regular)
     assert not summary["no_effect"] and summary["p_value"] == round(2 / 256, 4)
     assert summary["dev_accuracy"] == [1.0, 0.2] and summary["baseline_accuracy"] == 0.2
     assert summary["regular_accuracy"] == 0.3 and summary["num_dev"] == 10
     few = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # 3 gained, 1 lost: p = 2 * 5 / 16
-    summary = selection._summary(torch.stack([few, few & False]), torch.tensor([0, 0, 0, 1] + [0] * 6).bool(), few)
+    summary = sweep.summary(torch.stack([few, few & False]), torch.tensor([0, 0, 0, 1] + [0] * 6).bool(), few)
     assert summary["no_effect"] and summary["p_value"] == 0.625  # more gained than lost, but not significantly
-    worse = selection._summary(torch.zeros(2, 10, dtype=torch.bool), torch.ones(10, dtype=torch.bool), few)
+    worse = sweep.summary(torch.zeros(2, 10, dtype=torch.bool), torch.ones(10, dtype=torch.bool), few)
     assert worse["no_effect"] and worse["p_value"] == round(2 / 1024, 4)  # significant, but a loss
 
 
@@ -554,26 +566,26 @@ def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, mod
 
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    sets = selection.dev_sets(lm, "tv_list_first")
-    key = selection._cache_key(lm, "tv_list_first", sets)
-    assert selection._cache_key(make_lm("llama", mode="hypothesis", num_dev=6), "tv_list_first", sets) == key
-    assert selection._cache_key(make_lm("llama", mode="hypothesis", num_dev=6, num_dummy=3), "tv_list_first", sets) != key
+    sets = dev_sets(lm.settings, "tv_list_first")
+    key = key_of(lm, "tv_list_first", sets)
+    assert key_of(make_lm("llama", mode="hypothesis", num_dev=6), "tv_list_first", sets) == key
+    assert key_of(make_lm("llama", mode="hypothesis", num_dev=6, num_dummy=3), "tv_list_first", sets) != key
     edited = copy.deepcopy(model_factory("llama"))
     with torch.no_grad():
         edited.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3  # one weight, off any strided sample
     other = TaskVectorLM(pretrained=edited, tokenizer=tokenizer, device="cpu", mode="hypothesis", num_dev=6)
-    edited_key = selection._cache_key(other, "tv_list_first", sets)
+    edited_key = key_of(other, "tv_list_first", sets)
     assert edited_key != key
     with torch.no_grad():
         edited.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # in place, after a fingerprint was remembered
-    assert selection._cache_key(other, "tv_list_first", sets) not in (key, edited_key)
+    assert key_of(other, "tv_list_first", sets) not in (key, edited_key)
 
 
 def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache_key(make_lm, monkeypatch):
     requests_of(make_task(), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=4)
-    sets = selection.dev_sets(lm, "tiny")
-    key = selection._cache_key(lm, "tiny", sets)
+    sets = dev_sets(lm.settings, "tiny")
+    key = key_of(lm, "tiny", sets)
     changes = [(lm.model.config, "_commit_hash", "0123abc"),  # another Hub commit: a new tokenizer, say
                (lm, "revision", "other-branch"),
                (lm.model.config, "rope_theta", 20000.0),  # same weights, other outputs
@@ -581,8 +593,8 @@ def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache
     for owner, name, value in changes:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value, raising=False)
-            assert selection._cache_key(lm, "tiny", sets) != key, name
-    assert selection._cache_key(lm, "tiny", sets) == key
+            assert key_of(lm, "tiny", sets) != key, name
+    assert key_of(lm, "tiny", sets) == key
 
 
 def complete_choice(folds: bool = False, **changes) -> dict:
@@ -641,7 +653,7 @@ MORE_BAD_CACHE_FILES = {  # the same check, without a sweep each
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    path = layer_cache / f"{selection._cache_key(lm, 'tv_list_first', selection.dev_sets(lm, 'tv_list_first'))}.json"
+    path = layer_cache / f"{key_of(lm, 'tv_list_first', dev_sets(lm.settings, 'tv_list_first'))}.json"
     layer_cache.mkdir(parents=True)
     path.write_text(content)
     choice = selection.select_layer(lm, "tv_list_first")
@@ -654,7 +666,7 @@ def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer
 def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_path, caplog, content):
     path = tmp_path / "key.json"
     path.write_text(content)
-    assert selection._read_cache(path, 3) is None and "sweeping again" in caplog.text
+    assert cache.read_choice(path, 3) is None and "sweeping again" in caplog.text
     assert str(path) in caplog.text  # names the file
 
 
@@ -665,18 +677,18 @@ def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_pat
 def test_a_complete_cache_file_is_read_back_as_written(tmp_path, caplog, choice):
     path = tmp_path / "key.json"
     path.write_text(json.dumps(choice))
-    assert selection._read_cache(path, 3) == choice and "sweeping again" not in caplog.text
+    assert cache.read_choice(path, 3) == choice and "sweeping again" not in caplog.text
 
 
 def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, monkeypatch):
     task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
     requests_of(task, limit=1)
     fake = iter([[0, 1, 0], [2, 0, 0]])
-    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(
+    monkeypatch.setattr(sweep, "score", lambda lm, name, sets: [(
         torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
         for _ in sets])
     first = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
-    monkeypatch.setattr(selection, "_score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
+    monkeypatch.setattr(sweep, "score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
     again = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
     assert first["source"] == "sweep" and again["source"].endswith(".json")
     assert [f["layer"] for f in again["folds"]] == [1, 0] and again["folds"] == first["folds"]
@@ -685,7 +697,7 @@ def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, mo
 def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
     run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    monkeypatch.setattr(selection.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     choice = selection.select_layer(lm, "tv_list_first")
     assert choice["source"] == "sweep" and "not writable" in caplog.text
     assert selection.select_layer(lm, "tv_list_first") is choice  # remembered, not swept again
@@ -699,7 +711,7 @@ def test_the_cache_file_is_written_in_its_own_folder_without_the_system_temp_fol
     monkeypatch.setattr(tempfile, "tempdir", str(layer_cache.parent / "no-such-folder"))  # unusable, like another disk
     lm = SimpleNamespace(warn_once=lambda message: pytest.fail(message))
     path = layer_cache / "key.json"
-    selection._write_cache(lm, path, complete_choice() | {"source": "sweep"})
+    cache.write_choice(path, complete_choice() | {"source": "sweep"}, lm.warn_once)
     assert json.loads(path.read_text()) == complete_choice()  # "source" says where a choice came from: not stored
     assert [p.name for p in layer_cache.iterdir()] == ["key.json"]
 
@@ -710,28 +722,28 @@ def test_a_cache_that_cannot_be_written_or_cleaned_up_only_warns(layer_cache, mo
     def refuse(*args):
         raise PermissionError(13, "read-only")
 
-    monkeypatch.setattr(selection.os, "replace", refuse)
-    monkeypatch.setattr(selection.os, "unlink", refuse)  # the temporary file cannot be removed either
+    monkeypatch.setattr(cache.os, "replace", refuse)
+    monkeypatch.setattr(cache.os, "unlink", refuse)  # the temporary file cannot be removed either
     warnings = []
-    selection._write_cache(SimpleNamespace(warn_once=warnings.append), layer_cache / "key.json", complete_choice())
+    cache.write_choice(layer_cache / "key.json", complete_choice(), warnings.append)
     assert len(warnings) == 1 and "not writable" in warnings[0] and not (layer_cache / "key.json").exists()
 
 
 def test_the_weights_fingerprint_is_remembered_until_a_weight_changes(model_factory, monkeypatch):
     model = copy.deepcopy(model_factory("llama"))
-    first = selection.weights_fingerprint(model)
+    first = identity.weights_fingerprint(model)
     with monkeypatch.context() as patch:
-        patch.setattr(selection.torch.linalg, "vector_norm", lambda *a, **k: pytest.fail("fingerprinted again"))
-        assert selection.weights_fingerprint(model) == first
+        patch.setattr(identity.torch.linalg, "vector_norm", lambda *a, **k: pytest.fail("fingerprinted again"))
+        assert identity.weights_fingerprint(model) == first
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
-    assert selection.weights_fingerprint(model) != first
+    assert identity.weights_fingerprint(model) != first
 
 
 @pytest.mark.parametrize("spelling, setting", [("no", "off"), ("off", "off"), ("false", "off"), ("0", "off"),
                                                (False, "off"), (True, "on"), ("refresh", "refresh")])
 def test_layer_cache_spellings(make_lm, spelling, setting):
-    assert make_lm(mode="hypothesis", layer=1, layer_cache=spelling).layer_cache == setting
+    assert make_lm(mode="hypothesis", layer=1, layer_cache=spelling).settings.layer_cache == setting
 
 
 def test_refresh_sweeps_again_and_rewrites(make_lm, layer_cache):
@@ -754,7 +766,7 @@ def test_the_layer_choice_does_not_depend_on_the_rank(make_lm, layer_cache):
         task.set_fewshot_seed(1234)
         task.build_all_requests(rank=rank, world_size=2)
         lm = make_lm("llama", mode="hypothesis", num_dev=6)
-        keys.append(selection._cache_key(lm, "tiny", selection.dev_sets(lm, "tiny")))
+        keys.append(key_of(lm, "tiny", dev_sets(lm.settings, "tiny")))
     assert keys[0] == keys[1]
 
 
@@ -768,11 +780,11 @@ def test_concurrent_writers_never_leave_half_a_cache_file(make_lm, layer_cache, 
 
     def write(choice):
         for _ in range(40):
-            selection._write_cache(lm, path, choice)
+            cache.write_choice(path, choice, lm.warn_once)
 
     def read():
         while not stop.is_set():
-            seen.append(selection._read_cache(path, 3))
+            seen.append(cache.read_choice(path, 3))
 
     writers = [threading.Thread(target=write, args=(c,)) for c in choices]
     reader = threading.Thread(target=read)
@@ -791,7 +803,7 @@ def test_no_effect_is_a_warning_in_the_log_and_a_flag_in_the_choice(make_lm, lay
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=10, layer_cache="off")
     same = torch.tensor([True, False] * 5)
-    monkeypatch.setattr(selection, "_score", lambda lm, name, sets: [(torch.stack([same] * 3), same, same)])
+    monkeypatch.setattr(sweep, "score", lambda lm, name, sets: [(torch.stack([same] * 3), same, same)])
     choice = selection.select_layer(lm, "tiny")
     assert choice["no_effect"] and choice["baseline_accuracy"] == choice["dev_accuracy"][0] == 0.5
     assert choice["task"] == "tiny" and choice["dev_split"] == "validation"
@@ -808,19 +820,19 @@ def test_query_pool_follows_the_task_object_loaded_under_its_name(make_lm, monke
     first = make_task("pool", splits={"train": rows[:8], "test": rows[8:14]})
     second = make_task("pool", splits={"train": rows[:8], "test": rows[14:20]})
     monkeypatch.setitem(LOADED_TASKS, "pool", first)
-    first_pool = lm.query_pool("pool")
+    first_pool = lm.planner.query_pool("pool")
     monkeypatch.setitem(LOADED_TASKS, "pool", second)
-    second_pool = lm.query_pool("pool")
+    second_pool = lm.planner.query_pool("pool")
     assert {query.split(":")[1].split("->")[0] for query in first_pool} == {row["input"] for row in rows[8:14]}
     assert {query.split(":")[1].split("->")[0] for query in second_pool} == {row["input"] for row in rows[14:20]}
     monkeypatch.setitem(LOADED_TASKS, "pool", object())
-    assert lm.query_pool("pool") == set()
+    assert lm.planner.query_pool("pool") == set()
 
 
 def test_a_cross_fitted_task_scores_each_document_at_its_own_halfs_layer(make_lm):
     lm = make_lm(layer="auto")
-    folds = selection._fold_members(10, 7)
-    lm.selections["t"] = {"task": "t", "num_docs": 10, "fold_seed": 7,
+    folds = fold_members(10, 7)
+    lm.layer_choices["t"] = {"task": "t", "num_docs": 10, "fold_seed": 7,
                           "folds": [{"scored_fold": 0, "layer": 1}, {"scored_fold": 1, "layer": 2}]}
     layers = {doc: lm.layer_for(Instance("generate_until", {}, ("x", {}), doc, ("t", doc, 1))) for doc in range(10)}
     assert layers == {doc: 1 if doc in folds[0] else 2 for doc in range(10)}

@@ -16,10 +16,9 @@ from lm_eval.utils import simple_parse_args_string
 
 from lm_eval_taskvec.layers import resolve_layer
 from lm_eval_taskvec.model import TaskVectorLM
-from lm_eval_taskvec.selection import select_layer, weights_fingerprint
+from lm_eval_taskvec.selection import select_layer
+from lm_eval_taskvec.settings import AUTO, parse_layer
 from lm_eval_taskvec.theta import few_shot_requests, task_vectors
-
-AUTO = "auto"
 
 
 def require(module: str, extra: str = "analyses"):
@@ -52,16 +51,10 @@ def load_tasks(names, include_path: str | None = None) -> dict:
         raise ValueError(f"--tasks: {err.args[0]}; `lm-eval ls tasks` lists them") from None
 
 
-def parse_layer(lm, task_name: str, layer) -> int:
+def block_of(lm, task_name: str, layer) -> int:
     """Block index for ``--layer``: ``auto`` is hf-taskvec's cached (or freshly swept) choice for the task."""
-    text = str(layer).strip().lower()
-    if text == AUTO:
-        return select_layer(lm, task_name)["layer"]
-    try:
-        value = float(text) if "." in text else int(text)
-    except ValueError:
-        raise ValueError(f"--layer {layer!r} is not 'auto', a block index or a fraction of depth (e.g. 0.6)") from None
-    return resolve_layer(value, len(lm.blocks))
+    value = parse_layer(layer, "--layer")
+    return select_layer(lm, task_name)["layer"] if value == AUTO else resolve_layer(value, len(lm.blocks))
 
 
 def demonstration_sets(task, num_sets: int, num_fewshot: int, seed: int) -> list:
@@ -117,14 +110,3 @@ def pyplot():
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     return importlib.import_module("matplotlib.pyplot")
-
-
-def model_identity(lm) -> dict:
-    """What tells one model from another: its name, architecture, sizes, dtype and a fingerprint of every
-    weight (the same one the layer cache keys on)."""
-    model = lm.model
-    return {"name": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-            "model_type": str(getattr(model.config, "model_type", "")),
-            "hidden_size": int(model.get_input_embeddings().embedding_dim), "num_blocks": len(lm.blocks),
-            "vocab_size": int(model.get_input_embeddings().num_embeddings), "dtype": str(model.dtype).replace("torch.", ""),
-            "weights": weights_fingerprint(model)}

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lm_eval_taskvec.analyses.common import (load_tasks, model_identity, open_model, parse_layer, pyplot, write_json,
+from lm_eval_taskvec.identity import model_identity
+from lm_eval_taskvec.analyses.common import (load_tasks, open_model, block_of, pyplot, write_json,
                                              write_table)
 from lm_eval_taskvec.contexts import rendered_queries
-from lm_eval_taskvec.model import Plan
+from lm_eval_taskvec.planning import Plan
 from lm_eval_taskvec.theta import few_shot_requests
 
 # The paper's pairs, A (demonstrations) : B (θ), as the tv_* tasks
@@ -32,7 +33,7 @@ def main(args) -> dict:
     pairs = parse_pairs(args.pairs) if args.pairs else list(PAPER_PAIRS)
     lm = open_model(args.model_args, args.batch_size, args.device)
     tasks = load_tasks(sorted({name for pair in pairs for name in pair}), args.include_path)
-    return run(lm, tasks, pairs, args.output_path, layer=args.layer, num_docs=args.num_docs,
+    return conflicting_tasks(lm, tasks, pairs, args.output_path, layer=args.layer, num_docs=args.num_docs,
                num_fewshot=args.num_fewshot, seed=args.seed, metric=args.metric)
 
 
@@ -50,7 +51,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def run(lm, tasks: dict, pairs, output_path, layer="auto", num_docs: int = 50, num_fewshot: int = 4,
+def conflicting_tasks(lm, tasks: dict, pairs, output_path, layer="auto", num_docs: int = 50, num_fewshot: int = 4,
         seed: int = 1234, metric: str = "paper_match") -> dict:
     """Regular and θ-of-B-patched runs of A's prompts for each pair, scored against both tasks; writes
     conflict.{md,csv,json,png} into ``output_path`` and returns every number and generation."""
@@ -62,7 +63,7 @@ def run(lm, tasks: dict, pairs, output_path, layer="auto", num_docs: int = 50, n
     rows, details = [], []
     for a, b in tqdm(pairs, desc="conflict: pairs"):
         docs = shared[(a, b)]
-        block = parse_layer(lm, b, layer)
+        block = block_of(lm, b, layer)
         requests_a = [r[0] for r in few_shot_requests(tasks[a], [d[0] for d in docs], num_fewshot, seed)]
         requests_b = [r[0] for r in few_shot_requests(tasks[b], [d[1] for d in docs], num_fewshot, seed)]
         outputs = generations(lm, requests_a, lm.plan(requests_b, layer=block))
@@ -77,8 +78,8 @@ def run(lm, tasks: dict, pairs, output_path, layer="auto", num_docs: int = 50, n
 
     out = Path(output_path)
     table = write_table(rows, out / "conflict")
-    result = {"settings": {"model": model_identity(lm), "layer": str(layer), "metric": metric, "num_docs": num_docs,
-                           "num_fewshot": num_fewshot, "num_dummy": lm.num_dummy, "seed": seed},
+    result = {"settings": {"model": model_identity(lm.model, len(lm.blocks)), "layer": str(layer), "metric": metric, "num_docs": num_docs,
+                           "num_fewshot": num_fewshot, "num_dummy": lm.settings.num_dummy, "seed": seed},
               "table": rows, "pairs": details}
     write_json(result, out / "conflict.json")
     _plot(plt, rows, metric, out / "conflict.png")

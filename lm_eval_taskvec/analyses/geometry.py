@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm_eval_taskvec.analyses.common import (model_identity, open_model, load_tasks, parse_layer, pyplot, require,
+from lm_eval_taskvec.identity import model_identity
+from lm_eval_taskvec.analyses.common import (open_model, load_tasks, block_of, pyplot, require,
                                              theta_sets, write_json, write_table)
 
 HISTOGRAM_BINS = 40
@@ -27,11 +28,11 @@ HISTOGRAM_BINS = 40
 def main(args) -> dict:
     """``taskvec geometry``, from its parsed command-line options."""
     lm = open_model(args.model_args, args.batch_size, args.device)
-    return run(lm, load_tasks(args.tasks, args.include_path), args.output_path, layer=args.layer,
+    return theta_geometry(lm, load_tasks(args.tasks, args.include_path), args.output_path, layer=args.layer,
                num_sets=args.num_sets, num_fewshot=args.num_fewshot, seed=args.seed)
 
 
-def run(lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fewshot: int = 4, seed: int = 1234) -> dict:
+def theta_geometry(lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fewshot: int = 4, seed: int = 1234) -> dict:
     """θ for ``num_sets`` demonstration sets per task, their distances, table, t-SNE and histograms; writes
     geometry.{md,csv,json,png} into ``output_path`` and returns every number, θ and the distance matrix too."""
     tsne = require("sklearn.manifold").TSNE  # missing extras fail before the long part
@@ -43,7 +44,7 @@ def run(lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fews
     names = list(tasks)
     layers, parts = {}, []
     for name in tqdm(names, desc="geometry: θ per task"):
-        layers[name] = parse_layer(lm, name, layer)
+        layers[name] = block_of(lm, name, layer)
         parts.append(theta_sets(lm, tasks[name], [layers[name]], num_sets, num_fewshot, seed)[0])
     thetas = torch.cat(parts)
     labels = np.repeat(np.arange(len(names)), num_sets)
@@ -65,8 +66,8 @@ def run(lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fews
     separated = sum(row["within_lt_between"] for row in rows)
     summary = {"tasks": len(rows), "within_lt_between": separated,
                "mean_within": float(pairs[same].mean()), "mean_between": float(pairs[~same].mean())}
-    result = {"settings": {"model": model_identity(lm), "layer": str(layer), "layers": layers, "num_sets": num_sets,
-                           "num_fewshot": num_fewshot, "num_dummy": lm.num_dummy, "seed": seed,
+    result = {"settings": {"model": model_identity(lm.model, len(lm.blocks)), "layer": str(layer), "layers": layers, "num_sets": num_sets,
+                           "num_fewshot": num_fewshot, "num_dummy": lm.settings.num_dummy, "seed": seed,
                            "tsne_perplexity": perplexity},
               "summary": summary, "table": rows, "tasks": names, "task_distances": task_distances.tolist(),
               "histogram": histogram, "tsne": [{"task": names[i], "x": float(x), "y": float(y)}

@@ -19,16 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lm_eval_taskvec.analyses.common import (load_tasks, model_identity, num_fewshot_of, open_model, parse_layer, pyplot,
+from lm_eval_taskvec.identity import model_identity
+from lm_eval_taskvec.analyses.common import (load_tasks, num_fewshot_of, open_model, block_of, pyplot,
                                              theta_sets, write_json, write_table)
-from lm_eval_taskvec.layers import replace_states
+from lm_eval_taskvec.layers import write_states
 
 
 def main(args) -> dict:
     """``taskvec vocab``, from its parsed command-line options."""
     lm = open_model(args.model_args, args.batch_size, args.device)
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
-    return run(lm, load_tasks(args.tasks, args.include_path), args.output_path, layers=layers, top_k=args.top_k,
+    return vocab_projection(lm, load_tasks(args.tasks, args.include_path), args.output_path, layers=layers, top_k=args.top_k,
                num_sets=args.num_sets, num_fewshot=args.num_fewshot, seed=args.seed)
 
 
@@ -37,14 +38,14 @@ def project(lm, vectors: torch.Tensor) -> torch.Tensor:
     tokenizer = lm.tokenizer
     token = next(t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, 0) if t is not None)
     ids = torch.full((len(vectors), 1), token, dtype=torch.long, device=lm.device)
-    with torch.no_grad(), replace_states(lm.blocks[-1], vectors, -1) as record:
+    with torch.no_grad(), write_states(lm.blocks[-1], vectors, -1) as record:
         logits = lm.model(input_ids=ids).logits
     if record.patched != 1:
         raise RuntimeError(f"the last block ran {record.patched} times in a one-token pass, expected once")
     return logits[:, -1].float().cpu()
 
 
-def run(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_sets: int = 50,
+def vocab_projection(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_sets: int = 50,
         num_fewshot: int | None = None, seed: int = 1234) -> dict:
     """Top-k tokens of the mean θ per task at each of ``layers`` (``auto``, block indices or fractions of
     depth); writes vocab.{md,csv,json,png} into ``output_path`` and returns every number."""
@@ -53,7 +54,7 @@ def run(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_set
         raise ValueError(f"--top_k {top_k}: list at least one token")
     rows, entries = [], []
     for name in tqdm(list(tasks), desc="vocab: θ per task"):
-        blocks = list(dict.fromkeys(parse_layer(lm, name, layer) for layer in layers))
+        blocks = list(dict.fromkeys(block_of(lm, name, layer) for layer in layers))
         k = num_fewshot_of(tasks[name], num_fewshot)
         mean = theta_sets(lm, tasks[name], blocks, num_sets, k, seed).mean(1)
         logits = project(lm, mean)
@@ -68,8 +69,8 @@ def run(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_set
 
     out = Path(output_path)
     table = write_table(rows, out / "vocab")
-    result = {"settings": {"model": model_identity(lm), "layers": [str(layer) for layer in layers], "top_k": top_k,
-                           "num_sets": num_sets, "num_fewshot": num_fewshot, "num_dummy": lm.num_dummy, "seed": seed},
+    result = {"settings": {"model": model_identity(lm.model, len(lm.blocks)), "layers": [str(layer) for layer in layers], "top_k": top_k,
+                           "num_sets": num_sets, "num_fewshot": num_fewshot, "num_dummy": lm.settings.num_dummy, "seed": seed},
               "table": rows, "entries": entries}
     write_json(result, out / "vocab.json")
     _plot(plt, entries, out / "vocab.png")

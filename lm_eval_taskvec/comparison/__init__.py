@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm_eval_taskvec.comparison.evaluate import MODES, run_modes
+from lm_eval_taskvec.comparison.evaluate import run_modes
 from lm_eval_taskvec.comparison.render import markdown, to_csv, to_json
 from lm_eval_taskvec.comparison.runs import ResultsPathError, Run, UsageError, load_runs
 from lm_eval_taskvec.comparison.table import Comparison, build
+from lm_eval_taskvec.settings import MODES
 
 __all__ = ["MODES", "Comparison", "ResultsPathError", "Run", "UsageError", "build", "compare", "load_runs", "run_modes",
            "write"]

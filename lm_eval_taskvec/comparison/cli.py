@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lm_eval_taskvec.comparison.evaluate import MODES
+from lm_eval_taskvec.settings import MODES
 
 EXAMPLES = """examples:
   taskvec compare --model_args pretrained=embedded --tasks task_vectors --output_path out/
@@ -58,7 +58,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def compare_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from lm_eval.utils import setup_logging
 
     from lm_eval_taskvec.comparison import UsageError, compare, markdown

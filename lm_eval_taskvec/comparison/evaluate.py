@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm_eval_taskvec.comparison.runs import UsageError
+from lm_eval_taskvec.settings import MODES
 
-MODES = ("regular", "hypothesis", "baseline")
 SEED_KEYS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
 
 
@@ -36,14 +36,14 @@ def run_modes(model_args, tasks, output_path, modes=MODES, *, num_fewshot: int |
     extra = {"device": device} if device else {}
     modes = tuple(sorted(modes, key=lambda m: m != "regular"))  # regular first: it prepares θ from the same S
     lm = TaskVectorLM(**args, mode=modes[0], batch_size=batch_size, **extra)
-    lm.shared_modes = modes
+    lm.set_mode(modes[0], shared_modes=modes)
     # Tasks carry the model args in their metadata, as in an lm_eval run; TaskManager indexes every task
     # folder once, and reads this dict when it loads tasks, so each mode's configs name that mode.
     metadata = dict(args)
     manager = TaskManager(include_path=include_path, metadata=metadata)
     written = []
     for mode in modes:
-        lm.mode = mode
+        lm.set_mode(mode)
         metadata["mode"] = mode
         tracker = EvaluationTracker(output_path=str(Path(output_path) / mode))
         results = lm_eval.simple_evaluate(

@@ -1,0 +1,37 @@
+"""What tells one model's weights from another's, for the layer cache and θ files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Changes when any weight changes: every tensor's sum and norm (in float64) and a strided sample of it.
+    Remembered per model until a parameter is replaced or modified in place (torch's version counters)."""
+    state = tuple((name, param.data_ptr(), param._version) for name, param in model.named_parameters())
+    remembered = getattr(model, "_taskvec_fingerprint", None)
+    if remembered is not None and remembered[0] == state:
+        return remembered[1]
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+            summary = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.numpy().tobytes() + summary.cpu().numpy().tobytes())
+    model._taskvec_fingerprint = (state, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def model_identity(model: nn.Module, num_blocks: int) -> dict:
+    """A model's name, architecture, sizes, dtype and the fingerprint of every weight (the layer cache's)."""
+    embeddings = model.get_input_embeddings()
+    return {"name": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+            "model_type": str(getattr(model.config, "model_type", "")),
+            "hidden_size": int(embeddings.embedding_dim), "num_blocks": num_blocks,
+            "vocab_size": int(embeddings.num_embeddings), "dtype": str(model.dtype).replace("torch.", ""),
+            "weights": weights_fingerprint(model)}

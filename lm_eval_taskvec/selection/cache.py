@@ -1,0 +1,122 @@
+"""The layer cache: ``layer=auto``'s choices in this process's memory and on disk, keyed by everything that
+decides them (the model's name, revision, dtype, config and every weight, the task, its dev prompts, ``seed``
+and ``num_dummy``). Writes are atomic; a file that is not a valid choice for this model is swept again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+from torch import nn
+
+from lm_eval_taskvec.embedded import cache_dir
+from lm_eval_taskvec.identity import weights_fingerprint
+from lm_eval_taskvec.selection.dev import DevSet
+from lm_eval_taskvec.settings import Settings
+
+log = logging.getLogger("lm_eval.taskvec")
+
+CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice changes
+
+
+class LayerCache:
+    """Choices by cache key: remembered for the process; read from and written to ``cache_dir()/layers`` as
+    ``setting`` says (``on``: both, ``refresh``: write only, ``off``: neither)."""
+
+    def __init__(self, setting: str, warn_once: Callable[[str], None]):
+        self.setting, self.warn_once = setting, warn_once
+        self._memory: dict[str, dict] = {}
+
+    def path(self, key: str) -> Path:
+        return cache_dir() / "layers" / f"{key}.json"
+
+    def remembered(self, key: str) -> dict | None:
+        return self._memory.get(key)
+
+    def read(self, key: str, num_blocks: int) -> dict | None:
+        """A choice from disk (with its file as ``source``), or None when reading is off or nothing valid is there."""
+        if self.setting != "on":
+            return None
+        choice = read_choice(self.path(key), num_blocks)
+        return None if choice is None else choice | {"source": str(self.path(key))}
+
+    def keep(self, key: str, choice: dict, swept: bool) -> None:
+        """Remember ``choice``; write it too when it was ``swept`` here and writing is on."""
+        self._memory[key] = choice
+        if swept and self.setting != "off":
+            write_choice(self.path(key), choice, self.warn_once)
+
+
+def cache_key(model: nn.Module, revision, num_blocks: int, settings: Settings, task_name: str,
+              sets: list[DevSet]) -> str:
+    config = model.config.to_dict()
+    parts = [CACHE_VERSION, config.get("_name_or_path"), getattr(model.config, "_commit_hash", None), revision,
+             str(model.dtype), json.dumps(config, sort_keys=True, default=str), weights_fingerprint(model), num_blocks,
+             task_name, settings.num_dummy, settings.seed,
+             [(dev.split, sorted(dev.scored or ()), [(ex.doc_id, [r.args for r in ex.requests], ex.gold)
+                                                      for ex in dev.examples]) for dev in sets]]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def read_choice(path: Path, num_blocks: int) -> dict | None:
+    """A cached choice, or None (with a warning) for anything that is not one for a model of this depth."""
+    try:
+        choice = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("layer cache %s is unreadable (%s): sweeping again", path, err)
+        return None
+    if not valid_choice(choice, num_blocks):
+        log.warning("layer cache %s does not hold a layer choice for a model of %d blocks: sweeping again", path,
+                    num_blocks)
+        return None
+    return choice
+
+
+def valid_choice(choice, num_blocks: int) -> bool:
+    """Everything select_layer, log_choice and layer_of_document read from a choice is there, of its type."""
+    def number(value) -> bool:
+        return type(value) in (int, float)
+
+    def valid_part(part) -> bool:
+        if not isinstance(part, dict):
+            return False
+        layer, curve = part.get("layer"), part.get("dev_accuracy")
+        return (type(layer) is int and 0 <= layer < num_blocks and isinstance(curve, list)
+                and len(curve) == num_blocks and all(map(number, curve))
+                and all(number(part.get(k)) for k in ("baseline_accuracy", "regular_accuracy", "p_value"))
+                and type(part.get("no_effect")) is bool and type(part.get("num_dev")) is int)
+
+    if not valid_part(choice) or not isinstance(choice.get("dev_split"), str):
+        return False
+    folds = choice.get("folds")
+    return folds is None or (isinstance(folds, list) and len(folds) == 2 and all(map(valid_part, folds))
+                             and [type(f.get("scored_fold")) for f in folds] == [int, int]
+                             and sorted(f["scored_fold"] for f in folds) == [0, 1]
+                             and type(choice.get("num_docs")) is int and type(choice.get("fold_seed")) is int)
+
+
+def write_choice(path: Path, choice: dict, warn_once: Callable[[str], None]) -> None:
+    """Atomic: a temporary file of its own renamed into place, so concurrent writers and readers never see
+    half a file. An unwritable cache keeps the choice in memory and says so."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump({k: v for k, v in choice.items() if k != "source"}, file)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
+        warn_once(f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
+                  "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder")
