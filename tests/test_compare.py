@@ -271,9 +271,38 @@ def test_outputs_md_csv_json_png(tmp_path):
     assert data["columns"][1]["files"] == [str(runs["hypothesis"])]
     assert data["rows"][0]["derived"]["H−B"]["p"] == 20 / 512
     (fields,) = csv.DictReader(io.StringIO((out / "compare.csv").read_text()))
-    assert float(fields["hypothesis"]) == pytest.approx(0.9) and float(fields["H−B p"]) == 20 / 512
+    assert float(fields["hypothesis"]) == pytest.approx(0.9) and fields["H−B p"] == "0.03906"  # 20 / 512, 4 digits
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert lm_eval_taskvec.compare is compare
+
+
+def test_csv_rounds_floats_to_4_decimals_keeping_4_significant_digits(tmp_path):
+    runs = three_modes(tmp_path)
+    data = json.loads(runs["hypothesis"].read_text())
+    data["results"]["tv_a"]["paper_match,none"] = 0.39999999999999997  # as float sums come out of lm-eval
+    runs["hypothesis"].write_text(json.dumps(data))
+    text = to_csv(build(load_runs(list(runs.values()))))
+    (fields,) = csv.DictReader(io.StringIO(text))
+    assert fields["hypothesis"] == "0.4"
+    assert fields["baseline stderr"] == str(round(_stderr(B), 4)) and fields["regular stderr"] == "0.0"
+    assert fields["H−B"] == str(round(0.39999999999999997 - 0.2, 4)) and fields["H−B p"] == "0.03906"  # 20 / 512
+    assert fields["H/R"] == "0.4" and fields["H/R p"] == "1.0" and fields["hypothesis n"] == "10"
+    for value in fields.values():
+        if "." in value and value.replace(".", "").replace("-", "").isdigit():
+            decimals = value.split(".")[1]
+            assert len(decimals) <= 4 or len(decimals.lstrip("0")) <= 4, value
+
+
+def test_a_whole_limit_prints_as_an_integer(tmp_path):
+    a = write_run(tmp_path / "a", {"tv_a": {"paper_match": H}}, limit=10.0)  # lm-eval writes --limit 10 as 10.0
+    b = write_run(tmp_path / "b", {"tv_a": {"paper_match": H[:5]}}, limit=0.5)
+    table = build(load_runs([a, b]))
+    assert [c.label for c in table.columns] == ["hypothesis limit=10", "hypothesis limit=0.5"]
+    assert table.footnotes[0].startswith("limit differs between columns: hypothesis limit=10 10, "
+                                         "hypothesis limit=0.5 0.5;")
+    text = markdown(table)
+    assert "`, limit 10; `" in text and "`, limit 0.5; `" in text and "10.0" not in text
+    assert [c.describe()["limit"] for c in table.columns] == [10, 0.5]
 
 
 @pytest.mark.parametrize("content, message", [
