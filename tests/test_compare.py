@@ -363,7 +363,10 @@ def test_cli_help_shows_the_defaults():
     for expected in ("RESULTS",
                      "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
                      "(default: taskvec_compare)", "paired bootstrap resamples (default: 10000)", "--log_samples",
-                     "taskvec compare --model_args pretrained=embedded --tasks task_vectors"):
+                     "taskvec compare --model_args pretrained=embedded --tasks task_vectors",
+                     "--limit LIMIT scored documents per task",
+                     "layer=auto's sweep, which scores num_dev dev prompts per task (default 50",
+                     "--model_args num_dev=N"):
         assert expected in text, expected
 
 
