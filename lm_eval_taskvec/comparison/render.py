@@ -7,7 +7,7 @@ import io
 import math
 
 from lm_eval_taskvec.stats import ALPHA
-from lm_eval_taskvec.comparison.table import Comparison, Row, whole
+from lm_eval_taskvec.comparison.table import Comparison, Row, model_title, whole
 
 CSV_DIGITS = 4  # decimals in CSV files, and at least as many significant digits (p-values, small distances)
 
@@ -47,7 +47,7 @@ def _cell(cell: dict | None) -> str:
 
 
 def markdown(table: Comparison) -> str:
-    models = {c.run.model_name for c in table.columns}
+    models = {model_title(c.run) for c in table.columns}
     lines = []
     if len(models) == 1:
         lines += [f"Model: `{models.pop()}`.", ""]

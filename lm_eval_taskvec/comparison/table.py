@@ -170,6 +170,15 @@ def whole(limit):
     return int(limit) if isinstance(limit, float) and limit.is_integer() else limit
 
 
+def model_title(run: Run) -> str:
+    """The model as a reader knows it: the embedded model's real name ("HuggingFaceTB/SmolLM2-135M-Instruct
+    (embedded)", from the results' ``config.embedded_model``), else the run's model name."""
+    embedded = run.config.get("embedded_model")
+    if isinstance(embedded, dict) and embedded.get("model"):
+        return f"{embedded['model']} (embedded)"
+    return run.model_name
+
+
 def _short(model_name: str) -> str:
     return Path(model_name.rstrip("/")).name or model_name
 
