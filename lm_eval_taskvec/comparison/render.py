@@ -6,8 +6,8 @@ import csv
 import io
 import math
 
-from lm_eval_taskvec.stats import ALPHA
 from lm_eval_taskvec.comparison.table import Comparison, Row, model_title, whole
+from lm_eval_taskvec.stats import ALPHA
 
 CSV_DIGITS = 4  # decimals in CSV files, and at least as many significant digits (p-values, small distances)
 
