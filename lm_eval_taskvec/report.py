@@ -88,8 +88,10 @@ def figure(choices: dict, title: str):
                 mec=color if flagged else "black", mfc="white" if flagged else color, mew=1.8 if flagged else 0.8,
                 gid=f"chosen:{name}", zorder=4)
         task_handles.append(line)
-    styles = [Line2D([], [], color="gray", lw=1.2 if several else 2.2, marker="o", ms=4,
-                     label="hypothesis, a task (colours and markers at right)" if several else f"hypothesis, {name}"),
+    one = "--" if not several and no_effect(choice) else "-"
+    styles = [Line2D([], [], color="gray", lw=1.2 if several else 2.2, ls=one, marker="o", ms=4,
+                     label="hypothesis, a task (colours and markers at right)" if several
+                     else f"hypothesis, {_label(name, choice)}"),
               Line2D([], [], color="gray", marker="o", ms=9, mec="black", mew=0.8, ls="",
                      label="chosen block (per task: its marker, large)")]
     if any(no_effect(choice) for choice in choices.values()):

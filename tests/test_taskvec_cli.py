@@ -162,3 +162,6 @@ def test_tasks_flagged_no_effect_are_dashed_hollow_and_named_in_the_legend():
     assert texts[-4:] == ["tv_a", "tv_b (no effect)", "tv_c (no effect in half 1)", "tv_d (no effect)"]
     assert "no effect (not better than the query alone, McNemar)" in texts
     assert not any("no effect" in t for t in legend_texts(report.figure({"tv_a": choice([0.1, 0.8], 1)}, "T")))
+    alone = report.figure({"tv_b": choice([0.1, 0.2], 1, no_effect=True)}, "T")
+    assert legend_texts(alone)[0] == "hypothesis, tv_b (no effect)"
+    assert lines(alone)["task:tv_b"].get_linestyle() == "--"
