@@ -6,6 +6,11 @@ from pathlib import Path
 
 # Reference lines, drawn when the layer choices carry these dev scores (same documents as the sweep).
 REFERENCES = {"baseline_accuracy": ("--", "baseline (query alone)"), "regular_accuracy": (":", "regular ICL")}
+# 18 colours for the 18 tasks (tab10 without its grey, which the reference lines use, and 9 more), and markers:
+# tasks whose colours are alike differ in marker, and equal curves show both tasks' markers.
+TASK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+               "#000075", "#800000", "#469990", "#f032e6", "#e6ab02", "#66a61e", "#6a3d9a", "#fb9a99", "#a6cee3")
+TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def mean_curve(choices: dict) -> list[float]:
@@ -34,10 +39,34 @@ def span(values) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+def no_effect(choice: dict) -> list:
+    """Where a choice is flagged ``no_effect`` (no block beats the query alone): [None] for a task chosen as a
+    whole, the halves (``scored_fold``) of a cross-fitted task, [] where it is not flagged."""
+    if "folds" in choice:
+        return [fold.get("scored_fold", i) for i, fold in enumerate(choice["folds"]) if fold.get("no_effect")]
+    return [None] if choice.get("no_effect") else []
+
+
+def task_style(i: int) -> tuple[str, str]:
+    """The colour and marker of the i-th task: no two tasks share both (a colour comes back with another marker)."""
+    return TASK_COLORS[i % len(TASK_COLORS)], TASK_MARKERS[(i + i // len(TASK_COLORS)) % len(TASK_MARKERS)]
+
+
+def _label(name: str, choice: dict) -> str:
+    flagged = no_effect(choice)
+    if not flagged:
+        return name
+    if flagged == [None] or len(flagged) == len(choice.get("folds", ())):
+        return f"{name} (no effect)"
+    return f"{name} (no effect in half {', '.join(map(str, flagged))})"
+
+
 def figure(choices: dict, title: str):
-    """The paper's Figure 3: hypothesis-mode dev accuracy by block, a line per task, each task's chosen block as a
-    dot; with several tasks their mean in bold (with one task the mean would hide it); baseline and regular ICL
-    dev accuracy (mean over tasks) as horizontal reference lines where the choices carry them."""
+    """The paper's Figure 3: hypothesis-mode dev accuracy by block, a line per task (a colour and marker each,
+    the markers staggered so that equal curves still show), each task's chosen block as its marker, large; with
+    several tasks their mean in bold (with one task the mean would hide it); baseline and regular ICL dev accuracy
+    (mean over tasks) as horizontal reference lines where the choices carry them. A task flagged ``no_effect`` is
+    dashed, its chosen block hollow, and its legend entry says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,18 +74,29 @@ def figure(choices: dict, title: str):
     from matplotlib.lines import Line2D
 
     several = len(choices) > 1
-    fig, ax = plt.subplots(figsize=(12, 5), layout="constrained")  # constrained: room for the legends at right
-    colors = plt.get_cmap("tab20").colors
+    rows = len(choices) + 8 if several else 4  # legend entries: the styles, a blank, the tasks
+    fig, ax = plt.subplots(figsize=(12, max(5.0, 0.19 * rows + 0.6)),  # every legend entry fits
+                           layout="constrained")  # constrained: room for the legend at right
     task_handles = []
     for i, (name, choice) in enumerate(choices.items()):
-        curve, color = choice["dev_accuracy"], colors[i % len(colors)]
-        (line,) = ax.plot(curve, lw=1.2 if several else 2.2, alpha=0.8 if several else 1.0, color=color,
-                          label=name, gid=f"task:{name}", zorder=3)
-        ax.plot(choice["layer"], curve[choice["layer"]], "o", color=color, gid=f"chosen:{name}", zorder=4)
+        curve, (color, marker) = choice["dev_accuracy"], task_style(i)
+        flagged = bool(no_effect(choice))
+        (line,) = ax.plot(curve, lw=1.2 if several else 2.2, alpha=0.85 if several else 1.0, color=color,
+                          ls="--" if flagged else "-", marker=marker, ms=4, markevery=(i % 3, 3),
+                          label=_label(name, choice), gid=f"task:{name}", zorder=3)
+        ax.plot(choice["layer"], curve[choice["layer"]], marker, ms=9, color=color,  # no effect: hollow
+                mec=color if flagged else "black", mfc="white" if flagged else color, mew=1.8 if flagged else 0.8,
+                gid=f"chosen:{name}", zorder=4)
         task_handles.append(line)
-    styles = [Line2D([], [], color="gray", lw=1.2 if several else 2.2,
-                     label="hypothesis, a task (colours at right)" if several else f"hypothesis, {name}"),
-              Line2D([], [], color="gray", marker="o", ls="", label="chosen block (per task)")]
+    one = "--" if not several and no_effect(choice) else "-"
+    styles = [Line2D([], [], color="gray", lw=1.2 if several else 2.2, ls=one, marker="o", ms=4,
+                     label="hypothesis, a task (colours and markers at right)" if several
+                     else f"hypothesis, {_label(name, choice)}"),
+              Line2D([], [], color="gray", marker="o", ms=9, mec="black", mew=0.8, ls="",
+                     label="chosen block (per task: its marker, large)")]
+    if any(no_effect(choice) for choice in choices.values()):
+        styles.append(Line2D([], [], color="gray", ls="--", marker="o", ms=9, mfc="white", mec="gray", mew=1.8,
+                             label="no effect (not better than the query alone, McNemar)"))
     if several:
         mean = mean_curve(choices)
         best = max(range(len(mean)), key=lambda i: (mean[i], -i))

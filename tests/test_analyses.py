@@ -294,6 +294,19 @@ def test_a_missing_extra_is_named():
         common.require("no_such_module.manifold")
 
 
+def test_write_table_rounds_floats_in_the_csv_and_leaves_other_values_alone(tmp_path):
+    rows = [{"task": "a", "layer": 3, "within": 0.1 + 0.2, "between": 2 / 3, "p": 20 / 512 / 100, "norm": 1234.56789,
+             "separated": True},
+            {"task": "b", "layer": 12, "within": 0.39999999999999997, "between": 0.0, "p": 1.0, "norm": 7.0,
+             "separated": False}]
+    text = common.write_table(rows, tmp_path / "t")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines == ["task,layer,within,between,p,norm,separated",
+                     "a,3,0.3,0.6667,0.0003906,1234.5679,True",  # 0.30000000000000004; p keeps 4 significant digits
+                     "b,12,0.4,0.0,1.0,7.0,False"]
+    assert "| a | 3 | 0.300 | 0.667 | 0.000 | 1234.568 | True |" in text  # the markdown as before: 3 decimals
+
+
 # ---------------------------------------------------------------------------------------------- the commands
 @pytest.mark.parametrize("command, options, files", [
     ("geometry", ["--tasks", "upper,double", "--num_sets", "3", "--num_fewshot", "2"], ["geometry.md", "geometry.png"]),

@@ -271,9 +271,105 @@ def test_outputs_md_csv_json_png(tmp_path):
     assert data["columns"][1]["files"] == [str(runs["hypothesis"])]
     assert data["rows"][0]["derived"]["H−B"]["p"] == 20 / 512
     (fields,) = csv.DictReader(io.StringIO((out / "compare.csv").read_text()))
-    assert float(fields["hypothesis"]) == pytest.approx(0.9) and float(fields["H−B p"]) == 20 / 512
+    assert float(fields["hypothesis"]) == pytest.approx(0.9) and fields["H−B p"] == "0.03906"  # 20 / 512, 4 digits
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert lm_eval_taskvec.compare is compare
+
+
+def test_csv_rounds_floats_to_4_decimals_keeping_4_significant_digits(tmp_path):
+    runs = three_modes(tmp_path)
+    data = json.loads(runs["hypothesis"].read_text())
+    data["results"]["tv_a"]["paper_match,none"] = 0.39999999999999997  # as float sums come out of lm-eval
+    runs["hypothesis"].write_text(json.dumps(data))
+    text = to_csv(build(load_runs(list(runs.values()))))
+    (fields,) = csv.DictReader(io.StringIO(text))
+    assert fields["hypothesis"] == "0.4"
+    assert fields["baseline stderr"] == str(round(_stderr(B), 4)) and fields["regular stderr"] == "0.0"
+    assert fields["H−B"] == str(round(0.39999999999999997 - 0.2, 4)) and fields["H−B p"] == "0.03906"  # 20 / 512
+    assert fields["H/R"] == "0.4" and fields["H/R p"] == "1.0" and fields["hypothesis n"] == "10"
+    for value in fields.values():
+        if "." in value and value.replace(".", "").replace("-", "").isdigit():
+            decimals = value.split(".")[1]
+            assert len(decimals) <= 4 or len(decimals.lstrip("0")) <= 4, value
+
+
+def test_a_whole_limit_prints_as_an_integer(tmp_path):
+    a = write_run(tmp_path / "a", {"tv_a": {"paper_match": H}}, limit=10.0)  # lm-eval writes --limit 10 as 10.0
+    b = write_run(tmp_path / "b", {"tv_a": {"paper_match": H[:5]}}, limit=0.5)
+    table = build(load_runs([a, b]))
+    assert [c.label for c in table.columns] == ["hypothesis limit=10", "hypothesis limit=0.5"]
+    assert table.footnotes[0].startswith("limit differs between columns: hypothesis limit=10 10, "
+                                         "hypothesis limit=0.5 0.5;")
+    text = markdown(table)
+    assert "`, limit 10; `" in text and "`, limit 0.5; `" in text and "10.0" not in text
+    assert [c.describe()["limit"] for c in table.columns] == [10, 0.5]
+
+
+def _modes_with_a_zero_baseline(tmp_path, embedded=False):
+    """tv_a: B, H and R as in three_modes; tv_z: the baseline scores nothing, hypothesis and regular all but one."""
+    paths = []
+    for mode, a, z in (("regular", R, [1] * 9 + [0]), ("hypothesis", H, [0] + [1] * 9), ("baseline", B, [0] * 10)):
+        path = write_run(tmp_path / mode, {"tv_a": {"paper_match": a}, "tv_z": {"paper_match": z}}, mode=mode,
+                         limit=10.0, nshot=4)
+        if embedded:
+            data = json.loads(path.read_text())
+            data["config"]["model_args"]["pretrained"] = "embedded"
+            data["config"]["embedded_model"] = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "package": "x"}
+            path.write_text(json.dumps(data))
+        paths.append(path)
+    return build(load_runs(paths))
+
+
+def _drawn(fig) -> dict:
+    return {a.get_gid(): a for a in fig.axes[0].get_children() if a.get_gid()}
+
+
+@pytest.fixture
+def figure():
+    """compare.png's figure of a table, closed after the test."""
+    import matplotlib.pyplot as plt
+
+    from lm_eval_taskvec.comparison.plot import figure
+
+    yield figure
+    plt.close("all")
+
+
+def test_plot_title_names_the_embedded_model_n_shots_and_a_whole_limit(tmp_path, figure):
+    fig = figure(_modes_with_a_zero_baseline(tmp_path, embedded=True))
+    assert fig.axes[0].get_title() == ("HuggingFaceTB/SmolLM2-135M-Instruct (embedded)\n"
+                                       "n = 10 documents per task, 4-shot, limit 10")
+    assert "Model: `HuggingFaceTB/SmolLM2-135M-Instruct (embedded)`." in markdown(
+        _modes_with_a_zero_baseline(tmp_path / "md", embedded=True))
+    fig = figure(_modes_with_a_zero_baseline(tmp_path / "other"))
+    assert fig.axes[0].get_title().startswith(f"{MODEL}\n")
+
+
+def test_plot_draws_bars_of_height_zero_so_they_show(tmp_path, figure):
+    from matplotlib.colors import to_hex
+
+    fig = figure(_modes_with_a_zero_baseline(tmp_path))
+    marks = {gid: a for gid, a in _drawn(fig).items() if gid.startswith("zero:")}
+    assert list(marks) == ["zero:baseline:tv_z"]  # the one cell whose value is 0
+    mark = marks["zero:baseline:tv_z"]
+    assert list(mark.get_ydata()) == [0, 0] and mark.get_linewidth() >= 2
+    assert fig.axes[0].get_ylim()[0] < 0  # below the axis line, not hidden by it
+    bars = [p for p in fig.axes[0].patches if p.get_height() == 0]
+    assert len(bars) == 1 and mark.get_color() == to_hex(bars[0].get_facecolor())  # in the bar's colour
+
+
+def test_plot_marks_significant_pairs_and_explains_marks_and_whiskers(tmp_path, figure):
+    table = _modes_with_a_zero_baseline(tmp_path)
+    significant = {(p.name, r.name) for r in table.rows for p in table.pairs if r.derived[p.name]["significant"]}
+    # H−B: H right alone on 8 documents of tv_a, B on 1 (p = 20/512); on 9 of tv_z (p = 2/512); H/R: p = 1 on both
+    assert significant == {("H−B", "tv_a"), ("H−B", "tv_z")}
+    fig = figure(table)
+    brackets = {gid for gid in _drawn(fig) if gid.startswith("sig:")}
+    assert brackets == {"sig:H−B:tv_a", "sig:H−B:tv_z"}
+    stars = [a for gid, a in _drawn(fig).items() if gid.startswith("star:")]
+    assert len(stars) == 2 and {s.get_text() for s in stars} == {"*"}
+    legend = " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert "± stderr" in legend and "*: p < 0.05 in a paired test" in legend
 
 
 @pytest.mark.parametrize("content, message", [
@@ -334,7 +430,10 @@ def test_cli_help_shows_the_defaults():
     for expected in ("RESULTS",
                      "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
                      "(default: taskvec_compare)", "paired bootstrap resamples (default: 10000)", "--log_samples",
-                     "taskvec compare --model_args pretrained=embedded --tasks task_vectors"):
+                     "taskvec compare --model_args pretrained=embedded --tasks task_vectors",
+                     "--limit LIMIT scored documents per task",
+                     "layer=auto's sweep, which scores num_dev dev prompts per task (default 50",
+                     "--model_args num_dev=N"):
         assert expected in text, expected
 
 

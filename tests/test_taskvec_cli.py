@@ -99,8 +99,8 @@ def test_one_task_keeps_its_own_line_and_gets_its_reference_lines():
     drawn = lines(fig)
     assert list(drawn["task:tv_a"].get_ydata()) == [0.1, 0.8, 0.4] and "mean" not in drawn
     assert list(drawn["baseline"].get_ydata()) == [0.2, 0.2] and list(drawn["regular"].get_ydata()) == [0.9, 0.9]
-    assert legend_texts(fig) == ["hypothesis, tv_a", "chosen block (per task)", "baseline (query alone)",
-                                 "regular ICL"]
+    assert legend_texts(fig) == ["hypothesis, tv_a", "chosen block (per task: its marker, large)",
+                                 "baseline (query alone)", "regular ICL"]
     assert fig.axes[0].get_title() == "T"
 
 
@@ -113,7 +113,8 @@ def test_several_tasks_get_a_mean_and_mean_reference_lines_all_explained():
     assert list(drawn["baseline"].get_ydata()) == pytest.approx([0.2, 0.2])
     assert list(drawn["regular"].get_ydata()) == pytest.approx([0.8, 0.8])
     assert list(drawn["chosen:tv_b"].get_xdata()) == [2] and list(drawn["chosen:tv_b"].get_ydata()) == [1.0]
-    assert legend_texts(fig) == ["hypothesis, a task (colours at right)", "chosen block (per task)",
+    assert legend_texts(fig) == ["hypothesis, a task (colours and markers at right)",
+                                 "chosen block (per task: its marker, large)",
                                  "hypothesis, mean over 2 tasks", "best block of the mean (2)",
                                  "baseline (query alone), mean over tasks", "regular ICL, mean over tasks",
                                  " ", "tv_a", "tv_b"]
@@ -127,3 +128,40 @@ def test_reference_lines_only_where_every_task_has_the_score():
 def test_plot_writes_a_png(tmp_path):
     report.plot({"tv_a": choice([0.1, 0.8], 1)}, tmp_path / "s.png", "T")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eighteen_equal_curves_stay_apart_in_colour_marker_and_marker_positions():
+    names = [f"tv_{i:02d}" for i in range(18)]
+    fig = report.figure({n: choice([0.0, 0.1, 0.5, 0.5, 0.2, 0.0], 2) for n in names}, "T")
+    drawn = lines(fig)
+    styles = [(drawn[f"task:{n}"].get_color(), drawn[f"task:{n}"].get_marker()) for n in names]
+    assert len(set(styles)) == 18 and len({color for color, _ in styles}) == 18  # a colour of its own each
+    assert {drawn[f"chosen:{n}"].get_marker() for n in names} == {marker for _, marker in styles}
+    first, second = (drawn[f"task:{n}"].get_markevery() for n in names[:2])
+    assert first != second  # equal curves: each task's markers at other blocks, so both show
+    many = [report.task_style(i) for i in range(100)]
+    assert len(set(many)) == 100
+
+
+def test_tasks_flagged_no_effect_are_dashed_hollow_and_named_in_the_legend():
+    fig = report.figure({"tv_a": choice([0.1, 0.8, 0.4], 1, no_effect=False),
+                         "tv_b": choice([0.1, 0.2, 0.1], 1, no_effect=True),
+                         "tv_c": choice([0.1, 0.5, 0.3], 1, no_effect=False,
+                                        folds=[{"scored_fold": 0, "no_effect": False},
+                                               {"scored_fold": 1, "no_effect": True}]),
+                         "tv_d": choice([0.1, 0.1, 0.1], 0, no_effect=True,
+                                        folds=[{"scored_fold": 0, "no_effect": True},
+                                               {"scored_fold": 1, "no_effect": True}])}, "T")
+    drawn = lines(fig)
+    assert [drawn[f"task:{n}"].get_linestyle() for n in ("tv_a", "tv_b", "tv_c", "tv_d")] == ["-", "--", "--", "--"]
+    assert drawn["chosen:tv_a"].get_markerfacecolor() == drawn["task:tv_a"].get_color()
+    for name in ("tv_b", "tv_c", "tv_d"):  # hollow: white inside, the task's colour around
+        chosen, color = drawn[f"chosen:{name}"], drawn[f"task:{name}"].get_color()
+        assert chosen.get_markerfacecolor() == "white" and chosen.get_markeredgecolor() == color
+    texts = legend_texts(fig)
+    assert texts[-4:] == ["tv_a", "tv_b (no effect)", "tv_c (no effect in half 1)", "tv_d (no effect)"]
+    assert "no effect (not better than the query alone, McNemar)" in texts
+    assert not any("no effect" in t for t in legend_texts(report.figure({"tv_a": choice([0.1, 0.8], 1)}, "T")))
+    alone = report.figure({"tv_b": choice([0.1, 0.2], 1, no_effect=True)}, "T")
+    assert legend_texts(alone)[0] == "hypothesis, tv_b (no effect)"
+    assert lines(alone)["task:tv_b"].get_linestyle() == "--"

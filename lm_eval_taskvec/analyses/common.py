@@ -14,6 +14,7 @@ import torch
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
 
+from lm_eval_taskvec.comparison.render import csv_number
 from lm_eval_taskvec.layers import resolve_layer
 from lm_eval_taskvec.model import TaskVectorLM
 from lm_eval_taskvec.selection import select_layer
@@ -81,13 +82,14 @@ def num_fewshot_of(task, num_fewshot: int | None) -> int:
 
 
 def write_table(rows: list[dict], stem: Path) -> str:
-    """Write ``rows`` as ``stem``.csv (full precision) and ``stem``.md (3 decimals); return the markdown."""
+    """Write ``rows`` as ``stem``.csv (floats to 4 decimals, or 4 significant digits where that keeps more; an
+    analysis's .json keeps every digit) and ``stem``.md (3 decimals); return the markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     header = list(rows[0])
     with open(stem.with_suffix(".csv"), "w", newline="") as file:
         writer = csv.DictWriter(file, header)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_number(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
     def cell(value) -> str:
         text = f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -36,7 +36,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     run.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
     run.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per prompt (default: the task's)")
     run.add_argument("--limit", type=float, default=None,
-                     help="documents per task (count, or fraction if < 1; default: all)")
+                     help="scored documents per task (count, or fraction if < 1; default: all). It does not "
+                          "bound layer=auto's sweep, which scores num_dev dev prompts per task (default 50, per "
+                          "half when cross-fitted): set that with --model_args num_dev=N")
     run.add_argument("--batch_size", default="1", help="as for lm_eval: an integer, or auto (on a CPU: 8)")
     run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available, else cpu)")
     run.add_argument("--gen_kwargs", default=None, help="e.g. max_gen_toks=1 (the paper's first-token protocol)")

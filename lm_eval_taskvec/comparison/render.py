@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
+from lm_eval_taskvec.comparison.table import Comparison, Row, model_title, whole
 from lm_eval_taskvec.stats import ALPHA
-from lm_eval_taskvec.comparison.table import Comparison, Row
+
+CSV_DIGITS = 4  # decimals in CSV files, and at least as many significant digits (p-values, small distances)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -44,7 +47,7 @@ def _cell(cell: dict | None) -> str:
 
 
 def markdown(table: Comparison) -> str:
-    models = {c.run.model_name for c in table.columns}
+    models = {model_title(c.run) for c in table.columns}
     lines = []
     if len(models) == 1:
         lines += [f"Model: `{models.pop()}`.", ""]
@@ -68,7 +71,7 @@ def markdown(table: Comparison) -> str:
     for column in table.columns:
         run = column.run
         files = ", ".join(f"`{r.path}`" for r in column.runs)
-        lines.append(f"- `{column.label}`: {run.model_type} `{run.model_name}`, limit {run.limit}; {files}")
+        lines.append(f"- `{column.label}`: {run.model_type} `{run.model_name}`, limit {whole(run.limit)}; {files}")
     if table.footnotes:
         lines += ["", "Notes:"]
         lines += [f"{i}. {text}" for i, text in enumerate(table.footnotes, 1)]
@@ -76,7 +79,7 @@ def markdown(table: Comparison) -> str:
 
 
 def to_csv(table: Comparison) -> str:
-    """One line per row; numbers unformatted; p-values of the pairs beside their values."""
+    """One line per row; numbers rounded by ``csv_number``; p-values of the pairs beside their values."""
     header = ["task", "kind", "depth", "metric", "secondary_metric"]
     for column in table.columns:
         header += [column.label, f"{column.label} stderr", f"{column.label} secondary", f"{column.label} n"]
@@ -100,7 +103,16 @@ def to_csv(table: Comparison) -> str:
 
 
 def _blank(value) -> str:
-    return "" if value is None else str(value)
+    return "" if value is None else csv_number(value)
+
+
+def csv_number(value):
+    """A float rounded to CSV_DIGITS decimals, or to CSV_DIGITS significant digits where that keeps more
+    (p = 0.0003906, not 0.0004), as text: 0.4, not 0.39999999999999997. Anything else as ``str`` gives it."""
+    if not isinstance(value, float) or not math.isfinite(value) or value == 0:
+        return str(value)
+    digits = max(CSV_DIGITS, CSV_DIGITS - 1 - math.floor(math.log10(abs(value))))
+    return str(round(float(value), digits))  # float(): numpy's floats would print as np.float64(0.4)
 
 
 def to_json(table: Comparison) -> dict:

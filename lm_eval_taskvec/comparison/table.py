@@ -33,7 +33,7 @@ class Column:
     def describe(self) -> dict:
         run = self.run
         return {"label": self.label, "model": run.model_name, "model_type": run.model_type, "mode": run.mode,
-                "model_args": run.model_args, "limit": run.limit, "gen_kwargs": run.settings["gen_kwargs"],
+                "model_args": run.model_args, "limit": whole(run.limit), "gen_kwargs": run.settings["gen_kwargs"],
                 "taskvec": {k: v for k, v in run.taskvec.items() if k != "layer_selection"} or None,
                 "files": [str(r.path) for r in self.runs]}
 
@@ -165,18 +165,32 @@ def _labels(columns: list[Column]) -> list[str]:
     return labels
 
 
+def whole(limit):
+    """lm-eval stores ``--limit 10`` as 10.0: a whole number as an int (shown "10"), a fraction or None as is."""
+    return int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+
+
+def model_title(run: Run) -> str:
+    """The model as a reader knows it: the embedded model's real name ("HuggingFaceTB/SmolLM2-135M-Instruct
+    (embedded)", from the results' ``config.embedded_model``), else the run's model name."""
+    embedded = run.config.get("embedded_model")
+    if isinstance(embedded, dict) and embedded.get("model"):
+        return f"{embedded['model']} (embedded)"
+    return run.model_name
+
+
 def _short(model_name: str) -> str:
     return Path(model_name.rstrip("/")).name or model_name
 
 
 def _flat(run: Run) -> dict:
     args = {k: v for k, v in run.model_args.items() if k not in RUNTIME_ARGS and k not in MODEL_KEYS}
-    return args | {"limit": run.limit, "gen_kwargs": run.settings["gen_kwargs"] or None,
+    return args | {"limit": whole(run.limit), "gen_kwargs": run.settings["gen_kwargs"] or None,
                    "fewshot_seed": run.settings["fewshot_seed"]}
 
 
 def _note_column_settings(table: Comparison) -> None:
-    limits = {c.label: c.run.limit for c in table.columns}
+    limits = {c.label: whole(c.run.limit) for c in table.columns}
     if len({str(v) for v in limits.values()}) > 1:
         table.note(None, "limit differs between columns: " + ", ".join(f"{k} {v}" for k, v in limits.items())
                    + "; rows whose n differ are flagged")
