@@ -1,15 +1,19 @@
-"""Every shell command and Python block of README.md and task_configs/README.md runs as written.
+"""Every shell command and Python block of README.md, docs/*.md and task_configs/README.md runs as written.
 
 They run in document order in a copy of this checkout, with a fresh ``.venv`` (the README's own set-up
-commands create it) and a fresh model cache, on the CPU. Three departures, each visible in the test ids:
+commands create it) and a fresh model cache, on the CPU: the README first, then the pages of ``docs/`` in the
+order of the README's "Where to read more" (any page it does not list after them), then
+task_configs/README.md. Four departures, each visible in the test ids or in ``docs_run.md``:
 - ``make test`` is skipped: it is the command running this test;
 - model runs get small limits: ``--limit 5`` (or less) for ``lm_eval``, ``taskvec sweep`` and ``taskvec
   compare``, ``LIMIT=5`` for ``make demo``, ``limit=5`` for ``simple_evaluate``; the analyses (which take no
   ``--limit``) at most 2 demonstration sets or 5 queries; and wherever hf-taskvec may sweep for layer=auto,
   5 dev prompts (``num_dev=5``);
+- the benchmarks run one round (``--repeats 1``) on 5 documents or 5 dev prompts per half;
 - commands that need the Hugging Face Hub (a Hub model or a task from lm-eval's own catalogue) are skipped
   when it cannot be reached or ``HF_HUB_OFFLINE`` is set.
 What each command printed and how long it took goes to ``docs_run.md`` in pytest's temporary folder.
+A fast test checks that every relative link and image of these documents resolves from the file it is in.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "task_configs/README.md"]
 LIMIT = 5
 TIMEOUT = 40 * 60  # make demo installs torch and lm-eval, then fetches and converts the model
+
+
+def _pages() -> list[str]:
+    """docs/*.md in the order the README's "Where to read more" links them, then any page it does not link."""
+    more = (ROOT / "README.md").read_text().partition("## Where to read more")[2]
+    linked = list(dict.fromkeys(re.findall(r"\]\((docs/[^)#\s]+\.md)\)", more)))
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    return [p for p in linked if p in pages] + [p for p in pages if p not in linked]
+
+
+DOCS = ["README.md", *_pages(), "task_configs/README.md"]
 
 
 def steps(doc: str) -> list[tuple[str, str, str]]:
@@ -83,6 +95,8 @@ def _hub_reachable() -> bool:
 ANALYSES = {"geometry": {"--num_sets": 2}, "conflict": {"--num_docs": LIMIT}, "vocab": {"--num_sets": 2},
             "export": {"--num_sets": 2}}
 DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps, which --limit does not cap
+BENCHMARKS = {"bench_modes.py": {"--limit": LIMIT, "--repeats": 1},
+              "bench_sweep_mc.py": {"--num_dev": DEV_PROMPTS, "--repeats": 1}}
 
 
 def _capped(command: str, option: str, most: int) -> str:
@@ -100,6 +114,11 @@ def _limited(command: str) -> tuple[str, dict]:
         return _few_dev_prompts(_capped(command, "--limit", LIMIT)), {}
     if re.match(r"lm_eval\b", command) and "--model " in command or re.match(r"taskvec sweep\b", command):
         return _capped(command, "--limit", LIMIT), {}  # the sweep's --limit is its number of dev prompts
+    benchmark = re.match(r"python3? benchmarks/(\w+\.py)\b", command)
+    if benchmark and benchmark.group(1) in BENCHMARKS:
+        for option, most in BENCHMARKS[benchmark.group(1)].items():
+            command = _capped(command, option, most)
+        return command, {}
     analysis = re.match(r"taskvec (\w+)\b", command)
     if analysis and analysis.group(1) in ANALYSES:
         for option, most in ANALYSES[analysis.group(1)].items():
@@ -141,6 +160,7 @@ def checkout(tmp_path_factory):
     return repo, env, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc, where, kind, code", ALL, ids=[f"{where}" for _, where, _, _ in ALL])
 def test_documented_command_runs(checkout, doc, where, kind, code):
     repo, env, report = checkout
@@ -167,3 +187,30 @@ def test_documented_command_runs(checkout, doc, where, kind, code):
         f.write(f"\n## {where} ({seconds:.0f} s, exit {done.returncode})\n\n    {' '.join(f'{k}={v}' for k, v in extra.items())}"
                 f"{' ' if extra else ''}{command}\n\n```\n{tail}\n```\n")
     assert done.returncode == 0, f"{command} failed:\n{tail}"
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a markdown file: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_links_resolve(doc):
+    """Every relative link and image of the document points at a file (and heading) that exists."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / doc).read_text(), flags=re.S | re.M)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = ((ROOT / doc).parent / path).resolve() if path else ROOT / doc
+        if not file.exists() or anchor and (file.suffix != ".md" or anchor not in _anchors(file)):
+            broken.append(target)
+    assert not broken, f"{doc}: links that do not resolve: {broken}"
+
+
+def test_every_page_is_linked_from_the_readme():
+    more = (ROOT / "README.md").read_text().partition("## Where to read more")[2]
+    unlisted = [p for p in _pages() if f"]({p})" not in more]
+    assert not unlisted, f"pages the README's 'Where to read more' does not link: {unlisted}"
