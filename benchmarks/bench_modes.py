@@ -58,8 +58,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per mode")
     parser.add_argument("--pretrained", default="embedded")
-    parser.add_argument("--max_gen_toks", type=int, default=None,
-                        help="override the task's limit on new tokens (1 = the paper's first-token protocol)")
+    parser.add_argument(
+        "--max_gen_toks",
+        type=int,
+        default=None,
+        help="override the task's limit on new tokens (1 = the paper's first-token protocol)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,9 +73,9 @@ def main():
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_eval_taskvec.selection import dev_sets, sweep
     from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path
     from lm_eval_taskvec.model import TaskVectorLM
+    from lm_eval_taskvec.selection import dev_sets, sweep
     from lm_eval_taskvec.tasks import task_dir
 
     path = embedded_model_path() if args.pretrained == EMBEDDED_NAME else args.pretrained
@@ -96,6 +100,7 @@ def main():
         def again():
             lm.thetas.clear()  # every repeat extracts θ again
             return call()
+
         return again
 
     def separately():
@@ -111,12 +116,16 @@ def main():
     cases = {
         "stock hf, regular": lambda: stock.generate_until(per_doc, disable_tqdm=True),
         "hf-taskvec regular": lambda: ours["regular"].generate_until(per_doc, disable_tqdm=True),
-        "hypothesis, per-document S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(per_doc, True)),
+        "hypothesis, per-document S": fresh(
+            ours["hypothesis"], lambda: ours["hypothesis"].generate_until(per_doc, True)
+        ),
         "hypothesis, shared S": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(shared, True)),
         "baseline": lambda: ours["baseline"].generate_until(per_doc, disable_tqdm=True),
         "3 modes, separate runs": fresh(ours["hypothesis"], separately),
         "3 modes, one model (shared S)": fresh(together, all_modes_together),
-        "hypothesis on the dev split": fresh(ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)),
+        "hypothesis on the dev split": fresh(
+            ours["hypothesis"], lambda: ours["hypothesis"].generate_until(dev_requests, True)
+        ),
         "full sweep (all blocks, dev split)": fresh(sweeper, lambda: sweep.score(sweeper, args.task, [dev])),
     }
     stock.generate_until(per_doc[: args.batch_size], disable_tqdm=True)  # warm-up
@@ -133,13 +142,17 @@ def main():
 
     base = times["stock hf, regular"]
     gen = per_doc[0].args[1]
-    print(f"\n{args.task}: {len(per_doc)} documents, generation {gen}, batch size {args.batch_size}, layer {args.layer}, "
-          f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev_requests)} dev prompts, "
-          f"{len(model.model.layers) if hasattr(model, 'model') else '?'} blocks")
+    print(
+        f"\n{args.task}: {len(per_doc)} documents, generation {gen}, batch size {args.batch_size}, layer {args.layer}, "
+        f"{torch.get_num_threads()} thread(s), best of {args.repeats}; {len(dev_requests)} dev prompts, "
+        f"{len(model.model.layers) if hasattr(model, 'model') else '?'} blocks"
+    )
     print(f"{'mode':38} {'CPU s':>8} {'x stock':>8} {'wall s':>8} {'x stock':>8} {'peak MiB':>9}")
     for name, seconds in times.items():
-        print(f"{name:38} {seconds:8.2f} {seconds / base:8.2f} {walls[name]:8.2f} "
-              f"{walls[name] / walls['stock hf, regular']:8.2f} {memory[name]:9.1f}")
+        print(
+            f"{name:38} {seconds:8.2f} {seconds / base:8.2f} {walls[name]:8.2f} "
+            f"{walls[name] / walls['stock hf, regular']:8.2f} {memory[name]:9.1f}"
+        )
     ratio = times["full sweep (all blocks, dev split)"] / times["hypothesis on the dev split"]
     print(f"{'full sweep / hypothesis on the same split':38} {ratio:8.2f} (CPU time)")
 

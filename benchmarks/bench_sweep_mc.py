@@ -8,8 +8,8 @@ queries once into a shared KV cache, from which baseline and each block are scor
 replayed). One process, one model, the two cases interleaved (best of ``--repeats``); times are this
 process's CPU time, which other processes on a shared machine barely change (wall time is printed beside
 it). ``--flops`` first counts the floating-point operations of each case (torch's FlopCounterMode, untimed):
-the ratio that no implementation detail changes. ``--profile`` adds a cProfile of one sweep. Needs the offline tasks (``taskvec offline-tasks``); the
-default folder is built on first use.
+the ratio that no implementation detail changes. ``--profile`` adds a cProfile of one sweep. Needs the offline
+tasks (``taskvec offline-tasks``); the default folder is built on first use.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def timed_calls(owner, name: str, totals: dict):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="arc_easy_offline")
-    parser.add_argument("--include_path", default=None, help="folder of offline task YAMLs (default: built in the cache)")
+    parser.add_argument(
+        "--include_path", default=None, help="folder of offline task YAMLs (default: built in the cache)"
+    )
     parser.add_argument("--num_fewshot", type=int, default=5)
     parser.add_argument("--num_dev", type=int, default=50)
     parser.add_argument("--layer", type=int, default=20, help="the fixed layer of the hypothesis evaluation")
@@ -54,7 +56,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (0: only --flops)")
     parser.add_argument("--pretrained", default="embedded")
     parser.add_argument("--flops", action="store_true", help="first count each case's floating-point operations")
-    parser.add_argument("--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation")
+    parser.add_argument(
+        "--profile", action="store_true", help="then print a cProfile of one sweep and one hypothesis evaluation"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -66,9 +70,9 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_taskvec import offline_tasks
-    from lm_eval_taskvec.selection import dev_sets, sweep
     from lm_eval_taskvec.embedded import EMBEDDED_NAME, cache_dir, embedded_model_path
     from lm_eval_taskvec.model import TaskVectorLM
+    from lm_eval_taskvec.selection import dev_sets, sweep
 
     include = args.include_path or str(cache_dir() / "offline_tasks")
     if args.include_path is None:
@@ -100,8 +104,10 @@ def main():
             with FlopCounterMode(display=False) as counter:
                 case()
             flops[name] = counter.get_total_flops()
-        print(f"floating-point operations: sweep {flops['sweep'] / 1e12:.2f} T, hypothesis "
-              f"{flops['hypothesis'] / 1e12:.2f} T, ratio {flops['sweep'] / flops['hypothesis']:.2f}")
+        print(
+            f"floating-point operations: sweep {flops['sweep'] / 1e12:.2f} T, hypothesis "
+            f"{flops['hypothesis'] / 1e12:.2f} T, ratio {flops['sweep'] / flops['hypothesis']:.2f}"
+        )
     if args.repeats == 0:
         return
     fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
@@ -109,8 +115,11 @@ def main():
     for _ in range(args.repeats):
         for name, (case, lm) in cases.items():
             totals = defaultdict(float)
-            with (timed_calls(lm.thetas, "ensure", totals), timed_calls(sweep, "regular_and_thetas", totals),
-                  timed_calls(sweep, "fork_scores", totals)):
+            with (
+                timed_calls(lm.thetas, "ensure", totals),
+                timed_calls(sweep, "regular_and_thetas", totals),
+                timed_calls(sweep, "fork_scores", totals),
+            ):
                 start, start_wall = time.process_time(), time.perf_counter()
                 outputs[name] = case()
                 seconds, wall[name] = time.process_time() - start, min(wall[name], time.perf_counter() - start_wall)
@@ -124,26 +133,34 @@ def main():
     thetas = {p.theta_key for p in plans}
     query, cont = (sum(len(pair[i]) for pair in pairs) for i in (0, 1))
     n = len(fixed.blocks)
-    print(f"\ntokens through the model (one block-pass of one token = 1/{n}):\n"
-          f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.thetas.prompts(k))))} "
-          f"(hypothesis to block {args.layer}, sweep through all {n})\n"
-          f"  query + choice rows: {query + cont} (hypothesis runs each in full; the sweep runs each distinct query "
-          f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
-          f"the choice tokens: {n} x {cont})\n"
-          f"  regular prompts (sweep only): {sum(map(len, fulls))}")
-    print(f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "
-          f"{args.num_fewshot}-shot, {len(fixed.blocks)} blocks, hypothesis at block {args.layer}, "
-          f"batch size {args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}")
+    print(
+        f"\ntokens through the model (one block-pass of one token = 1/{n}):\n"
+        f"  θ prompts [S, x']: {sum(map(len, (t for k in thetas for t in sweeper.thetas.prompts(k))))} "
+        f"(hypothesis to block {args.layer}, sweep through all {n})\n"
+        f"  query + choice rows: {query + cont} (hypothesis runs each in full; the sweep runs each distinct query "
+        f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
+        f"the choice tokens: {n} x {cont})\n"
+        f"  regular prompts (sweep only): {sum(map(len, fulls))}"
+    )
+    print(
+        f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "
+        f"{args.num_fewshot}-shot, {len(fixed.blocks)} blocks, hypothesis at block {args.layer}, "
+        f"batch size {args.batch_size}, {torch.get_num_threads()} thread(s), best of {args.repeats}"
+    )
     print("CPU seconds of this process (immune to other processes on a shared machine; wall time beside it)")
     for name in cases:
         split = ", ".join(f"{k} {v:.1f} s" for k, v in parts[name].items())
         print(f"{name:11} {best[name]:8.1f} s CPU {wall[name]:8.1f} s wall   ({split})")
-    print(f"sweep / hypothesis: {best['sweep'] / best['hypothesis']:.2f} CPU, "
-          f"{wall['sweep'] / wall['hypothesis']:.2f} wall   (target <= 3)")
+    print(
+        f"sweep / hypothesis: {best['sweep'] / best['hypothesis']:.2f} CPU, "
+        f"{wall['sweep'] / wall['hypothesis']:.2f} wall   (target <= 3)"
+    )
     for half, (per_block, baseline, regular) in enumerate(outputs["sweep"]):
         curve = per_block.float().mean(-1)
-        print(f"half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
-              f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}")
+        print(
+            f"half {half}: best block {int(curve.argmax())}, baseline {baseline.float().mean():.3f}, "
+            f"regular {regular.float().mean():.3f}, curve {[round(v, 3) for v in curve.tolist()]}"
+        )
     if args.profile:
         for name, case in (("sweep", full_sweep), ("hypothesis", hypothesis)):
             profiler = cProfile.Profile()

@@ -75,9 +75,12 @@ def _guarded(callback):
         except Exception as err:  # noqa: BLE001 - any incompatibility, reported
             import warnings
 
-            warnings.warn(f"lm-eval-taskvec: this lm-eval does not fit the start-up hook ({callback.__name__}: "
-                          f"{err!r}), so hf-taskvec and the tv_* tasks are not registered: install "
-                          "lm-eval>=0.4.13,<0.5", stacklevel=2)
+            warnings.warn(
+                f"lm-eval-taskvec: this lm-eval does not fit the start-up hook ({callback.__name__}: "
+                f"{err!r}), so hf-taskvec and the tv_* tasks are not registered: install "
+                "lm-eval>=0.4.13,<0.5",
+                stacklevel=2,
+            )
 
     return guarded
 

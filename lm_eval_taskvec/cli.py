@@ -40,51 +40,114 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``lm_eval run`` that a taskvec command running a model takes, with lm_eval's names,
     parsing and defaults (device: CUDA when available, else CPU)."""
-    parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default={}, metavar="<arg>",
-                        help="hf-taskvec model arguments as key=val,key2=val2 (see README); pretrained defaults to "
-                             "embedded, the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--tasks", "-t", nargs="+", action=SplitArgs, required=True, metavar="<task>",
-                        help="task or group names, space or comma separated")
-    parser.add_argument("--num_fewshot", "-f", type=int, default=None, metavar="<n>",
-                        help="demonstrations per prompt (default: each task's own)")
-    parser.add_argument("--batch_size", "-b", default="1", metavar="<size>",
-                        help="an integer, or auto (on a CPU: 8, see README)")
-    parser.add_argument("--max_batch_size", type=int, default=None, metavar="<n>",
-                        help="upper bound for --batch_size auto (default: lm-eval's 64)")
-    parser.add_argument("--device", default=None, metavar="<device>",
-                        help="cuda, cuda:1, cpu, mps, ... (default: cuda when available, else cpu)")
-    parser.add_argument("--limit", "-L", type=float, default=None, metavar="<n>",
-                        help="at most n documents per task (default: all)")
-    parser.add_argument("--gen_kwargs", nargs="+", action=MergeDictAction, default=None, metavar="<arg>",
-                        help="generation arguments as key=val, updating the tasks' own")
-    parser.add_argument("--seed", type=partial(_int_or_none_list_arg_type, 3, 4, DEFAULT_SEED),
-                        default=DEFAULT_SEED, metavar="<python,numpy,torch,fewshot>",
-                        help="random seeds, one integer for all four or four values (None leaves one unset)")
+    parser.add_argument(
+        "--model_args",
+        "-a",
+        nargs="+",
+        action=MergeDictAction,
+        default={},
+        metavar="<arg>",
+        help="hf-taskvec model arguments as key=val,key2=val2 (see README); pretrained defaults to "
+        "embedded, the bundled SmolLM2-135M-Instruct",
+    )
+    parser.add_argument(
+        "--tasks",
+        "-t",
+        nargs="+",
+        action=SplitArgs,
+        required=True,
+        metavar="<task>",
+        help="task or group names, space or comma separated",
+    )
+    parser.add_argument(
+        "--num_fewshot",
+        "-f",
+        type=int,
+        default=None,
+        metavar="<n>",
+        help="demonstrations per prompt (default: each task's own)",
+    )
+    parser.add_argument(
+        "--batch_size", "-b", default="1", metavar="<size>", help="an integer, or auto (on a CPU: 8, see README)"
+    )
+    parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=None,
+        metavar="<n>",
+        help="upper bound for --batch_size auto (default: lm-eval's 64)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        metavar="<device>",
+        help="cuda, cuda:1, cpu, mps, ... (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--limit", "-L", type=float, default=None, metavar="<n>", help="at most n documents per task (default: all)"
+    )
+    parser.add_argument(
+        "--gen_kwargs",
+        nargs="+",
+        action=MergeDictAction,
+        default=None,
+        metavar="<arg>",
+        help="generation arguments as key=val, updating the tasks' own",
+    )
+    parser.add_argument(
+        "--seed",
+        type=partial(_int_or_none_list_arg_type, 3, 4, DEFAULT_SEED),
+        default=DEFAULT_SEED,
+        metavar="<python,numpy,torch,fewshot>",
+        help="random seeds, one integer for all four or four values (None leaves one unset)",
+    )
     parser.add_argument("--include_path", default=None, metavar="<path>", help="additional folder of task YAMLs")
-    parser.add_argument("--verbosity", "-v", type=str.upper, default="INFO", metavar="<level>",
-                        help="log level: DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument("--output_path", "-o", default="taskvec_sweep", metavar="<path>",
-                        help="folder for the command's JSON and plot")
+    parser.add_argument(
+        "--verbosity",
+        "-v",
+        type=str.upper,
+        default="INFO",
+        metavar="<level>",
+        help="log level: DEBUG, INFO, WARNING, ERROR",
+    )
+    parser.add_argument(
+        "--output_path", "-o", default="taskvec_sweep", metavar="<path>", help="folder for the command's JSON and plot"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="taskvec", description=__doc__, formatter_class=_Formatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     sweep = commands.add_parser(
-        "sweep", formatter_class=_Formatter, help="hypothesis-mode dev accuracy at every block, per task",
+        "sweep",
+        formatter_class=_Formatter,
+        help="hypothesis-mode dev accuracy at every block, per task",
         description="Hypothesis-mode accuracy at every block on each task's dev prompts (documents that are never\n"
-                    "scored), which layer=auto chooses from: prints a table, writes sweep.json and sweep.png under\n"
-                    "--output_path.")
+        "scored), which layer=auto chooses from: prints a table, writes sweep.json and sweep.png under\n"
+        "--output_path.",
+    )
     add_run_options(sweep)
-    sweep.add_argument("--layer_cache", choices=["on", "refresh", "off"], default="on",
-                       help="on: reuse a cached choice and cache new ones; refresh: sweep again and overwrite; "
-                            "off: neither read nor write the cache")
-    _describe(sweep, "limit", "n dev prompts per task, per half when cross-fitted (the model argument num_dev; default: 50)")
-    _describe(sweep, "gen_kwargs", "as for lm_eval; the sweep scores a generation task by its first token only, "
-                                   "so they do not change its numbers")
-    commands.add_parser("embedded-path", formatter_class=_Formatter,
-                        help="fetch and convert the embedded SmolLM2 model once, print its folder",
-                        description="Fetch and convert the embedded SmolLM2-135M-Instruct once; print its folder.")
+    sweep.add_argument(
+        "--layer_cache",
+        choices=["on", "refresh", "off"],
+        default="on",
+        help="on: reuse a cached choice and cache new ones; refresh: sweep again and overwrite; "
+        "off: neither read nor write the cache",
+    )
+    _describe(
+        sweep, "limit", "n dev prompts per task, per half when cross-fitted (the model argument num_dev; default: 50)"
+    )
+    _describe(
+        sweep,
+        "gen_kwargs",
+        "as for lm_eval; the sweep scores a generation task by its first token only, so they do not change its numbers",
+    )
+    commands.add_parser(
+        "embedded-path",
+        formatter_class=_Formatter,
+        help="fetch and convert the embedded SmolLM2 model once, print its folder",
+        description="Fetch and convert the embedded SmolLM2-135M-Instruct once; print its folder.",
+    )
     compare = compare_cli.add_parser(commands)
     add_analysis_commands(commands)
     offline = offline_tasks.add_parser(commands)
@@ -120,8 +183,11 @@ def add_analysis_commands(commands) -> None:
         parser.add_argument("--model_args", default="pretrained=embedded", help="as for lm_eval --model hf-taskvec")
         if tasks:
             parser.add_argument("--tasks", required=True, help="comma-separated tasks or groups")
-        parser.add_argument("--layer", default="auto",
-                            help="block of θ: auto (each task's layer=auto choice), an index or a fraction of depth")
+        parser.add_argument(
+            "--layer",
+            default="auto",
+            help="block of θ: auto (each task's layer=auto choice), an index or a fraction of depth",
+        )
         parser.add_argument("--batch_size", default="1", help="as for lm_eval: an integer, or auto (on a CPU: 8)")
         parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
         parser.add_argument("--verbosity", type=str.upper, default="INFO", help="log level, as for lm_eval")
@@ -138,21 +204,25 @@ def add_analysis_commands(commands) -> None:
     conflict.add_argument("--num_docs", type=int, default=50, help="queries per pair")
     conflict.add_argument("--num_fewshot", type=int, default=4, help="demonstrations per prompt (the paper: 4)")
     conflict.add_argument("--metric", default="paper_match", help="the tasks' metric in the table and plot")
-    for name, help in (("vocab", "mean θ through the final norm and unembedding: top tokens per task"),
-                       ("export", "mean θ per task and layer as a safetensors file for theta_path=")):
+    for name, help in (
+        ("vocab", "mean θ through the final norm and unembedding: top tokens per task"),
+        ("export", "mean θ per task and layer as a safetensors file for theta_path="),
+    ):
         parser = command(name, help)
         parser.add_argument("--layers", default=None, help="several blocks, e.g. 15,18,auto (overrides --layer)")
         parser.add_argument("--num_sets", type=int, default=50, help="demonstration sets averaged into θ")
-        parser.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per set (default: the task's)")
+        parser.add_argument(
+            "--num_fewshot", type=int, default=None, help="demonstrations per set (default: the task's)"
+        )
         if name == "vocab":
             parser.add_argument("--top_k", type=int, default=10, help="tokens listed per task and layer")
 
 
 def load_model(args, **fixed):
     """hf-taskvec from --model_args plus ``fixed`` model arguments, which the command itself decides."""
-    import lm_eval_taskvec  # noqa: F401  (registers the task folder even when the start-up hook is off)
     from lm_eval.utils import setup_logging
 
+    import lm_eval_taskvec  # noqa: F401  (registers the task folder even when the start-up hook is off)
     from lm_eval_taskvec.model import TaskVectorLM
 
     setup_logging(args.verbosity)
@@ -210,8 +280,10 @@ def run_sweep(args) -> None:
     print(format_table(choices))
     model = f"{lm.embedded['model']} (embedded, {lm.embedded['weights']})" if lm.embedded else lm.model.name_or_path
     shots = span([task.get_config("num_fewshot") or 0 for task in tasks.values()])
-    title = (f"{model}\n{', '.join(args.tasks)}: n = {span([c['num_dev'] for c in choices.values()])} dev "
-             f"prompts per task, {shots}-shot, {lm.settings.num_dummy} dummy queries per θ")
+    title = (
+        f"{model}\n{', '.join(args.tasks)}: n = {span([c['num_dev'] for c in choices.values()])} dev "
+        f"prompts per task, {shots}-shot, {lm.settings.num_dummy} dummy queries per θ"
+    )
     plot(choices, out / "sweep.png", title)
     print(f"\nwrote {out / 'sweep.json'} and {out / 'sweep.png'}")
 

@@ -41,16 +41,25 @@ def rendered_answer(task, doc) -> str:
     """What a generation must produce after the query: the text a demonstration of ``doc`` puts after it."""
     query = rendered_queries(task, doc)[0]
     choices = task.doc_to_choice(doc) if task.config.doc_to_choice else None
-    turns = task.build_qa_turn(q=task.doc_to_text(doc), c=choices, a=task.doc_to_target(doc),
-                               gen_prefix=task.doc_to_prefix(doc), tgt_delim=task.config.target_delimiter, few_delim="")
+    turns = task.build_qa_turn(
+        q=task.doc_to_text(doc),
+        c=choices,
+        a=task.doc_to_target(doc),
+        gen_prefix=task.doc_to_prefix(doc),
+        tgt_delim=task.config.target_delimiter,
+        few_delim="",
+    )
     demo = "".join(m.to_text() for m in turns)
     if not demo.startswith(query) or len(demo) == len(query):
-        raise ValueError(f"task {task.config.task!r}: cannot tell the answer from the query in the demonstration {demo!r}")
+        raise ValueError(
+            f"task {task.config.task!r}: cannot tell the answer from the query in the demonstration {demo!r}"
+        )
     return demo[len(query) :]
 
 
-def split_for_task(context: str, queries: tuple[str, ...], num_fewshot: int, task_name: str,
-                   need_demos: bool = True) -> Split:
+def split_for_task(
+    context: str, queries: tuple[str, ...], num_fewshot: int, task_name: str, need_demos: bool = True
+) -> Split:
     """Split ``context`` before the rendered query it ends with; refuse a context without demonstrations
     unless ``need_demos`` is false (a stored θ stands in for them)."""
     if not any(queries):

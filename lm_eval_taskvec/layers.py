@@ -30,8 +30,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
         return sum(p.numel() for p in module.parameters())
 
     candidates = [
-        m for m in model.modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
     ]
     expected = _configured_depth(model)
     if expected:
@@ -155,7 +154,9 @@ class PatchRecord:
 
 
 @contextmanager
-def intervene(blocks: nn.ModuleList, interventions: list[Intervention | None], positions, first_call_only: bool = False):
+def intervene(
+    blocks: nn.ModuleList, interventions: list[Intervention | None], positions, first_call_only: bool = False
+):
     """Apply row i's intervention (None: the row stays untouched) at ``positions[i]`` (or one int for all rows):
     one hook per distinct layer, each of which must write on exactly one forward pass (with
     ``first_call_only``, the prompt's pass of ``generate()``; decode steps stay untouched)."""
@@ -173,8 +174,10 @@ def intervene(blocks: nn.ModuleList, interventions: list[Intervention | None], p
             add[i] = iv.op == "add"
     at = torch.tensor([iv.layer if iv is not None else -1 for iv in interventions])
     with ExitStack() as stack:
-        records = [stack.enter_context(write_states(blocks[layer], values, positions, at == layer, first_call_only, add))
-                   for layer in layers]
+        records = [
+            stack.enter_context(write_states(blocks[layer], values, positions, at == layer, first_call_only, add))
+            for layer in layers
+        ]
         yield
     if any(r.patched != 1 for r in records):
         raise RuntimeError(f"a patch hook fired {[r.patched for r in records]} times on the prompt pass, expected once")
@@ -249,8 +252,10 @@ def replay_outputs(blocks: nn.ModuleList, outputs: list, copies: int = 1):
     below the patch would recompute what was recorded. The replayed blocks write nothing to the KV cache.
     """
     if copies > 1:
-        outputs = [_with_hidden(output, _hidden(output).repeat(copies, *[1] * (_hidden(output).dim() - 1)))
-                   for output in outputs]
+        outputs = [
+            _with_hidden(output, _hidden(output).repeat(copies, *[1] * (_hidden(output).dim() - 1)))
+            for output in outputs
+        ]
     saved = [block.__dict__.get("forward") for block in blocks[: len(outputs)]]  # accelerate may wrap forward
     for block, output in zip(blocks, outputs):
         block.forward = lambda *args, _output=output, **kwargs: _output

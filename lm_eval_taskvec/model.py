@@ -59,14 +59,36 @@ class TaskVectorLM(HFLM):
         device: as for HFLM, but defaults to CUDA when available, else the CPU.
     """
 
-    def __init__(self, pretrained=EMBEDDED_NAME, mode: str = "regular", layer=AUTO, num_dummy=2, seed=1234,
-                 num_dev=50, layer_cache="on", fewshot_delimiter: str | None = None, theta_path: str | None = None,
-                 layers_path: str | None = None, device: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained=EMBEDDED_NAME,
+        mode: str = "regular",
+        layer=AUTO,
+        num_dummy=2,
+        seed=1234,
+        num_dev=50,
+        layer_cache="on",
+        fewshot_delimiter: str | None = None,
+        theta_path: str | None = None,
+        layers_path: str | None = None,
+        device: str | None = None,
+        **kwargs,
+    ) -> None:
         self.mode = check_mode(mode)
-        settings = Settings.read(layer=layer, num_dummy=num_dummy, seed=seed, num_dev=num_dev, layer_cache=layer_cache,
-                                 fewshot_delimiter=fewshot_delimiter, layers_path=layers_path, theta_path=theta_path)
+        settings = Settings.read(
+            layer=layer,
+            num_dummy=num_dummy,
+            seed=seed,
+            num_dev=num_dev,
+            layer_cache=layer_cache,
+            fewshot_delimiter=fewshot_delimiter,
+            layers_path=layers_path,
+            theta_path=theta_path,
+        )
         if settings.theta_path and self.mode != "hypothesis":
-            raise ValueError(f"theta_path= patches stored task vectors, which only mode=hypothesis does (got mode={mode})")
+            raise ValueError(
+                f"theta_path= patches stored task vectors, which only mode=hypothesis does (got mode={mode})"
+            )
         if pretrained == EMBEDDED_NAME:
             pretrained = embedded_model_path()
         self.embedded = embedded_record(pretrained) if isinstance(pretrained, str) else None  # what "embedded" is
@@ -78,8 +100,9 @@ class TaskVectorLM(HFLM):
         if settings.layer != AUTO:
             settings = replace(settings, layer=resolve_layer(settings.layer, len(self.blocks)))
         self.settings = settings
-        self.thetas = ThetaStore(self.model, self.blocks, self.tok_encode, lambda: self.extract_batch_size,
-                                 self.autocast, self.rank == 0)
+        self.thetas = ThetaStore(
+            self.model, self.blocks, self.tok_encode, lambda: self.extract_batch_size, self.autocast, self.rank == 0
+        )
         stored = load_thetas(settings.theta_path, self) if settings.theta_path else None
         self.planner = Planner(settings, self, self.thetas, stored, self.warn_once)
         self.choice_cache = LayerCache(settings.layer_cache, self.warn_once)
@@ -148,7 +171,9 @@ class TaskVectorLM(HFLM):
         return self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else EXTRACT_BATCH_SIZE
 
     def autocast(self):
-        return torch.autocast(self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None)
+        return torch.autocast(
+            self.device.type, self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+        )
 
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -156,8 +181,11 @@ class TaskVectorLM(HFLM):
         if self.mode == "regular" and "hypothesis" in self.shared.modes:
             # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
             plans = self.planner.plan(requests, layer_of=self._layer_of(requests, None))
-            return self.generate_planned(requests, [replace(p, query=r.args[0], prepare_theta=True)
-                                                    for r, p in zip(requests, plans)], disable_tqdm)
+            return self.generate_planned(
+                requests,
+                [replace(p, query=r.args[0], prepare_theta=True) for r, p in zip(requests, plans)],
+                disable_tqdm,
+            )
         if self.mode == "regular":
             new_tokens = max(int(r.args[1].get("max_gen_toks") or self.max_gen_toks) for r in requests)
             with self.handoff.during(probe_tokens=self._longest(r.args[0] for r in requests) + new_tokens):
@@ -167,8 +195,10 @@ class TaskVectorLM(HFLM):
             for request in requests:
                 kwargs = request.args[1] or {}
                 if max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1)) > 1:
-                    raise ValueError(f"task {request.task_name!r} asks for num_beams/num_return_sequences > 1: "
-                                     "hypothesis mode patches one θ per prompt row; use greedy or sampled decoding")
+                    raise ValueError(
+                        f"task {request.task_name!r} asks for num_beams/num_return_sequences > 1: "
+                        "hypothesis mode patches one θ per prompt row; use greedy or sampled decoding"
+                    )
         return self.generate_planned(requests, self.plan(requests), disable_tqdm)
 
     def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:
@@ -205,8 +235,9 @@ class TaskVectorLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         if any(p.prepare_theta for p in plans):  # regular, preparing θ: stock generation, then θ from its KV cache
             cache = DynamicCache(config=self.model.config)
-            answers = super()._model_generate(context, max_length, stop, **generation_kwargs,
-                                              **{cache_argument(self.model): cache})
+            answers = super()._model_generate(
+                context, max_length, stop, **generation_kwargs, **{cache_argument(self.model): cache}
+            )
             rows = [(p.layer, p.theta_key) if p.theta_key is not None else None for p in plans]
             self.thetas.fill_from_cache(cache, context, generation_kwargs["attention_mask"], rows)
             return answers
@@ -215,11 +246,15 @@ class TaskVectorLM(HFLM):
             # rest once, then generate both in one batch, each row twice, its first copy unpatched; baseline's
             # answers wait for the baseline run.
             with torch.no_grad(), self.autocast():
-                prefix = prefill_columns(self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1],
-                                         stop_block=self.blocks[-1])
+                prefix = prefill_columns(
+                    self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1], stop_block=self.blocks[-1]
+                )
             rows = context.shape[0]
-            both = dict(generation_kwargs, attention_mask=generation_kwargs["attention_mask"].repeat(2, 1),
-                        **{cache_argument(self.model): prefix.take(list(range(rows)) * 2).cache})
+            both = dict(
+                generation_kwargs,
+                attention_mask=generation_kwargs["attention_mask"].repeat(2, 1),
+                **{cache_argument(self.model): prefix.take(list(range(rows)) * 2).cache},
+            )
             with self.patched([replace(p, theta_key=None) for p in plans] + plans, -1, first_call_only=True):
                 answers = super()._model_generate(context.repeat(2, 1), max_length, stop, **both)
             self.shared.forked_baseline[key] = answers[:rows]
@@ -298,8 +333,10 @@ class TaskVectorLM(HFLM):
         the probe would only grow until the machine swaps: use a fixed size instead and say so."""
         if self.device.type == "cpu":
             size = min(self.max_batch_size or CPU_AUTO_BATCH_SIZE, CPU_AUTO_BATCH_SIZE)
-            self.warn_once(f"batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size {size} "
-                           "(set one with --batch_size N)")
+            self.warn_once(
+                f"batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size {size} "
+                "(set one with --batch_size N)"
+            )
             return size
         if requests is None and self.handoff.probe_tokens is not None:
             requests, pos = [(None, [0] * self.handoff.probe_tokens, [0])], 0  # HFLM's probe: context + cont - 1
@@ -313,12 +350,17 @@ class TaskVectorLM(HFLM):
     def _warn_instruct(self, requests) -> None:
         """lm-eval warns when the model args name an instruct or chat model, as --model hf does for SmolLM2's
         folder; "embedded" hides the name, so say it here, unless the requests' tasks used a chat template."""
-        chat = any((getattr(LOADED_TASKS.get(r.task_name), "taskvec_prompt_settings", None) or {}).get(
-            "apply_chat_template") for r in requests)
+        chat = any(
+            (getattr(LOADED_TASKS.get(r.task_name), "taskvec_prompt_settings", None) or {}).get("apply_chat_template")
+            for r in requests
+        )
         if self.embedded and not chat:
-            self.warn_once(f"pretrained=embedded ({self.embedded['model']}) appears to be an instruct or chat variant "
-                           "but chat template is not applied. Recommend setting `apply_chat_template` (optionally "
-                           "`fewshot_as_multiturn`).", logging.getLogger("lm_eval.evaluator"))
+            self.warn_once(
+                f"pretrained=embedded ({self.embedded['model']}) appears to be an instruct or chat variant "
+                "but chat template is not applied. Recommend setting `apply_chat_template` (optionally "
+                "`fewshot_as_multiturn`).",
+                logging.getLogger("lm_eval.evaluator"),
+            )
 
     def set_cache_hook(self, cache_hook) -> None:
         """``--use_cache`` keys answers on the request alone: refuse a database another mode or setting wrote."""
@@ -341,8 +383,13 @@ class TaskVectorLM(HFLM):
         settings = {"model": "hf-taskvec", "mode": self.mode}
         if self.mode == "hypothesis":
             stored = self.planner.stored
-            settings |= {"layer": self.settings.layer, "num_dummy": self.settings.num_dummy, "seed": self.settings.seed,
-                         "num_dev": self.settings.num_dev, "theta_path": stored and stored.path}
+            settings |= {
+                "layer": self.settings.layer,
+                "num_dummy": self.settings.num_dummy,
+                "seed": self.settings.seed,
+                "num_dev": self.settings.num_dev,
+                "theta_path": stored and stored.path,
+            }
         return settings
 
     def get_model_info(self) -> dict:
@@ -354,11 +401,18 @@ class TaskVectorLM(HFLM):
         if self.mode == "hypothesis" and stored is not None:
             info["taskvec"] |= {"layer": settings.layer, "theta_path": stored.path, "theta_source": stored.model}
         elif self.mode == "hypothesis":
-            info["taskvec"] |= {"layer": settings.layer, "num_dummy": settings.num_dummy, "seed": settings.seed,
-                                "layer_selection": self.layer_choices}
+            info["taskvec"] |= {
+                "layer": settings.layer,
+                "num_dummy": settings.num_dummy,
+                "seed": settings.seed,
+                "layer_selection": self.layer_choices,
+            }
         if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted
-            info |= {"model_revision": self.embedded["package"], "model_sha": self.embedded["gguf_sha256"],
-                     "embedded_model": self.embedded}
+            info |= {
+                "model_revision": self.embedded["package"],
+                "model_sha": self.embedded["gguf_sha256"],
+                "embedded_model": self.embedded,
+            }
         return info
 
 

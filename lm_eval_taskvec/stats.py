@@ -44,9 +44,13 @@ def paired_scores(a_samples: list[dict], b_samples: list[dict], metric: str, fil
     data, other order) is not paired and is counted in ``unmatched``. Returns (a, b, unmatched), or None
     when a score is not a number (corpus-level metrics such as BLEU log per-document tuples).
     """
+
     def index(samples):
-        return {(s.get("doc_id"), s.get("doc_hash")): s[metric] for s in samples
-                if s.get("filter", "none") == filter_name and metric in s}
+        return {
+            (s.get("doc_id"), s.get("doc_hash")): s[metric]
+            for s in samples
+            if s.get("filter", "none") == filter_name and metric in s
+        }
 
     a_scores, b_scores = index(a_samples), index(b_samples)
     shared = sorted(a_scores.keys() & b_scores.keys(), key=lambda key: (str(type(key[0])), key[0], str(key[1])))
@@ -64,7 +68,19 @@ def paired_test(a: list[float], b: list[float], iters: int = 10_000, seed: int =
     if all(v in (0.0, 1.0) for v in (*a, *b)):
         a_only = sum(1 for x, y in zip(a, b) if x > y)
         b_only = sum(1 for x, y in zip(a, b) if y > x)
-        return {"test": "mcnemar_exact", "n": n, "diff": diff, "a_only": a_only, "b_only": b_only,
-                "p": mcnemar_exact(a_only, b_only)}
-    return {"test": "paired_bootstrap", "n": n, "diff": diff, "iters": iters, "seed": seed,
-            "p": paired_bootstrap(a, b, iters, seed)}
+        return {
+            "test": "mcnemar_exact",
+            "n": n,
+            "diff": diff,
+            "a_only": a_only,
+            "b_only": b_only,
+            "p": mcnemar_exact(a_only, b_only),
+        }
+    return {
+        "test": "paired_bootstrap",
+        "n": n,
+        "diff": diff,
+        "iters": iters,
+        "seed": seed,
+        "p": paired_bootstrap(a, b, iters, seed),
+    }

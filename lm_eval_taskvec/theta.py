@@ -41,8 +41,15 @@ class ThetaStore:
         progress: whether to show progress bars (rank 0).
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, encode: Callable[[str], list[int]],
-                 batch_size: Callable[[], int], autocast: Callable[[], AbstractContextManager], progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        encode: Callable[[str], list[int]],
+        batch_size: Callable[[], int],
+        autocast: Callable[[], AbstractContextManager],
+        progress: bool = True,
+    ):
         self.model, self.blocks, self.encode = model, blocks, encode
         self.batch_size, self.autocast, self.progress = batch_size, autocast, progress
         self._thetas: dict[tuple[int, ThetaKey], torch.Tensor] = {}
@@ -91,14 +98,16 @@ class ThetaStore:
                 for ki, key in enumerate(keys):
                     self._thetas[(layer, key)] = states[li, ki]
 
-    def last_token_states(self, families: list[list[list[int]]], layers: list[int],
-                          desc: str = "Extracting task vectors") -> torch.Tensor:
+    def last_token_states(
+        self, families: list[list[list[int]]], layers: list[int], desc: str = "Extracting task vectors"
+    ) -> torch.Tensor:
         """Block outputs at the last token of each prompt: Tensor[layers, families, prompts per family, hidden]."""
         with self.autocast():
             return last_token_states(self.model, self.blocks, families, layers, self.batch_size(), self.progress, desc)
 
-    def fill_from_cache(self, cache, context: torch.Tensor, mask: torch.Tensor,
-                        rows: list[tuple[int, ThetaKey] | None]) -> None:
+    def fill_from_cache(
+        self, cache, context: torch.Tensor, mask: torch.Tensor, rows: list[tuple[int, ThetaKey] | None]
+    ) -> None:
         """θ of each row's (layer, key) from the KV cache of a regular batch's generation, so that S runs once:
         in a copy of the cache, each row's dummies see only the tokens the row shares with its dummy prompts
         [S, x'] (the columns after them, query and answer, become masked holes) and run only their own tokens.
@@ -132,8 +141,12 @@ def few_shot_requests(task, docs: list[tuple[int, dict]], num_fewshot: int, seed
     with _seeded_demos_without(task, seed) as exclude:
         for doc_id, doc in docs:
             exclude(doc)
-            context = task.fewshot_context(doc, num_fewshot, system_instruction=settings.get("system_instruction"),
-                                           gen_prefix=task.doc_to_prefix(doc))
+            context = task.fewshot_context(
+                doc,
+                num_fewshot,
+                system_instruction=settings.get("system_instruction"),
+                gen_prefix=task.doc_to_prefix(doc),
+            )
             requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
             out.append([r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]])
     return out

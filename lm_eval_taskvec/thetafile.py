@@ -41,14 +41,18 @@ class ThetaFile:
         """θ of ``task`` at ``layer``; with ``layer=None``, the task's only stored layer."""
         layers = sorted(block for name, block in self.thetas if name == task)
         if not layers:
-            raise ValueError(f"theta_path={self.path} holds no θ for task {task!r}, only for "
-                             f"{sorted({name for name, _ in self.thetas})}: run taskvec export --tasks {task}")
+            raise ValueError(
+                f"theta_path={self.path} holds no θ for task {task!r}, only for "
+                f"{sorted({name for name, _ in self.thetas})}: run taskvec export --tasks {task}"
+            )
         if layer is None and len(layers) > 1:
             raise ValueError(f"theta_path={self.path} holds θ of {task!r} at blocks {layers}: pass layer=<one of them>")
         layer = layers[0] if layer is None else layer
         if (task, layer) not in self.thetas:
-            raise ValueError(f"theta_path={self.path} holds θ of {task!r} at blocks {layers}, not at block {layer}: "
-                             f"pass layer=<one of them>, or export block {layer}")
+            raise ValueError(
+                f"theta_path={self.path} holds θ of {task!r} at blocks {layers}, not at block {layer}: "
+                f"pass layer=<one of them>, or export block {layer}"
+            )
         return self.thetas[(task, layer)]
 
 
@@ -58,8 +62,11 @@ def save_thetas(path, lm, entries: list[StoredTheta]) -> ThetaFile:
     if len(set(keys)) != len(keys):
         raise ValueError("two θ for the same task and layer: export each (task, layer) once")
     identity = model_identity(lm.model, len(lm.blocks))
-    metadata = {"format": FORMAT, "model": json.dumps(identity),
-                "thetas": json.dumps({key: {"task": e.task, "layer": e.layer, **e.info} for key, e in zip(keys, entries)})}
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(identity),
+        "thetas": json.dumps({key: {"task": e.task, "layer": e.layer, **e.info} for key, e in zip(keys, entries)}),
+    }
     save_file({key: e.theta for key, e in zip(keys, entries)}, str(path), metadata=metadata)
     return ThetaFile(str(path), identity, {(e.task, e.layer): e for e in entries})
 
@@ -83,20 +90,32 @@ def load_thetas(path, lm) -> ThetaFile:
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"theta_path={path} is not a safetensors file ({err}): write one with taskvec export") from None
+        raise ValueError(
+            f"theta_path={path} is not a safetensors file ({err}): write one with taskvec export"
+        ) from None
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"theta_path={path} is not a θ file of taskvec export (format {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"theta_path={path} is not a θ file of taskvec export (format {metadata.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
     stored, current = json.loads(metadata["model"]), model_identity(lm.model, len(lm.blocks))
     if stored["hidden_size"] != current["hidden_size"]:
-        raise ValueError(f"theta_path={path} holds θ of hidden size {stored['hidden_size']} from model "
-                         f"{stored['name']!r}; this model {current['name']!r} has hidden size {current['hidden_size']}: "
-                         "export θ with this model (taskvec export --model_args pretrained=...)")
+        raise ValueError(
+            f"theta_path={path} holds θ of hidden size {stored['hidden_size']} from model "
+            f"{stored['name']!r}; this model {current['name']!r} has hidden size {current['hidden_size']}: "
+            "export θ with this model (taskvec export --model_args pretrained=...)"
+        )
     if any(stored[key] != current[key] for key in MUST_MATCH):
-        dtype = (f" (exported in {stored['dtype']}, loaded in {current['dtype']}: load the model with "
-                 f"dtype={stored['dtype']} or export again)" if stored["dtype"] != current["dtype"] else "")
-        raise ValueError(f"theta_path={path} was made for model {_describe(stored)}, not for this model "
-                         f"{_describe(current)}{dtype}: export θ with this model (taskvec export)")
+        dtype = (
+            f" (exported in {stored['dtype']}, loaded in {current['dtype']}: load the model with "
+            f"dtype={stored['dtype']} or export again)"
+            if stored["dtype"] != current["dtype"]
+            else ""
+        )
+        raise ValueError(
+            f"theta_path={path} was made for model {_describe(stored)}, not for this model "
+            f"{_describe(current)}{dtype}: export θ with this model (taskvec export)"
+        )
     thetas = {}
     for key, info in json.loads(metadata["thetas"]).items():
         info = dict(info)
@@ -106,5 +125,7 @@ def load_thetas(path, lm) -> ThetaFile:
 
 
 def _describe(identity: dict) -> str:
-    return (f"{identity['name']!r} ({identity['model_type']}, {identity['num_blocks']} blocks, vocabulary "
-            f"{identity['vocab_size']}, {identity['dtype']}, weights {identity['weights'][:12]})")
+    return (
+        f"{identity['name']!r} ({identity['model_type']}, {identity['num_blocks']} blocks, vocabulary "
+        f"{identity['vocab_size']}, {identity['dtype']}, weights {identity['weights'][:12]})"
+    )

@@ -24,12 +24,17 @@ SPLITS = ("train", "validation", "test")
 FRACTIONS = {"train": 0.4, "validation": 0.2}  # test gets the rest (~0.4)
 
 CATEGORIES = {
-    "tv_algorithmic": ["tv_next_letter", "tv_prev_letter", "tv_list_first", "tv_list_last",
-                       "tv_letter_to_upper", "tv_letter_to_lower"],
+    "tv_algorithmic": [
+        "tv_next_letter",
+        "tv_prev_letter",
+        "tv_list_first",
+        "tv_list_last",
+        "tv_letter_to_upper",
+        "tv_letter_to_lower",
+    ],
     "tv_translation": ["tv_fr_en", "tv_es_en", "tv_en_fr", "tv_en_es"],
     "tv_linguistic": ["tv_present_gerund", "tv_present_past", "tv_plural_singular", "tv_antonyms"],
-    "tv_knowledge": ["tv_country_capital", "tv_person_language", "tv_location_continent",
-                     "tv_location_religion"],
+    "tv_knowledge": ["tv_country_capital", "tv_person_language", "tv_location_continent", "tv_location_religion"],
 }
 TASKS = [task for tasks in CATEGORIES.values() for task in tasks]
 # Too few items for disjoint splits: every split holds the whole set (see task_configs/README.md).
@@ -77,8 +82,9 @@ def assign_splits(task: str, rows: list[dict]) -> list[dict]:
         random.Random(f"{SEED}:{task}").shuffle(order)
         n_train = round(FRACTIONS["train"] * len(order))
         n_val = round(FRACTIONS["validation"] * len(order))
-        split_of = {x: "train" if i < n_train else "validation" if i < n_train + n_val else "test"
-                    for i, x in enumerate(order)}
+        split_of = {
+            x: "train" if i < n_train else "validation" if i < n_train + n_val else "test" for i, x in enumerate(order)
+        }
         split_rows = {split: [r for r in rows if split_of[r["input"]] == split] for split in SPLITS}
     return [{**r, "split": split} for split in SPLITS for r in shuffled(task, split, split_rows[split])]
 

@@ -41,15 +41,24 @@ def _configs(vocab: int) -> dict:
     # A wide initialisation keeps random models' greedy outputs input-dependent, so tests can see a wrong patch.
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
     llama_like = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **common,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
     )
     return {
         "gpt2": transformers.GPT2Config(n_positions=256, n_embd=32, n_layer=3, n_head=4, **common),
         "gptj": transformers.GPTJConfig(n_positions=256, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **common),
         "gpt_neox": transformers.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=256, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
         ),
         "llama": transformers.LlamaConfig(**llama_like),
         "mistral": transformers.MistralConfig(**llama_like),

@@ -18,10 +18,12 @@ def letter_rows(n: int = 24, offset: int = 0) -> list[dict]:
 def make_task(name: str = "tiny", splits: dict[str, list[dict]] | None = None, **config) -> ConfigurableTask:
     """A generate_until task over ``splits`` (default: disjoint train/validation/test letter rows)."""
     splits = splits or {"train": letter_rows(24), "validation": letter_rows(24, 24), "test": letter_rows(24, 48)}
-    features = datasets.Features({"input": datasets.Value("string"),
-                                  "answers": datasets.Sequence(datasets.Value("string"))})
-    dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=features)
-                                    for split, rows in splits.items()})
+    features = datasets.Features(
+        {"input": datasets.Value("string"), "answers": datasets.Sequence(datasets.Value("string"))}
+    )
+    dataset = datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(rows, features=features) for split, rows in splits.items()}
+    )
     base = {
         "task": name,
         "custom_dataset": lambda **_: dataset,

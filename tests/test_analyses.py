@@ -9,20 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-from lm_eval.api.instance import Instance
 import torch
 import transformers
-from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distances
-
+from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
+from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distances
 
 from lm_eval_taskvec import thetafile
 from lm_eval_taskvec.analyses import common, conflict, export, geometry, vocab
 from lm_eval_taskvec.model import TaskVectorLM
-from lm_eval_taskvec.theta import ThetaKey
 from lm_eval_taskvec.selection import select_layer
 from lm_eval_taskvec.tasks import task_dir
-from lm_eval_taskvec.theta import task_vectors
+from lm_eval_taskvec.theta import ThetaKey, task_vectors
 from tests.conftest import make_model
 from tests.tasks import LETTERS, letter_rows, make_task, requests_of
 
@@ -102,8 +100,9 @@ def test_conflict_theta_of_a_prompts_own_state_changes_nothing(make_lm, tasks):
     lm.thetas.ensure({(1, p.theta_key) for p in own})
     outputs = conflict.generations(lm, requests, own)
     assert outputs["patched"] == outputs["regular"]
-    assert conflict.accuracy(task, [d for _, d in docs], outputs["patched"]) == \
-        conflict.accuracy(task, [d for _, d in docs], outputs["regular"])
+    assert conflict.accuracy(task, [d for _, d in docs], outputs["patched"]) == conflict.accuracy(
+        task, [d for _, d in docs], outputs["regular"]
+    )
     stock = make_lm("llama", stock=True).generate_until(requests)
     assert outputs["regular"] == stock  # the regular run is lm-eval's own
     assert conflict.generations(lm, requests, plans)["patched"] != stock  # another θ does change the outputs
@@ -111,8 +110,17 @@ def test_conflict_theta_of_a_prompts_own_state_changes_nothing(make_lm, tasks):
 
 def test_conflict_scores_both_tasks_and_writes_files(make_lm, tasks, tmp_path):
     lm = make_lm("gpt2")
-    result = conflict.conflicting_tasks(lm, tasks, [("upper", "double"), ("upper", "upper")], tmp_path / "out", layer=1,
-                          num_docs=6, num_fewshot=3, seed=0, metric="exact_match")
+    result = conflict.conflicting_tasks(
+        lm,
+        tasks,
+        [("upper", "double"), ("upper", "upper")],
+        tmp_path / "out",
+        layer=1,
+        num_docs=6,
+        num_fewshot=3,
+        seed=0,
+        metric="exact_match",
+    )
     across, same = result["table"]
     assert (across["task_A"], across["task_B"], across["num_docs"], across["layer"]) == ("upper", "double", 6, 1)
     assert same["regular_acc_A"] == same["regular_acc_B"] and same["patched_acc_A"] == same["patched_acc_B"]
@@ -123,8 +131,9 @@ def test_conflict_scores_both_tasks_and_writes_files(make_lm, tasks, tmp_path):
     scores = result["pairs"][0]["scores"]
     for run in ("regular", "patched"):
         outputs = [d[run] for d in result["pairs"][0]["documents"]]
-        assert scores[run]["B"]["exact_match"] == np.mean([o == d["target_B"]
-                                                           for o, d in zip(outputs, result["pairs"][0]["documents"])])
+        assert scores[run]["B"]["exact_match"] == np.mean(
+            [o == d["target_B"] for o, d in zip(outputs, result["pairs"][0]["documents"])]
+        )
     out = tmp_path / "out"
     assert json.loads((out / "conflict.json").read_text())["table"] == result["table"]
     assert (out / "conflict.csv").read_text().count("\n") == 3 and (out / "conflict.png").read_bytes()[:4] == PNG
@@ -134,7 +143,9 @@ def test_conflict_refuses_pairs_without_shared_inputs_and_bad_options(make_lm, t
     lm = make_lm("gpt2")
     words = loaded("words", lambda n, offset=0: [{"input": f"{a}{a}{a}", "answers": [a]} for a in LETTERS[offset:][:n]])
     with pytest.raises(ValueError, match=r"--pairs upper:words: no query of upper is also a query of words"):
-        conflict.conflicting_tasks(lm, tasks | {"words": words}, [("upper", "words")], tmp_path, layer=1, metric="exact_match")
+        conflict.conflicting_tasks(
+            lm, tasks | {"words": words}, [("upper", "words")], tmp_path, layer=1, metric="exact_match"
+        )
     with pytest.raises(ValueError, match=r"--metric 'paper_match': task 'upper' reports \['exact_match'\]"):
         conflict.conflicting_tasks(lm, tasks, [("upper", "double")], tmp_path, layer=1)
     with pytest.raises(ValueError, match="--pairs names 'nope'"):
@@ -146,8 +157,11 @@ def test_conflict_refuses_pairs_without_shared_inputs_and_bad_options(make_lm, t
 
 def test_unknown_task_and_layer_are_refused_by_name(make_lm, monkeypatch):
     # Index only the project's tasks: indexing all of lm-eval's takes half a minute.
-    monkeypatch.setattr(common, "TaskManager", lambda include_path=None: TaskManager(
-        include_path=str(task_dir()), include_defaults=False))
+    monkeypatch.setattr(
+        common,
+        "TaskManager",
+        lambda include_path=None: TaskManager(include_path=str(task_dir()), include_defaults=False),
+    )
     with pytest.raises(ValueError, match=r"--tasks: .*tv_no_such_task.* is not a registered task"):
         common.load_tasks("tv_letter_to_upper,tv_no_such_task")
     with pytest.raises(ValueError, match=r"--layer 'middle' is not 'auto'"):
@@ -159,9 +173,21 @@ def test_unknown_task_and_layer_are_refused_by_name(make_lm, monkeypatch):
 # ---------------------------------------------------------------------------------------------- vocab
 def gemma2_softcapped(vocab: int):
     config = transformers.Gemma2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, initializer_range=0.3, final_logit_softcapping=2.0, sliding_window=4)
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.3,
+        final_logit_softcapping=2.0,
+        sliding_window=4,
+    )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -169,8 +195,14 @@ def gemma2_softcapped(vocab: int):
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2", "gemma2-softcap"])
 def test_projecting_the_last_blocks_output_reproduces_the_models_logits(make_lm, tokenizer, arch):
     if arch == "gemma2-softcap":
-        lm = TaskVectorLM(pretrained=gemma2_softcapped(len(tokenizer)), tokenizer=tokenizer, device="cpu",
-                          batch_size=4, fewshot_delimiter="\n", mode="hypothesis")
+        lm = TaskVectorLM(
+            pretrained=gemma2_softcapped(len(tokenizer)),
+            tokenizer=tokenizer,
+            device="cpu",
+            batch_size=4,
+            fewshot_delimiter="\n",
+            mode="hypothesis",
+        )
     else:
         lm = make_lm(arch, mode="hypothesis")
     prompts = [lm.tok_encode(text) for text in ("example:a->A\nexample:b->", "example: ab-> ba", "Question: c?")]
@@ -192,17 +224,27 @@ def test_vocab_at_the_last_block_lists_the_models_own_next_tokens(make_lm, tasks
     model's own top next tokens after [S, x']."""
     lm = make_lm("llama", num_dummy=1)
     last = len(lm.blocks) - 1
-    result = vocab.vocab_projection(lm, tasks, tmp_path / "out", layers=["1", str(last)], top_k=5, num_sets=1, num_fewshot=3, seed=2)
-    assert [(r["task"], r["layer"]) for r in result["table"]] == [("upper", 1), ("upper", last), ("double", 1),
-                                                                  ("double", last)]
+    result = vocab.vocab_projection(
+        lm, tasks, tmp_path / "out", layers=["1", str(last)], top_k=5, num_sets=1, num_fewshot=3, seed=2
+    )
+    assert [(r["task"], r["layer"]) for r in result["table"]] == [
+        ("upper", 1),
+        ("upper", last),
+        ("double", 1),
+        ("double", last),
+    ]
     for name in tasks:
         (request,) = common.demonstration_sets(tasks[name], 1, 3, seed=2)
         (plan,) = lm.plan([request], layer=last)
         with torch.no_grad():
-            logits = lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + plan.theta_key.dummies[0])])).logits[0, -1]
+            logits = lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + plan.theta_key.dummies[0])])).logits[
+                0, -1
+            ]
         entry = next(e for e in result["entries"] if e["task"] == name and e["layer"] == last)
         assert [t["id"] for t in entry["tokens"]] == logits.topk(5).indices.tolist()
-        assert [t["prob"] for t in entry["tokens"]] == pytest.approx(logits.softmax(-1).topk(5).values.tolist(), abs=1e-5)
+        assert [t["prob"] for t in entry["tokens"]] == pytest.approx(
+            logits.softmax(-1).topk(5).values.tolist(), abs=1e-5
+        )
     out = tmp_path / "out"
     assert json.loads((out / "vocab.json").read_text())["table"] == result["table"]
     assert (out / "vocab.md").exists() and (out / "vocab.csv").exists() and (out / "vocab.png").read_bytes()[:4] == PNG
@@ -255,8 +297,10 @@ def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp
     info = stored.get_model_info()["taskvec"]
     assert info["theta_path"] == str(path) and info["theta_source"]["num_blocks"] == 3
     # Requests with no document (direct API calls): the whole context is the query, unless a delimiter is given
-    direct = [Instance("generate_until", {}, (c, {"max_gen_toks": 2}), 0, ("upper", 0, 1))
-              for c in ("example:q->", "example:a->A\nexample:q->")]
+    direct = [
+        Instance("generate_until", {}, (c, {"max_gen_toks": 2}), 0, ("upper", 0, 1))
+        for c in ("example:q->", "example:a->A\nexample:q->")
+    ]
     assert stored.plan(direct[:1])[0].query == "example:q->"
     split = make_lm("llama", mode="hypothesis", theta_path=str(path), fewshot_delimiter="\n").plan(direct[1:])[0]
     assert split.query == "example:q->"
@@ -265,18 +309,39 @@ def test_theta_path_evaluates_zero_shot_with_the_saved_theta(make_lm, tasks, tmp
 
 
 def test_loading_theta_for_another_model_is_refused_naming_both(make_lm, tasks, tmp_path, tokenizer):
-    lm = TaskVectorLM(pretrained=make_model("llama", len(tokenizer)), tokenizer=tokenizer, device="cpu",
-                      batch_size=4, fewshot_delimiter="\n")  # its own copy: this test edits a weight
+    lm = TaskVectorLM(
+        pretrained=make_model("llama", len(tokenizer)),
+        tokenizer=tokenizer,
+        device="cpu",
+        batch_size=4,
+        fewshot_delimiter="\n",
+    )  # its own copy: this test edits a weight
     path = export.export_thetas(lm, {"upper": tasks["upper"]}, tmp_path, layers=["1"], num_sets=2, num_fewshot=3).path
-    with pytest.raises(ValueError, match=r"made for model 'LlamaForCausalLM' \(llama.*not for this model "
-                                         r"'GPT2LMHeadModel' \(gpt2"):
+    with pytest.raises(
+        ValueError,
+        match=r"made for model 'LlamaForCausalLM' \(llama.*not for this model "
+        r"'GPT2LMHeadModel' \(gpt2",
+    ):
         thetafile.load_thetas(path, make_lm("gpt2"))
-    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    wider = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
     other = TaskVectorLM(pretrained=wider, tokenizer=tokenizer, device="cpu", batch_size=4, fewshot_delimiter="\n")
-    with pytest.raises(ValueError, match=r"hidden size 32 from model 'LlamaForCausalLM'; this model "
-                                         r"'LlamaForCausalLM' has hidden size 48"):
+    with pytest.raises(
+        ValueError,
+        match=r"hidden size 32 from model 'LlamaForCausalLM'; this model "
+        r"'LlamaForCausalLM' has hidden size 48",
+    ):
         thetafile.load_thetas(path, other)
     with torch.no_grad():
         lm.model.lm_head.weight[0, 0] += 1.0  # the same architecture with other weights
@@ -295,25 +360,62 @@ def test_a_missing_extra_is_named():
 
 
 def test_write_table_rounds_floats_in_the_csv_and_leaves_other_values_alone(tmp_path):
-    rows = [{"task": "a", "layer": 3, "within": 0.1 + 0.2, "between": 2 / 3, "p": 20 / 512 / 100, "norm": 1234.56789,
-             "separated": True},
-            {"task": "b", "layer": 12, "within": 0.39999999999999997, "between": 0.0, "p": 1.0, "norm": 7.0,
-             "separated": False}]
+    rows = [
+        {
+            "task": "a",
+            "layer": 3,
+            "within": 0.1 + 0.2,
+            "between": 2 / 3,
+            "p": 20 / 512 / 100,
+            "norm": 1234.56789,
+            "separated": True,
+        },
+        {
+            "task": "b",
+            "layer": 12,
+            "within": 0.39999999999999997,
+            "between": 0.0,
+            "p": 1.0,
+            "norm": 7.0,
+            "separated": False,
+        },
+    ]
     text = common.write_table(rows, tmp_path / "t")
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert lines == ["task,layer,within,between,p,norm,separated",
-                     "a,3,0.3,0.6667,0.0003906,1234.5679,True",  # 0.30000000000000004; p keeps 4 significant digits
-                     "b,12,0.4,0.0,1.0,7.0,False"]
+    assert lines == [
+        "task,layer,within,between,p,norm,separated",
+        "a,3,0.3,0.6667,0.0003906,1234.5679,True",  # 0.30000000000000004; p keeps 4 significant digits
+        "b,12,0.4,0.0,1.0,7.0,False",
+    ]
     assert "| a | 3 | 0.300 | 0.667 | 0.000 | 1234.568 | True |" in text  # the markdown as before: 3 decimals
 
 
 # ---------------------------------------------------------------------------------------------- the commands
-@pytest.mark.parametrize("command, options, files", [
-    ("geometry", ["--tasks", "upper,double", "--num_sets", "3", "--num_fewshot", "2"], ["geometry.md", "geometry.png"]),
-    ("conflict", ["--pairs", "upper:double", "--num_docs", "4", "--metric", "exact_match"], ["conflict.md", "conflict.png"]),
-    ("vocab", ["--tasks", "upper", "--layers", "0,2", "--num_sets", "2", "--top_k", "3"], ["vocab.md", "vocab.png"]),
-    ("export", ["--tasks", "upper,double", "--num_sets", "2", "--layers", "0.5,2"], ["thetas.safetensors", "thetas.md"]),
-])
+@pytest.mark.parametrize(
+    "command, options, files",
+    [
+        (
+            "geometry",
+            ["--tasks", "upper,double", "--num_sets", "3", "--num_fewshot", "2"],
+            ["geometry.md", "geometry.png"],
+        ),
+        (
+            "conflict",
+            ["--pairs", "upper:double", "--num_docs", "4", "--metric", "exact_match"],
+            ["conflict.md", "conflict.png"],
+        ),
+        (
+            "vocab",
+            ["--tasks", "upper", "--layers", "0,2", "--num_sets", "2", "--top_k", "3"],
+            ["vocab.md", "vocab.png"],
+        ),
+        (
+            "export",
+            ["--tasks", "upper,double", "--num_sets", "2", "--layers", "0.5,2"],
+            ["thetas.safetensors", "thetas.md"],
+        ),
+    ],
+)
 def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypatch, command, options, files):
     """``taskvec <command>`` parses its options into its module's run (model and tasks stubbed: tiny, in memory)."""
     from lm_eval_taskvec import cli
@@ -321,26 +423,62 @@ def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypat
     lm = make_lm("gpt2")
     module = {"geometry": geometry, "conflict": conflict, "vocab": vocab, "export": export}[command]
     monkeypatch.setattr(module, "open_model", lambda model_args, batch_size, device: lm)
-    monkeypatch.setattr(module, "load_tasks", lambda names, include_path: {n: tasks[n] for n in names.split(",")}
-                        if isinstance(names, str) else {n: tasks[n] for n in names})
+    monkeypatch.setattr(
+        module,
+        "load_tasks",
+        lambda names, include_path: (
+            {n: tasks[n] for n in names.split(",")} if isinstance(names, str) else {n: tasks[n] for n in names}
+        ),
+    )
     out = tmp_path / "out"
     cli.main([command, "--layer", "1", "--output_path", str(out), "--seed", "3", *options])
     assert all((out / name).stat().st_size > 0 for name in files)
     rows = (out / (files[0].split(".")[0] + ".csv")).read_text().splitlines()[1:]
-    expected = {"geometry": ["upper,1,3", "double,1,3"], "conflict": ["upper,double,1,4"],
-                "vocab": ["upper,0,", "upper,2,"], "export": ["upper,1,", "upper,2,", "double,1,", "double,2,"]}[command]
+    expected = {
+        "geometry": ["upper,1,3", "double,1,3"],
+        "conflict": ["upper,double,1,4"],
+        "vocab": ["upper,0,", "upper,2,"],
+        "export": ["upper,1,", "upper,2,", "double,1,", "double,2,"],
+    }[command]
     assert [row[: len(e)] for row, e in zip(rows, expected)] == expected and len(rows) == len(expected)
 
 
 @pytest.mark.slow
 def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lm_eval_taskvec.cli", "export", "--model_args", f"pretrained={tiny_model_dir}",
-           "--tasks", "tv_algorithmic", "--num_sets", "2", "--layer", "1", "--device", "cpu", "--output_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval_taskvec.cli",
+        "export",
+        "--model_args",
+        f"pretrained={tiny_model_dir}",
+        "--tasks",
+        "tv_algorithmic",
+        "--num_sets",
+        "2",
+        "--layer",
+        "1",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    stored = thetafile.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu"))
-    assert sorted(stored.thetas) == sorted((name, 1) for name in [
-        "tv_next_letter", "tv_prev_letter", "tv_list_first", "tv_list_last", "tv_letter_to_upper", "tv_letter_to_lower"])
+    stored = thetafile.load_thetas(
+        out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu")
+    )
+    assert sorted(stored.thetas) == sorted(
+        (name, 1)
+        for name in [
+            "tv_next_letter",
+            "tv_prev_letter",
+            "tv_list_first",
+            "tv_list_last",
+            "tv_letter_to_upper",
+            "tv_letter_to_lower",
+        ]
+    )
     assert stored.get("tv_list_first").info["num_fewshot"] == 5  # the task's own, by default
     assert "example:" in stored.get("tv_list_first").info["prompt_format"]["example_context"]

@@ -11,7 +11,6 @@ import textwrap
 import pytest
 
 
-
 def run_python(code: str, **env) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
@@ -23,7 +22,9 @@ def test_start_up_hook_imports_neither_torch_nor_lm_eval():
 
 
 def test_stock_registry_knows_hf_taskvec_and_keeps_builtins():
-    code = "from lm_eval.api.registry import get_model; print(get_model('hf-taskvec').__name__, get_model('hf').__name__)"
+    code = (
+        "from lm_eval.api.registry import get_model; print(get_model('hf-taskvec').__name__, get_model('hf').__name__)"
+    )
     assert run_python(code) == "TaskVectorLM HFLM"
 
 
@@ -35,8 +36,23 @@ def test_environment_variable_switches_the_hook_off():
 
 def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf-taskvec", "--model_args", model_args, "--device", "cpu",
-           "--batch_size", "4", "--output_path", str(out), "--log_samples", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf-taskvec",
+        "--model_args",
+        model_args,
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(out),
+        "--log_samples",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = out.glob("*/results_*.json")
@@ -46,10 +62,13 @@ def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["regular", "hypothesis", "baseline"])
 def test_lm_eval_command_runs_each_mode(tmp_path, tiny_model_dir, mode):
-    data = lm_eval_cli(tmp_path, f"pretrained={tiny_model_dir},mode={mode},layer=-1",
-                       "--tasks", "tv_letter_to_upper", "--limit", "5")
+    data = lm_eval_cli(
+        tmp_path, f"pretrained={tiny_model_dir},mode={mode},layer=-1", "--tasks", "tv_letter_to_upper", "--limit", "5"
+    )
     assert data["config"]["model_args"]["mode"] == mode
-    assert data["config"]["taskvec"]["mode"] == mode and ("layer" in data["config"]["taskvec"]) == (mode == "hypothesis")
+    assert data["config"]["taskvec"]["mode"] == mode and ("layer" in data["config"]["taskvec"]) == (
+        mode == "hypothesis"
+    )
     (samples,) = (tmp_path / "out").glob("*/samples_tv_letter_to_upper_*.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 5  # the score is the mean of the logged documents' scores
@@ -62,13 +81,17 @@ def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_mod
     """A loglikelihood task in lm-eval's own style ("\\n\\n" between demos, several choices)."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    rows = [{"q": f"{a} {b}", "choices": [a, b, "c"], "label": i % 2} for i, (a, b) in enumerate(zip("abcdefgh", "ijklmnop"))]
+    rows = [
+        {"q": f"{a} {b}", "choices": [a, b, "c"], "label": i % 2}
+        for i, (a, b) in enumerate(zip("abcdefgh", "ijklmnop"))
+    ]
     (tasks / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tasks / "mc.yaml").write_text(textwrap.dedent(f"""\
+    (tasks / "mc.yaml").write_text(
+        textwrap.dedent(f"""\
         task: tiny_mc
         dataset_path: json
         dataset_kwargs:
-          data_files: {tasks / 'mc.jsonl'}
+          data_files: {tasks / "mc.jsonl"}
         test_split: train
         output_type: multiple_choice
         doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
@@ -76,11 +99,20 @@ def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_mod
         doc_to_target: label
         metric_list:
           - metric: acc
-        """))
+        """)
+    )
     logprobs = {}
     for mode in ("hypothesis", "baseline"):
-        data = lm_eval_cli(tmp_path / mode, f"pretrained={tiny_model_dir},mode={mode},layer=1",
-                           "--tasks", "tiny_mc", "--include_path", str(tasks), "--num_fewshot", "3")
+        data = lm_eval_cli(
+            tmp_path / mode,
+            f"pretrained={tiny_model_dir},mode={mode},layer=1",
+            "--tasks",
+            "tiny_mc",
+            "--include_path",
+            str(tasks),
+            "--num_fewshot",
+            "3",
+        )
         (samples,) = (tmp_path / mode / "out").glob("*/samples_tiny_mc_*.jsonl")
         rows = [json.loads(line) for line in samples.read_text().splitlines()]
         logprobs[mode] = [row["resps"] for row in rows]
@@ -93,8 +125,18 @@ def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_mod
 def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "lm_eval_taskvec.cli", "sweep", "--model_args", f"pretrained={tiny_model_dir},num_dev=5",
-           "--tasks", "tv_letter_to_upper,tv_list_first", "--output_path", str(out)]  # no --device: CPU here
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval_taskvec.cli",
+        "sweep",
+        "--model_args",
+        f"pretrained={tiny_model_dir},num_dev=5",
+        "--tasks",
+        "tv_letter_to_upper,tv_list_first",
+        "--output_path",
+        str(out),
+    ]  # no --device: CPU here
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "block | tv_letter_to_upper | tv_list_first | mean" in done.stdout
@@ -107,8 +149,12 @@ def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir
 @pytest.mark.slow
 def test_lm_eval_validate_finds_all_18_tasks_without_include_path():
     def validate(**env):
-        done = subprocess.run([sys.executable, "-m", "lm_eval", "validate", "--tasks", "task_vectors"],
-                              capture_output=True, text=True, env={**os.environ, **env})
+        done = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "validate", "--tasks", "task_vectors"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        )
         return done.stdout + done.stderr
 
     assert "All tasks found and valid" in validate()

@@ -26,9 +26,23 @@ def _stderr(scores: list[float]) -> float:
     return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
 
 
-def write_run(folder, scores: dict, *, model="hf-taskvec", mode="hypothesis", groups=None, limit=None, nshot=5,
-              versions=None, layers=None, extra_args=None, log_samples=True, hashes=None, date="2025-01-01T00-00-00.1",
-              group_values=None):
+def write_run(
+    folder,
+    scores: dict,
+    *,
+    model="hf-taskvec",
+    mode="hypothesis",
+    groups=None,
+    limit=None,
+    nshot=5,
+    versions=None,
+    layers=None,
+    extra_args=None,
+    log_samples=True,
+    hashes=None,
+    date="2025-01-01T00-00-00.1",
+    group_values=None,
+):
     """A results file (and samples files) laid out as ``lm_eval --output_path`` writes them.
 
     ``scores``: task -> metric -> per-document scores; ``groups``: group -> member tasks, with the group's
@@ -43,33 +57,67 @@ def write_run(folder, scores: dict, *, model="hf-taskvec", mode="hypothesis", gr
         for metric, values in metrics.items():
             results[task][f"{metric},none"] = sum(values) / n
             results[task][f"{metric}_stderr,none"] = _stderr(values)
-        configs[task] = {"task": task, "num_fewshot": nshot if isinstance(nshot, int) else nshot[task],
-                         "metric_list": [{"metric": m} for m in metrics],
-                         "generation_kwargs": {"until": ["\n"], "max_gen_toks": 16}}
+        configs[task] = {
+            "task": task,
+            "num_fewshot": nshot if isinstance(nshot, int) else nshot[task],
+            "metric_list": [{"metric": m} for m in metrics],
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 16},
+        }
         n_samples[task] = {"original": 100, "effective": n}
         if log_samples:
             lines = []
             for doc_id in range(n):
                 doc_hash = (hashes or {}).get((task, doc_id)) or hashlib.sha256(f"{task}{doc_id}".encode()).hexdigest()
-                lines.append(json.dumps({"doc_id": doc_id, "doc": {"input": str(doc_id)}, "target": "x",
-                                         "filter": "none", "metrics": list(metrics), "doc_hash": doc_hash,
-                                         **{m: v[doc_id] for m, v in metrics.items()}}))
+                lines.append(
+                    json.dumps(
+                        {
+                            "doc_id": doc_id,
+                            "doc": {"input": str(doc_id)},
+                            "target": "x",
+                            "filter": "none",
+                            "metrics": list(metrics),
+                            "doc_hash": doc_hash,
+                            **{m: v[doc_id] for m, v in metrics.items()},
+                        }
+                    )
+                )
             (folder / f"samples_{task}_{date}.jsonl").write_text("\n".join(lines) + "\n")
     for group, value in (group_values or {}).items():
         results[group] = {"name": group, "alias": group, "sample_len": 0} | value
-    config = {"model": model, "model_args": args, "batch_size": "4", "device": "cpu", "limit": limit, "gen_kwargs": {},
-              "random_seed": 0, "numpy_seed": 1234, "torch_seed": 1234, "fewshot_seed": 1234}
+    config = {
+        "model": model,
+        "model_args": args,
+        "batch_size": "4",
+        "device": "cpu",
+        "limit": limit,
+        "gen_kwargs": {},
+        "random_seed": 0,
+        "numpy_seed": 1234,
+        "torch_seed": 1234,
+        "fewshot_seed": 1234,
+    }
     if model == "hf-taskvec":
         selection = {t: {"layer": layer, "dev_accuracy": []} for t, layer in (layers or {}).items()}
-        config["taskvec"] = {"mode": mode, "layer": "auto" if mode == "hypothesis" else None, "num_dummy": 2,
-                             "layer_selection": selection}
+        config["taskvec"] = {
+            "mode": mode,
+            "layer": "auto" if mode == "hypothesis" else None,
+            "num_dummy": 2,
+            "layer_selection": selection,
+        }
     versions = versions or {}
-    data = {"results": results, "groups": {g: results[g] for g in group_values or {}},
-            "group_subtasks": {g: list(m) for g, m in (groups or {}).items()}, "configs": configs,
-            "versions": {t: versions.get(t, 1.0) for t in results},
-            "n-shot": {t: configs.get(t, {}).get("num_fewshot", 5) for t in results},
-            "n-samples": n_samples, "config": config, "model_source": model, "model_name": MODEL,
-            "lm_eval_version": "0.4.13"}
+    data = {
+        "results": results,
+        "groups": {g: results[g] for g in group_values or {}},
+        "group_subtasks": {g: list(m) for g, m in (groups or {}).items()},
+        "configs": configs,
+        "versions": {t: versions.get(t, 1.0) for t in results},
+        "n-shot": {t: configs.get(t, {}).get("num_fewshot", 5) for t in results},
+        "n-samples": n_samples,
+        "config": config,
+        "model_source": model,
+        "model_name": MODEL,
+        "lm_eval_version": "0.4.13",
+    }
     path = folder / f"results_{date}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
@@ -84,8 +132,13 @@ def three_modes(tmp_path, **kwargs):
     runs = {}
     for mode, paper in (("regular", R), ("hypothesis", H), ("baseline", B)):
         exact = [0] * len(paper) if mode != "regular" else paper
-        runs[mode] = write_run(tmp_path / mode, {"tv_a": {"paper_match": paper, "exact_match": exact}},
-                               mode=mode, layers={"tv_a": 7} if mode == "hypothesis" else None, **kwargs)
+        runs[mode] = write_run(
+            tmp_path / mode,
+            {"tv_a": {"paper_match": paper, "exact_match": exact}},
+            mode=mode,
+            layers={"tv_a": 7} if mode == "hypothesis" else None,
+            **kwargs,
+        )
     return runs
 
 
@@ -116,8 +169,7 @@ def test_paired_bootstrap_against_hand_computed_cases():
 
 def test_paired_test_chooses_mcnemar_for_0_1_scores_only():
     assert paired_test(H, B)["test"] == "mcnemar_exact"
-    assert paired_test(H, B) == {"test": "mcnemar_exact", "n": 10, "diff": 0.7, "a_only": 8, "b_only": 1,
-                                      "p": 20 / 512}
+    assert paired_test(H, B) == {"test": "mcnemar_exact", "n": 10, "diff": 0.7, "a_only": 8, "b_only": 1, "p": 20 / 512}
     assert paired_test([0.5, 1.0], [0.0, 1.0])["test"] == "paired_bootstrap"
 
 
@@ -134,8 +186,10 @@ def test_modes_of_one_model_become_b_h_r_with_ratio_difference_layer_and_n(tmp_p
     assert row.derived["H−B"]["value"] == pytest.approx(0.7)
     assert row.layers == {"hypothesis": "7"} and row.n == 10
     line = next(line for line in markdown(table).splitlines() if line.startswith("| tv_a"))
-    assert line == ("| tv_a | paper_match (exact_match) | 0.20 ± 0.13 (0.00) | 0.90 ± 0.10 (0.00) | "
-                    "1.00 ± 0.00 (1.00) | 0.90 | +0.70* | 7 | 10 |")
+    assert line == (
+        "| tv_a | paper_match (exact_match) | 0.20 ± 0.13 (0.00) | 0.90 ± 0.10 (0.00) | "
+        "1.00 ± 0.00 (1.00) | 0.90 | +0.70* | 7 | 10 |"
+    )
 
 
 def test_significance_marks_and_p_values(tmp_path):
@@ -154,8 +208,12 @@ def test_significance_marks_and_p_values(tmp_path):
 
 def test_documents_pair_by_doc_id_and_doc_hash(tmp_path):
     runs = three_modes(tmp_path / "ok")
-    other = write_run(tmp_path / "b", {"tv_a": {"paper_match": B, "exact_match": [0] * 10}}, mode="baseline",
-                      hashes={("tv_a", 0): "changed"})
+    other = write_run(
+        tmp_path / "b",
+        {"tv_a": {"paper_match": B, "exact_match": [0] * 10}},
+        mode="baseline",
+        hashes={("tv_a", 0): "changed"},
+    )
     table = build(load_runs([runs["hypothesis"], other]))
     hb = next(t for t in table.rows[0].tests if t["metric"] == "paper_match,none")
     assert (hb["n"], hb["unmatched"], hb["a_only"], hb["b_only"]) == (9, 1, 8, 1)  # doc 0 (both right) left out
@@ -177,7 +235,11 @@ def test_groups_show_lm_evals_own_aggregate_above_their_tasks(tmp_path):
     path = write_run(tmp_path, scores, groups={"tv_g": ["tv_a", "tv_b"]}, group_values={"tv_g": group})
     table = build(load_runs([path]))
     assert [(r.name, r.kind, r.depth) for r in table.rows] == [
-        ("tv_g", "group", 0), ("tv_a", "task", 1), ("tv_b", "task", 1), ("solo", "task", 0)]
+        ("tv_g", "group", 0),
+        ("tv_a", "task", 1),
+        ("tv_b", "task", 1),
+        ("solo", "task", 0),
+    ]
     g = table.rows[0]
     assert (g.cells["hypothesis"]["value"], g.cells["hypothesis"]["stderr"], g.n) == (0.37, 0.04, 20)
     assert g.leaves == ["tv_a", "tv_b"]
@@ -188,9 +250,16 @@ def test_groups_show_lm_evals_own_aggregate_above_their_tasks(tmp_path):
 
 def test_group_test_pools_the_documents_of_its_tasks(tmp_path):
     scores = {"hypothesis": {"tv_a": H, "tv_b": H}, "baseline": {"tv_a": B, "tv_b": [0] * 10}}
-    paths = [write_run(tmp_path / m, {t: {"paper_match": s} for t, s in by_task.items()}, mode=m,
-                       groups={"tv_g": ["tv_a", "tv_b"]}, group_values={"tv_g": {"paper_match,none": 0.5}})
-             for m, by_task in scores.items()]
+    paths = [
+        write_run(
+            tmp_path / m,
+            {t: {"paper_match": s} for t, s in by_task.items()},
+            mode=m,
+            groups={"tv_g": ["tv_a", "tv_b"]},
+            group_values={"tv_g": {"paper_match,none": 0.5}},
+        )
+        for m, by_task in scores.items()
+    ]
     table = build(load_runs(paths))
     test = table.rows[0].tests[0]
     assert (test["n"], test["a_only"], test["b_only"]) == (20, 8 + 9, 1)
@@ -211,14 +280,21 @@ def test_headline_metric_override_and_missing_metric_footnote(tmp_path):
 
 def test_runs_that_differ_in_nshot_version_or_limit_are_flagged_never_merged(tmp_path):
     a = write_run(tmp_path / "a", {"tv_a": {"paper_match": H}, "tv_b": {"paper_match": H}}, limit=10)
-    b = write_run(tmp_path / "b", {"tv_a": {"paper_match": H[:5]}, "tv_b": {"paper_match": H}},
-                  nshot={"tv_a": 5, "tv_b": 3}, versions={"tv_a": 2.0}, limit=None)
+    b = write_run(
+        tmp_path / "b",
+        {"tv_a": {"paper_match": H[:5]}, "tv_b": {"paper_match": H}},
+        nshot={"tv_a": 5, "tv_b": 3},
+        versions={"tv_a": 2.0},
+        limit=None,
+    )
     table = build(load_runs([a, b]))
     assert [c.label for c in table.columns] == ["hypothesis limit=10", "hypothesis limit=None"]
     rows = {r.name: r for r in table.rows}
     notes = {r: [table.footnotes[i - 1] for i in rows[r].notes] for r in rows}
-    assert notes["tv_a"] == ['version differs: hypothesis limit=10 "1.0", hypothesis limit=None "2.0"',
-                             "n differs: hypothesis limit=10 10, hypothesis limit=None 5"]
+    assert notes["tv_a"] == [
+        'version differs: hypothesis limit=10 "1.0", hypothesis limit=None "2.0"',
+        "n differs: hypothesis limit=10 10, hypothesis limit=None 5",
+    ]
     assert notes["tv_b"] == ["n-shot differs: hypothesis limit=10 5, hypothesis limit=None 3"]
     assert table.footnotes[0].startswith("limit differs between columns")
     assert rows["tv_a"].n is None and rows["tv_b"].n == 10
@@ -238,8 +314,13 @@ def test_runs_of_one_setting_share_a_column_only_when_their_tasks_differ(tmp_pat
 
 def test_labels_name_model_fixed_layer_and_steering_file(tmp_path):
     a = write_run(tmp_path / "a", {"t": {"acc": [1, 0]}}, extra_args={"layer": 12})
-    b = write_run(tmp_path / "b", {"t": {"acc": [1, 0]}}, model="steered", mode=None,
-                  extra_args={"steer_path": "/vectors/happy.pt"})
+    b = write_run(
+        tmp_path / "b",
+        {"t": {"acc": [1, 0]}},
+        model="steered",
+        mode=None,
+        extra_args={"steer_path": "/vectors/happy.pt"},
+    )
     other = write_run(tmp_path / "c", {"t": {"acc": [1, 0]}}, model="hf", mode=None)
     data = json.loads(other.read_text())
     data["config"]["model_args"] = "pretrained=org/other-model,dtype=float32"  # Python API: a string
@@ -248,8 +329,11 @@ def test_labels_name_model_fixed_layer_and_steering_file(tmp_path):
     data["config"]["taskvec"]["layer"] = 12
     a.write_text(json.dumps(data))
     table = build(load_runs([a, b, other]))
-    assert [c.label for c in table.columns] == ["tiny-model hypothesis L12", "tiny-model steered happy.pt",
-                                                "other-model hf"]
+    assert [c.label for c in table.columns] == [
+        "tiny-model hypothesis L12",
+        "tiny-model steered happy.pt",
+        "other-model hf",
+    ]
 
 
 def test_user_pairs_by_label_or_number(tmp_path):
@@ -298,8 +382,9 @@ def test_a_whole_limit_prints_as_an_integer(tmp_path):
     b = write_run(tmp_path / "b", {"tv_a": {"paper_match": H[:5]}}, limit=0.5)
     table = build(load_runs([a, b]))
     assert [c.label for c in table.columns] == ["hypothesis limit=10", "hypothesis limit=0.5"]
-    assert table.footnotes[0].startswith("limit differs between columns: hypothesis limit=10 10, "
-                                         "hypothesis limit=0.5 0.5;")
+    assert table.footnotes[0].startswith(
+        "limit differs between columns: hypothesis limit=10 10, hypothesis limit=0.5 0.5;"
+    )
     text = markdown(table)
     assert "`, limit 10; `" in text and "`, limit 0.5; `" in text and "10.0" not in text
     assert [c.describe()["limit"] for c in table.columns] == [10, 0.5]
@@ -309,8 +394,9 @@ def _modes_with_a_zero_baseline(tmp_path, embedded=False):
     """tv_a: B, H and R as in three_modes; tv_z: the baseline scores nothing, hypothesis and regular all but one."""
     paths = []
     for mode, a, z in (("regular", R, [1] * 9 + [0]), ("hypothesis", H, [0] + [1] * 9), ("baseline", B, [0] * 10)):
-        path = write_run(tmp_path / mode, {"tv_a": {"paper_match": a}, "tv_z": {"paper_match": z}}, mode=mode,
-                         limit=10.0, nshot=4)
+        path = write_run(
+            tmp_path / mode, {"tv_a": {"paper_match": a}, "tv_z": {"paper_match": z}}, mode=mode, limit=10.0, nshot=4
+        )
         if embedded:
             data = json.loads(path.read_text())
             data["config"]["model_args"]["pretrained"] = "embedded"
@@ -337,10 +423,12 @@ def figure():
 
 def test_plot_title_names_the_embedded_model_n_shots_and_a_whole_limit(tmp_path, figure):
     fig = figure(_modes_with_a_zero_baseline(tmp_path, embedded=True))
-    assert fig.axes[0].get_title() == ("HuggingFaceTB/SmolLM2-135M-Instruct (embedded)\n"
-                                       "n = 10 documents per task, 4-shot, limit 10")
+    assert fig.axes[0].get_title() == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)\nn = 10 documents per task, 4-shot, limit 10"
+    )
     assert "Model: `HuggingFaceTB/SmolLM2-135M-Instruct (embedded)`." in markdown(
-        _modes_with_a_zero_baseline(tmp_path / "md", embedded=True))
+        _modes_with_a_zero_baseline(tmp_path / "md", embedded=True)
+    )
     fig = figure(_modes_with_a_zero_baseline(tmp_path / "other"))
     assert fig.axes[0].get_title().startswith(f"{MODEL}\n")
 
@@ -372,11 +460,14 @@ def test_plot_marks_significant_pairs_and_explains_marks_and_whiskers(tmp_path, 
     assert "± stderr" in legend and "*: p < 0.05 in a paired test" in legend
 
 
-@pytest.mark.parametrize("content, message", [
-    ("not json", "not JSON"),
-    ('{"results": {"a": {}}}', "no 'results' and 'config' objects"),
-    ('{"results": {}, "config": {}}', "holds no task results"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not JSON"),
+        ('{"results": {"a": {}}}', "no 'results' and 'config' objects"),
+        ('{"results": {}, "config": {}}', "holds no task results"),
+    ],
+)
 def test_a_file_that_is_not_an_lm_eval_results_file_is_refused(tmp_path, content, message):
     path = tmp_path / "results_x.json"
     path.write_text(content)
@@ -396,13 +487,16 @@ def test_missing_paths_and_empty_folders_are_refused(tmp_path):
         compare([], limit=3)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"model_args": "pretrained=/nowhere,mode=hypothesis"}, "^model_args: leave out mode=hypothesis; modes"),
-    ({"modes": "regular,hypotesis"}, "^modes: regular,hypotesis is not a list of distinct modes from regular,"),
-    ({"modes": "baseline,baseline"}, "^modes: baseline,baseline is not a list of distinct modes"),
-    ({"seed": "1,2"}, r"^seed: '1,2' has 2 values; give one, or four \(python,numpy,torch,fewshot\)"),
-    ({"seed": "x"}, "^seed: 'x' is not one integer or four separated by commas"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"model_args": "pretrained=/nowhere,mode=hypothesis"}, "^model_args: leave out mode=hypothesis; modes"),
+        ({"modes": "regular,hypotesis"}, "^modes: regular,hypotesis is not a list of distinct modes from regular,"),
+        ({"modes": "baseline,baseline"}, "^modes: baseline,baseline is not a list of distinct modes"),
+        ({"seed": "1,2"}, r"^seed: '1,2' has 2 values; give one, or four \(python,numpy,torch,fewshot\)"),
+        ({"seed": "x"}, "^seed: 'x' is not one integer or four separated by commas"),
+    ],
+)
 def test_running_options_are_checked_before_the_model_loads(tmp_path, options, message):
     options = {"model_args": "pretrained=/nowhere"} | options  # loading it would fail otherwise
     with pytest.raises(UsageError, match=message):
@@ -413,8 +507,11 @@ def test_seed_is_read_as_lm_evals():
     from lm_eval_taskvec.comparison.evaluate import _seeds
 
     assert _seeds(None) == {}
-    assert _seeds("7") == _seeds(7) == dict.fromkeys(
-        ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), 7)
+    assert (
+        _seeds("7")
+        == _seeds(7)
+        == dict.fromkeys(("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), 7)
+    )
     assert list(_seeds("0,None,8,52").values()) == [0, None, 8, 52]
 
 
@@ -427,13 +524,17 @@ def test_cli_help_shows_the_defaults():
     done = taskvec("--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for expected in ("RESULTS",
-                     "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
-                     "(default: taskvec_compare)", "paired bootstrap resamples (default: 10000)", "--log_samples",
-                     "taskvec compare --model_args pretrained=embedded --tasks task_vectors",
-                     "--limit LIMIT scored documents per task",
-                     "layer=auto's sweep, which scores num_dev dev prompts per task (default 50",
-                     "--model_args num_dev=N"):
+    for expected in (
+        "RESULTS",
+        "--modes MODES comma-separated subset of the modes (default: regular,hypothesis,baseline)",
+        "(default: taskvec_compare)",
+        "paired bootstrap resamples (default: 10000)",
+        "--log_samples",
+        "taskvec compare --model_args pretrained=embedded --tasks task_vectors",
+        "--limit LIMIT scored documents per task",
+        "layer=auto's sweep, which scores num_dev dev prompts per task (default 50",
+        "--model_args num_dev=N",
+    ):
         assert expected in text, expected
 
 
@@ -465,8 +566,15 @@ def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_m
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
     tasks = ["tv_letter_to_upper", "tv_list_first"]
     out = tmp_path / "out"
-    table = compare(model_args=f"pretrained={tiny_model_dir},layer=1", tasks=",".join(tasks), output_path=out,
-                    limit=6, batch_size=4, device="cpu", log_samples=True)
+    table = compare(
+        model_args=f"pretrained={tiny_model_dir},layer=1",
+        tasks=",".join(tasks),
+        output_path=out,
+        limit=6,
+        batch_size=4,
+        device="cpu",
+        log_samples=True,
+    )
     assert [c.label for c in table.columns] == ["baseline", "hypothesis L1", "regular"]
     assert [p.name for p in table.pairs] == ["H/R", "H−B"] and table.rows[0].layers == {"hypothesis L1": "1"}
     manager = TaskManager()
@@ -474,7 +582,10 @@ def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_m
         (path,) = (out / mode).glob("*/results_*.json")
         data = json.loads(path.read_text())
         assert (data["config"]["model"], data["model_source"], data["config"]["model_args"]["mode"]) == (
-            "hf-taskvec", "hf-taskvec", mode)
+            "hf-taskvec",
+            "hf-taskvec",
+            mode,
+        )
         assert data["config"]["taskvec"]["mode"] == mode
         assert {data["configs"][t]["metadata"]["mode"] for t in tasks} == {mode}
         lm = TaskVectorLM(pretrained=str(tiny_model_dir), mode=mode, layer=1, batch_size=4, device="cpu")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from lm_eval.api.instance import Instance
 import torch
+from lm_eval.api.instance import Instance
 
 from lm_eval_taskvec.contexts import choose_dummies, split_at_delimiter, split_for_task
 from lm_eval_taskvec.settings import read_escapes
@@ -23,23 +23,43 @@ def split_first(lm, build=None, **config):
 @pytest.mark.parametrize(
     "config, build, demos, query",
     [
-        ({"description": "Make it big.\n\n"}, None,
-         "Make it big.\n\nexample:a->A\nexample:b->B\n", "example:fc->"),
-        ({}, {"system_instruction": "Be brief."},
-         "Be brief.example:a->A\nexample:b->B\n", "example:fc->"),
-        ({"description": "Make it big."}, {"system_instruction": "Be brief."},
-         "Be brief.\nMake it big.example:a->A\nexample:b->B\n", "example:fc->"),
-        ({"doc_to_text": "Q: {{input}}\nA:", "fewshot_delimiter": "\n\n", "target_delimiter": " "}, None,
-         "Q: a\nA: A\n\nQ: b\nA: B\n\n", "Q: fc\nA:"),
-        ({"gen_prefix": "Answer:", "target_delimiter": " "}, None,
-         "example:a-> Answer: A\nexample:b-> Answer: B\n", "example:fc-> Answer:"),
-        ({"doc_to_text": "Q: {{input}}", "fewshot_delimiter": "\n\n", "target_delimiter": "\n\n", **MC}, None,
-         "Q: a\n\nA\n\nQ: b\n\nB\n\n", "Q: fc"),
-        ({"doc_to_text": "Q: {{input}} A: ", **MC}, None,
-         "Q: a A: A\nQ: b A: B\n", "Q: fc A: "),
+        ({"description": "Make it big.\n\n"}, None, "Make it big.\n\nexample:a->A\nexample:b->B\n", "example:fc->"),
+        ({}, {"system_instruction": "Be brief."}, "Be brief.example:a->A\nexample:b->B\n", "example:fc->"),
+        (
+            {"description": "Make it big."},
+            {"system_instruction": "Be brief."},
+            "Be brief.\nMake it big.example:a->A\nexample:b->B\n",
+            "example:fc->",
+        ),
+        (
+            {"doc_to_text": "Q: {{input}}\nA:", "fewshot_delimiter": "\n\n", "target_delimiter": " "},
+            None,
+            "Q: a\nA: A\n\nQ: b\nA: B\n\n",
+            "Q: fc\nA:",
+        ),
+        (
+            {"gen_prefix": "Answer:", "target_delimiter": " "},
+            None,
+            "example:a-> Answer: A\nexample:b-> Answer: B\n",
+            "example:fc-> Answer:",
+        ),
+        (
+            {"doc_to_text": "Q: {{input}}", "fewshot_delimiter": "\n\n", "target_delimiter": "\n\n", **MC},
+            None,
+            "Q: a\n\nA\n\nQ: b\n\nB\n\n",
+            "Q: fc",
+        ),
+        ({"doc_to_text": "Q: {{input}} A: ", **MC}, None, "Q: a A: A\nQ: b A: B\n", "Q: fc A: "),
     ],
-    ids=["description", "system-instruction", "both", "multi-line-query", "gen-prefix", "target-delimiter-blank-line",
-         "query-ending-in-a-space"],
+    ids=[
+        "description",
+        "system-instruction",
+        "both",
+        "multi-line-query",
+        "gen-prefix",
+        "target-delimiter-blank-line",
+        "query-ending-in-a-space",
+    ],
 )
 def test_split_of_each_prompt_shape(make_lm, config, build, demos, query):
     split = split_first(make_lm(mode="baseline"), build, **config)
@@ -77,7 +97,9 @@ def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
         lm.generate_until(gen_requests("never_loaded"))
-    with_docs = [Instance(r.request_type, {"input": "k"}, r.args, r.idx, r.metadata) for r in gen_requests("never_loaded")]
+    with_docs = [
+        Instance(r.request_type, {"input": "k"}, r.args, r.idx, r.metadata) for r in gen_requests("never_loaded")
+    ]
     plans = make_lm(mode="baseline", fewshot_delimiter="\\n").plan(with_docs)  # a document, but no loaded task
     assert [p.query for p in plans] == [r.args[0].rpartition("\n")[2] for r in with_docs]
 
@@ -149,7 +171,9 @@ def test_over_long_demonstrations_are_left_truncated_like_regular_mode(make_lm, 
     full = [lm.tok_encode(plan.theta_key.demos + d) for d in plan.theta_key.dummies]
     assert all(len(f) > budget for f in full)
     states = [lm.model(torch.tensor([f[-budget:]]), output_hidden_states=True).hidden_states[2][0, -1] for f in full]
-    torch.testing.assert_close(lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
@@ -162,11 +186,16 @@ def test_a_query_longer_than_the_model_is_refused_never_cut(make_lm):
 @pytest.mark.parametrize("over", [1, 8], ids=["one token over", "far over"])
 def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(make_lm, over):
     rows = [{"input": "ab" * 12, "answers": ["x" * 12]}] + [{"input": c, "answers": [c]} for c in "abcd"]
-    task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_choice="{{[answers[0], 'zz']}}",
-                     doc_to_target=0, output_type="multiple_choice")
+    task = make_task(
+        splits={"train": rows[1:], "test": rows},
+        doc_to_choice="{{[answers[0], 'zz']}}",
+        doc_to_target=0,
+        output_type="multiple_choice",
+    )
     requests = requests_of(task, limit=1)
-    query, continuation = make_lm(mode="baseline")._encode_pair(requests[0].args[0].rpartition("\n")[2],
-                                                                requests[0].args[1])
+    query, continuation = make_lm(mode="baseline")._encode_pair(
+        requests[0].args[0].rpartition("\n")[2], requests[0].args[1]
+    )
     max_length = len(query) + len(continuation) - 1 - over  # HFLM keeps max_length + 1 tokens of the row
     assert len(query) <= max_length
     with pytest.raises(ValueError, match="query alone is .* tokens.*never cuts the query"):
@@ -177,15 +206,17 @@ def test_a_likelihood_query_that_fits_only_without_its_continuation_is_refused(m
 def test_a_whitespace_query_is_refused_for_likelihood_but_generated_from(make_lm, mode):
     lm = make_lm(mode=mode, layer=1, num_dummy=1)
     context = "example:a->A\nexample:b->B\n "  # split at the last "\n": the query is one space
-    requests = [Instance("loglikelihood", {}, (context, "C"), 0, ("t", 0, 1)),
-                Instance("loglikelihood", {}, ("example:a->A\nexample:c->", "C"), 1, ("t", 1, 1))]
+    requests = [
+        Instance("loglikelihood", {}, (context, "C"), 0, ("t", 0, 1)),
+        Instance("loglikelihood", {}, ("example:a->A\nexample:c->", "C"), 1, ("t", 1, 1)),
+    ]
     with pytest.raises(ValueError, match="query ' ' is only whitespace"):
         lm.loglikelihood(requests)
-    generated = [Instance("generate_until", {}, (r.args[0], {"until": ["\n"], "max_gen_toks": 2}), r.idx, r.metadata)
-                 for r in requests]
+    generated = [
+        Instance("generate_until", {}, (r.args[0], {"until": ["\n"], "max_gen_toks": 2}), r.idx, r.metadata)
+        for r in requests
+    ]
     assert len(lm.generate_until(generated)) == 2  # a generation continues from the space itself
-
-
 
 
 def test_plans_do_not_depend_on_the_rank(make_lm):
@@ -205,5 +236,5 @@ def test_plans_do_not_depend_on_the_rank(make_lm):
         lm = make_lm(mode="hypothesis", layer=1)
         alone += [(plan, lm.thetas.get(plan.layer, plan.theta_key)) for plan in lm.plan(requests)]
     assert [plan for plan, _ in alone] == together and len(together) == 24
-    for (plan, theta), other in zip(alone, together):
+    for (_, theta), other in zip(alone, together):
         torch.testing.assert_close(theta, everything.thetas.get(other.layer, other.theta_key))

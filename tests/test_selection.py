@@ -16,8 +16,8 @@ from lm_eval_taskvec.extraction import Prefix, branch_mask_kind
 from lm_eval_taskvec.planning import Plan
 from lm_eval_taskvec.selection import cache, sweep
 from lm_eval_taskvec.selection.dev import DevExample, dev_sets, fold_members
-from lm_eval_taskvec.theta import ThetaKey, ThetaStore
 from lm_eval_taskvec.tasks import task_dir
+from lm_eval_taskvec.theta import ThetaKey, ThetaStore
 from tests.conftest import ARCHITECTURES
 from tests.tasks import letter_rows, make_task, requests_of
 
@@ -93,13 +93,20 @@ def test_tasks_without_disjoint_dev_documents_are_cross_fitted(make_lm, layer_ca
             assert f"example:{own['input']}->{own['answers'][0]}\n" not in ex.requests[0].args[0]
 
 
-@pytest.mark.parametrize("rows, source", [
-    ({"train": letter_rows(24), "validation": letter_rows(10, 24), "test": letter_rows(24, 48)}, "validation"),
-    ({"train": letter_rows(24), "validation": letter_rows(9, 24), "test": letter_rows(24, 48)}, "train (leave-one-out)"),
-    ({"train": letter_rows(13), "test": letter_rows(20, 30)}, "train (leave-one-out)"),  # 10 + 3 demonstrations
-    ({"train": letter_rows(12), "test": letter_rows(10, 30)}, "test (cross-fit: scored on the other half)"),
-    ({"train": letter_rows(12), "test": letter_rows(9, 30)}, None),  # halves of 4 and 5: too few
-], ids=["10 validation docs", "9 validation docs", "13 train docs", "12 train docs, 10 test docs", "9 test docs"])
+@pytest.mark.parametrize(
+    "rows, source",
+    [
+        ({"train": letter_rows(24), "validation": letter_rows(10, 24), "test": letter_rows(24, 48)}, "validation"),
+        (
+            {"train": letter_rows(24), "validation": letter_rows(9, 24), "test": letter_rows(24, 48)},
+            "train (leave-one-out)",
+        ),
+        ({"train": letter_rows(13), "test": letter_rows(20, 30)}, "train (leave-one-out)"),  # 10 + 3 demonstrations
+        ({"train": letter_rows(12), "test": letter_rows(10, 30)}, "test (cross-fit: scored on the other half)"),
+        ({"train": letter_rows(12), "test": letter_rows(9, 30)}, None),  # halves of 4 and 5: too few
+    ],
+    ids=["10 validation docs", "9 validation docs", "13 train docs", "12 train docs, 10 test docs", "9 test docs"],
+)
 def test_each_dev_source_is_used_from_exactly_its_minimum_size(make_lm, rows, source):
     task = make_task(splits=rows, num_fewshot=3)
     requests_of(task, limit=1)
@@ -128,9 +135,18 @@ def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_
     lm = make_lm("gpt2", mode="hypothesis", num_dev=12, layer_cache="off")
     halves = dev_sets(lm.settings, "tiny")
     fake = iter([[0, 1, 0], [2, 0, 0]])  # block-wise hits: half 0's dev set picks block 1, half 1's picks block 0
-    monkeypatch.setattr(sweep, "score", lambda lm, name, sets: [(
-        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
-        for _ in sets])
+    monkeypatch.setattr(
+        sweep,
+        "score",
+        lambda lm, name, sets: [
+            (
+                torch.tensor([next(fake)] * 4).T.bool(),
+                torch.zeros(4, dtype=torch.bool),
+                torch.zeros(4, dtype=torch.bool),
+            )
+            for _ in sets
+        ],
+    )
     choice = selection.select_layer(lm, "tiny")
     assert [fold["layer"] for fold in choice["folds"]] == [1, 0] and choice["task"] == "tiny"
     for fold, other in zip(choice["folds"], halves[::-1]):  # each half's layer was chosen on the other half
@@ -141,9 +157,16 @@ def test_cross_fitted_halves_are_scored_at_the_other_halfs_layer(make_lm, layer_
 
 def test_cross_fitted_halves_scored_together_equal_each_half_scored_alone(make_lm, layer_cache, monkeypatch):
     """The halves share most of their demonstrations, so they run in one sweep: each half's scores are its own."""
-    task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3, doc_to_text="Q: {{input}}\nA:",
-                     target_delimiter=" ", output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}",
-                     doc_to_target=0)
+    task = make_task(
+        splits={"test": letter_rows(26)},
+        fewshot_split="test",
+        num_fewshot=3,
+        doc_to_text="Q: {{input}}\nA:",
+        target_delimiter=" ",
+        output_type="multiple_choice",
+        doc_to_choice="{{[answers[0], input, 'zz']}}",
+        doc_to_target=0,
+    )
     requests_of(task, limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=8, layer_cache="off")
     halves = dev_sets(lm.settings, "tiny")
@@ -151,8 +174,11 @@ def test_cross_fitted_halves_scored_together_equal_each_half_scored_alone(make_l
     assert len({p.theta_key for p in plans}) < len(plans)  # shared S, shared θ
     scored = {}
     for name in ("fork_scores", "regular_and_thetas"):
-        monkeypatch.setattr(sweep, name, lambda *a, _f=getattr(sweep, name), _n=name:
-                            scored.setdefault(_n, []).append(_f(*a)) or scored[_n][-1])
+        monkeypatch.setattr(
+            sweep,
+            name,
+            lambda *a, _f=getattr(sweep, name), _n=name: scored.setdefault(_n, []).append(_f(*a)) or scored[_n][-1],  # noqa: B008
+        )
     together = sweep.score(lm, "tiny", halves)
     for half, result in zip(halves, together):
         lm.thetas.clear()
@@ -183,8 +209,10 @@ def test_single_token_queries(make_lm, layer_cache):
 def fixed_layer_hits(make_lm, arch, mode, requests, layer=None):
     lm = make_lm(arch, mode=mode, layer=0 if layer is None else layer)
     if requests[0].request_type == "generate_until":
-        one = [Instance("generate_until", r.doc, (r.args[0], {**r.args[1], "max_gen_toks": 1}), r.idx, r.metadata)
-               for r in requests]
+        one = [
+            Instance("generate_until", r.doc, (r.args[0], {**r.args[1], "max_gen_toks": 1}), r.idx, r.metadata)
+            for r in requests
+        ]
         return [lm.tok_encode(g, add_special_tokens=False)[:1] for g in lm.generate_until(one)]
     return [lp for lp, _ in lm.loglikelihood(requests)]
 
@@ -205,15 +233,22 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_
 
 
 def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(make_lm, layer_cache, monkeypatch):
-    task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", fewshot_delimiter="\n\n",
-                     output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
+    task = make_task(
+        doc_to_text="Q: {{input}}\nA:",
+        target_delimiter=" ",
+        fewshot_delimiter="\n\n",
+        output_type="multiple_choice",
+        doc_to_choice="{{[answers[0], input, 'zz']}}",
+        doc_to_target=0,
+    )
     requests_of(task, limit=1)
     lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
     (dev,) = dev_sets(lm.settings, "tiny")
     assert all(len(ex.requests) == 3 and ex.gold == 0 for ex in dev.examples)
     scored = {}
     for name in ("fork_scores", "regular_and_thetas"):  # baseline and every block; regular
-        monkeypatch.setattr(sweep, name, lambda *a, _f=getattr(sweep, name), _n=name: scored.setdefault(_n, _f(*a)))
+        spy = lambda *a, _f=getattr(sweep, name), _n=name: scored.setdefault(_n, _f(*a))  # noqa: B008, E731
+        monkeypatch.setattr(sweep, name, spy)
     ((per_block, baseline, regular),) = sweep.score(lm, "tiny", [dev])
     requests = [r for ex in dev.examples for r in ex.requests]
 
@@ -223,15 +258,20 @@ def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_multiple_choice(
     for layer in range(len(lm.blocks)):
         fixed = fixed_layer_hits(make_lm, "gpt2", "hypothesis", requests, layer)
         assert per_block[layer].tolist() == argmax_right(fixed)
-        assert scored["fork_scores"][1 + layer, :, 0].tolist() == pytest.approx(fixed, abs=1e-4)  # its own log-likelihoods
-    for mode, hits, scores in (("baseline", baseline, scored["fork_scores"][0]),
-                               ("regular", regular, scored["regular_and_thetas"])):
+        assert scored["fork_scores"][1 + layer, :, 0].tolist() == pytest.approx(
+            fixed, abs=1e-4
+        )  # its own log-likelihoods
+    for mode, hits, scores in (
+        ("baseline", baseline, scored["fork_scores"][0]),
+        ("regular", regular, scored["regular_and_thetas"]),
+    ):
         fixed = fixed_layer_hits(make_lm, "gpt2", mode, requests)
         assert hits.tolist() == argmax_right(fixed) and scores[:, 0].tolist() == pytest.approx(fixed, abs=1e-4)
 
 
-def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(model_factory, tokenizer,
-                                                                                      layer_cache, monkeypatch, capsys):
+def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_token(
+    model_factory, tokenizer, layer_cache, monkeypatch, capsys
+):
     """With a tokenizer that adds BOS and prompts longer than max_length: baseline's and regular's dev rows are
     the tokens stock HFLM generates from, and each row is scored on the first token of the answer text."""
     from lm_eval.models.huggingface import HFLM
@@ -248,12 +288,18 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
     (dev,) = dev_sets(lm.settings, "tiny")
     calls, passes = {}, []
     fork_scores, regular_and_thetas, states_after = sweep.fork_scores, sweep.regular_and_thetas, sweep.states_after
-    monkeypatch.setattr(sweep, "fork_scores", lambda lm, rows, *a: calls.setdefault("queries", rows) and
-                        fork_scores(lm, rows, *a))
-    monkeypatch.setattr(sweep, "regular_and_thetas", lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and
-                        regular_and_thetas(lm, plans, rows, *a))
+    monkeypatch.setattr(
+        sweep, "fork_scores", lambda lm, rows, *a: calls.setdefault("queries", rows) and fork_scores(lm, rows, *a)
+    )
+    monkeypatch.setattr(
+        sweep,
+        "regular_and_thetas",
+        lambda lm, plans, rows, *a: calls.setdefault("fulls", rows) and regular_and_thetas(lm, plans, rows, *a),
+    )
     monkeypatch.setattr(sweep, "states_after", lambda *a: passes.append(a[4]) or states_after(*a))
-    monkeypatch.setattr(lm.thetas, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's"))
+    monkeypatch.setattr(
+        lm.thetas, "last_token_states", lambda *a: pytest.fail("a second extraction pass, apart from S's")
+    )
     sweep.score(lm, "tiny", [dev])
     progress = capsys.readouterr().err  # the issue's "progress bar over blocks", named by task and phase
     assert "tiny: layer sweep, θ at 3 blocks" in progress and "tiny: dev accuracy by block" in progress
@@ -271,12 +317,15 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
         one_token = {"until": ["\n"], "do_sample": False, "max_gen_toks": 1}
         with monkeypatch.context() as patch:
             patch.setattr(HFLM, "_model_generate", spy)
-            HFLM(**args).generate_until([Instance("generate_until", {}, (c, one_token), i) for i, c in enumerate(contexts)])
+            HFLM(**args).generate_until(
+                [Instance("generate_until", {}, (c, one_token), i) for i, c in enumerate(contexts)]
+            )
         return sorted(seen)
 
     assert sorted(tuple(ctx) for ctx, _ in fulls) == hflm_contexts([ex.requests[0].args[0] for ex in dev.examples])
     assert sorted(tuple(ctx) for ctx, _ in queries) == hflm_contexts(
-        [p.query for p in lm.planner.plan([ex.requests[0] for ex in dev.examples])])
+        [p.query for p in lm.planner.plan([ex.requests[0] for ex in dev.examples])]
+    )
     answers = [bos.convert_tokens_to_ids(bos.tokenize(ex.gold))[:1] for ex in dev.examples]
     assert [cont for _, cont in fulls] == [cont for _, cont in queries] == answers and 1 not in sum(answers, [])
 
@@ -284,8 +333,13 @@ def test_generation_dev_rows_are_what_hflm_generates_from_and_the_answers_first_
 @pytest.mark.parametrize("target", ["{{answers[0]}}", "{{1 if input|length == 1 else 0}}"], ids=["text", "index"])
 def test_multiple_choice_gold_is_each_dev_documents_own_answer(make_lm, layer_cache, target):
     choices = "{{[input, answers[0]] if input|length == 1 else [answers[0], input]}}"  # the answer moves
-    task = make_task(doc_to_text="Q: {{input}}\nA:", target_delimiter=" ", output_type="multiple_choice",
-                     doc_to_choice=choices, doc_to_target=target)
+    task = make_task(
+        doc_to_text="Q: {{input}}\nA:",
+        target_delimiter=" ",
+        output_type="multiple_choice",
+        doc_to_choice=choices,
+        doc_to_target=target,
+    )
     requests_of(task, limit=1)
     (dev,) = dev_sets(make_lm("gpt2", mode="hypothesis", num_dev=24).settings, "tiny")
     golds = {ex.requests[0].doc["input"]: ex.gold for ex in dev.examples}
@@ -300,8 +354,10 @@ def test_hits_read_each_dev_prompts_own_rows():
     scores[1, :, 0] = torch.tensor([-3, -2, -1, -2, -1, -1, -2, -3])  # block 1: choices 2, 1 and 0 win
     assert sweep._hits(examples, scores, generation=False).tolist() == [[True, False, True], [False, True, False]]
     scores[..., 1] = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]])  # first token right or not
-    assert sweep._hits(examples, scores, generation=True).tolist() == [[True, False, True, False, False, False, False, True],
-                                                                      [False] * 8]
+    assert sweep._hits(examples, scores, generation=True).tolist() == [
+        [True, False, True, False, False, False, False, True],
+        [False] * 8,
+    ]
 
 
 # Block 0 runs once per chunk (the plain pass), once per group's shared prefix unless a context is one token,
@@ -314,31 +370,43 @@ def test_hits_read_each_dev_prompts_own_rows():
 # Passes: the prefixes, the replay check's two, then per chunk the plain one and, as the chunks are far below
 # STACK_TOKENS, one for all its patches together: 0 + 2 + 4 x 2, and 2 + 2 + 5 x 2. STACK_TOKENS 1: a pass per
 # patch; 20: a chunk of 9 tokens stacks 2 patches per pass, one of 4 tokens 5.
-@pytest.mark.parametrize("arch,row_chunk,stack_tokens,runs,passes",
-                         [(arch, 64, sweep.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
-                         + [("llama", 2, sweep.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None),
-                            ("llama", 64, 20, 5, None)])
-def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, stack_tokens, runs,
-                                                        passes):
+@pytest.mark.parametrize(
+    "arch,row_chunk,stack_tokens,runs,passes",
+    [(arch, 64, sweep.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
+    + [("llama", 2, sweep.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None), ("llama", 64, 20, 5, None)],
+)
+def test_fork_scores_equal_a_plain_forward_pass_per_row(
+    make_lm, monkeypatch, arch, row_chunk, stack_tokens, runs, passes
+):
     """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks, patches
     stacked in one pass or not: each score must land on its own row, and equal a full forward pass patched by
     the oracle's own hook."""
     monkeypatch.setattr(sweep, "ROW_CHUNK", row_chunk)
     monkeypatch.setattr(sweep, "STACK_TOKENS", stack_tokens)
     lm = make_lm(arch)
-    rows = [([5, 6, 7, 8], [9]), ([5, 6], [10, 11, 12, 13]), ([20, 21, 22], [23, 24]), ([5, 6], [14]),
-            ([30] * 7, [31, 32, 33]), ([40], [41, 42])]
+    rows = [
+        ([5, 6, 7, 8], [9]),
+        ([5, 6], [10, 11, 12, 13]),
+        ([20, 21, 22], [23, 24]),
+        ([5, 6], [14]),
+        ([30] * 7, [31, 32, 33]),
+        ([40], [41, 42]),
+    ]
 
     def first_choice(ctx):  # the model's own next token, so that some first-token flags are 1
         with torch.no_grad():
             return lm.model(torch.tensor([ctx])).logits[0, -1].argmax().item()
 
-    rows = [(ctx, [first_choice(ctx)] + cont[1:]) if i in (0, 1, 3) else (ctx, cont) for i, (ctx, cont) in enumerate(rows)]
+    rows = [
+        (ctx, [first_choice(ctx)] + cont[1:]) if i in (0, 1, 3) else (ctx, cont) for i, (ctx, cont) in enumerate(rows)
+    ]
     depth, hidden = len(lm.blocks), lm.model.config.hidden_size
 
     def plans_at(layers):  # a different θ per row and block, so a θ patched into the wrong row or block shows
-        plans = [Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer)
-                 for i, layer in enumerate(layers)]
+        plans = [
+            Plan(query="", theta_key=ThetaKey(demos=str(i), dummies=(), strip=False), layer=layer)
+            for i, layer in enumerate(layers)
+        ]
         for i, plan in enumerate(plans):
             seed = torch.Generator().manual_seed(100 * plan.layer + i)
             lm.thetas.put(plan.layer, plan.theta_key, torch.randn(hidden, generator=seed))
@@ -363,11 +431,13 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, ar
     assert_oracle_scores(lm, rows, patches, scores)
 
 
-@pytest.mark.parametrize("arch,attention", [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager"),
-                                                                                            ("gpt2", "no mask"),
-                                                                                            ("qwen2", "misread")])
-def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per_row(make_lm, monkeypatch, arch,
-                                                                                     attention):
+@pytest.mark.parametrize(
+    "arch,attention",
+    [(arch, "sdpa") for arch in ARCHITECTURES] + [("llama", "eager"), ("gpt2", "no mask"), ("qwen2", "misread")],
+)
+def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per_row(
+    make_lm, monkeypatch, arch, attention
+):
     """Choices of one question (one context, one θ) run as branches of one sequence after its last token, under
     SDPA's and eager attention's masks; a model that takes no such mask runs one row per sequence."""
     lm = make_lm(arch)
@@ -382,14 +452,30 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
         monkeypatch.setattr(lm.model.config, "_attn_implementation", "sdpa")
     if attention == "misread":  # a model that reads a 4D mask its own way (here: attends everywhere)
         forward = lm.model.forward
-        monkeypatch.setattr(lm.model, "forward", lambda *a, attention_mask=None, **k: forward(
-            *a, attention_mask=attention_mask if attention_mask is None or attention_mask.dim() < 4 else
-            torch.ones_like(attention_mask), **k))
+        monkeypatch.setattr(
+            lm.model,
+            "forward",
+            lambda *a, attention_mask=None, **k: forward(
+                *a,
+                attention_mask=attention_mask
+                if attention_mask is None or attention_mask.dim() < 4
+                else torch.ones_like(attention_mask),
+                **k,
+            ),
+        )
     expected = {"sdpa": "bool", "eager": "additive", "no mask": None, "misread": None}[attention]
     assert sweep.branch_mask_kind(lm.model) == expected
     # Choices [9, 10, 11] and [9, 10, 14] share all their tokens but the last, [22, 23] and [22, 25] their first.
-    rows = [([5, 6, 7], [8]), ([5, 6, 7], [9, 10, 11]), ([5, 6, 7], [12, 13]), ([5, 6, 7], [9, 10, 14]),
-            ([20, 21], [22, 23]), ([20, 21], [24]), ([20, 21], [22, 25]), ([30, 31, 32, 33], [34, 35])]
+    rows = [
+        ([5, 6, 7], [8]),
+        ([5, 6, 7], [9, 10, 11]),
+        ([5, 6, 7], [12, 13]),
+        ([5, 6, 7], [9, 10, 14]),
+        ([20, 21], [22, 23]),
+        ([20, 21], [24]),
+        ([20, 21], [22, 25]),
+        ([30, 31, 32, 33], [34, 35]),
+    ]
     keys = {tuple(ctx): ThetaKey(demos=str(ctx), dummies=(), strip=False) for ctx, _ in rows}
     depth, hidden = len(lm.blocks), lm.model.config.hidden_size
     for layer in range(depth):
@@ -401,7 +487,9 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
 
     def counting(self, model, heads, branches, kind):
         count = []
-        handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: count.append(int((a[0] > 0).sum())))
+        handle = model.get_input_embeddings().register_forward_pre_hook(
+            lambda m, a: count.append(int((a[0] > 0).sum()))
+        )
         try:
             return extend_branches(self, model, heads, branches, kind)
         finally:
@@ -420,15 +508,21 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
 
 def assert_oracle_scores(lm, rows, patches, scores):
     """``scores`` equal, row by row, a full forward pass patched by the oracle's own hook."""
+
     def replace_at(layer, position, theta):  # a plain forward hook on one row
         def hook(module, args, output):
             states = output[0] if isinstance(output, tuple) else output
             states[0, position] = theta
+
         return lm.blocks[layer].register_forward_hook(hook)
 
     for p, plans in enumerate(patches):
         for i, (ctx, cont) in enumerate(rows):
-            handle = replace_at(plans[i].layer, len(ctx) - 1, lm.thetas.get(plans[i].layer, plans[i].theta_key)) if plans else None
+            handle = (
+                replace_at(plans[i].layer, len(ctx) - 1, lm.thetas.get(plans[i].layer, plans[i].theta_key))
+                if plans
+                else None
+            )
             with torch.no_grad():
                 logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
             if handle:
@@ -458,14 +552,17 @@ def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make
     key = ThetaKey(demos="d", dummies=(), strip=False)
     patches = [None] + [[Plan(query="", theta_key=key, layer=layer)] * len(rows) for layer in range(len(lm.blocks))]
     for layer in range(len(lm.blocks)):
-        lm.thetas.put(layer, key, torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(layer)))
+        lm.thetas.put(
+            layer, key, torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
+        )
     scores = sweep.fork_scores(lm, rows, patches)
     assert any("runs every block for every patch" in message for message in lm._warned)
     assert_oracle_scores(lm, rows, patches, scores)
 
 
-@pytest.mark.parametrize("arch,row_chunk,unshared", [(arch, 64, False) for arch in ARCHITECTURES] +
-                         [("llama", 1, False), ("gpt2", 64, True)])
+@pytest.mark.parametrize(
+    "arch,row_chunk,unshared", [(arch, 64, False) for arch in ARCHITECTURES] + [("llama", 1, False), ("gpt2", 64, True)]
+)
 def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeypatch, arch, row_chunk, unshared):
     """The sweep runs S once for regular's dev scores and θ's prompts: its scores equal a plain forward pass
     of each full prompt, and its θ the evaluation's own extraction, at every block (prompts of different
@@ -475,12 +572,27 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
     lm = make_lm(arch, mode="hypothesis", layer=0, batch_size=2)
     if unshared:  # the first prompt's θ prompts start with a token its full prompt does not have
         theta_prompts = lm.thetas.prompts
-        monkeypatch.setattr(lm.thetas, "prompts", lambda key: [[3] + p if "e->E" in key.demos else p
-                                                              for p in theta_prompts(key)])
-    cases = [("abcde", "k", "K"), ("fg", "mn", " MN"), ("hijklmnop", "q", "Q"), ("rs", "tuvw", "T"), ("abcde", "k", "KK"),
-             ("abcde", "st", "S")]
-    requests = [Instance("loglikelihood", {}, ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->",
-                                               cont), i, ("t", i, 1)) for i, (demos, q, cont) in enumerate(cases)]
+        monkeypatch.setattr(
+            lm.thetas, "prompts", lambda key: [[3] + p if "e->E" in key.demos else p for p in theta_prompts(key)]
+        )
+    cases = [
+        ("abcde", "k", "K"),
+        ("fg", "mn", " MN"),
+        ("hijklmnop", "q", "Q"),
+        ("rs", "tuvw", "T"),
+        ("abcde", "k", "KK"),
+        ("abcde", "st", "S"),
+    ]
+    requests = [
+        Instance(
+            "loglikelihood",
+            {},
+            ("".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{q}->", cont),
+            i,
+            ("t", i, 1),
+        )
+        for i, (demos, q, cont) in enumerate(cases)
+    ]
     plans = lm.planner.plan(requests)
     assert plans[0].theta_key == plans[5].theta_key  # two queries after one S (and its dummies): S runs once for both
     fulls = [lm.encode_pair(*r.args) for r in requests]
@@ -496,8 +608,9 @@ def test_regular_scores_and_theta_sharing_s_equal_separate_runs(make_lm, monkeyp
     for i, (ctx, cont) in enumerate(fulls):
         with torch.no_grad():
             logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
-        assert scores[i, 0].item() == pytest.approx(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)),
-                                                    abs=1e-4)
+        assert scores[i, 0].item() == pytest.approx(
+            sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)), abs=1e-4
+        )
         assert scores[i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
@@ -524,8 +637,9 @@ def test_fork_scores_run_every_block_when_replaying_does_not_reproduce_a_full_pa
         lm.thetas.put(layer, key, torch.randn(lm.model.config.hidden_size))
     exact = sweep.fork_scores(lm, rows, [None, *patches])
     real = sweep.replay_outputs
-    monkeypatch.setattr(sweep, "replay_outputs", lambda blocks, outputs, copies: real(blocks, [o + 1e-3 for o in outputs],
-                                                                                          copies))
+    monkeypatch.setattr(
+        sweep, "replay_outputs", lambda blocks, outputs, copies: real(blocks, [o + 1e-3 for o in outputs], copies)
+    )
     assert torch.allclose(sweep.fork_scores(lm, rows, [None, *patches]), exact, atol=1e-5)
     assert any("runs every block for every patch" in message for message in lm._warned)
     lm._warned.clear()
@@ -586,10 +700,12 @@ def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache
     lm = make_lm("llama", mode="hypothesis", num_dev=4)
     sets = dev_sets(lm.settings, "tiny")
     key = key_of(lm, "tiny", sets)
-    changes = [(lm.model.config, "_commit_hash", "0123abc"),  # another Hub commit: a new tokenizer, say
-               (lm, "revision", "other-branch"),
-               (lm.model.config, "rope_theta", 20000.0),  # same weights, other outputs
-               (lm.model.config, "compute_dtype", torch.float16)]  # not JSON: remote-code configs hold such values
+    changes = [
+        (lm.model.config, "_commit_hash", "0123abc"),  # another Hub commit: a new tokenizer, say
+        (lm, "revision", "other-branch"),
+        (lm.model.config, "rope_theta", 20000.0),  # same weights, other outputs
+        (lm.model.config, "compute_dtype", torch.float16),
+    ]  # not JSON: remote-code configs hold such values
     for owner, name, value in changes:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value, raising=False)
@@ -599,12 +715,22 @@ def test_another_commit_revision_or_config_of_the_same_weights_changes_the_cache
 
 def complete_choice(folds: bool = False, **changes) -> dict:
     """A layer choice for a 3-block model with every field a sweep records, written out here by hand."""
-    part = {"layer": 1, "dev_accuracy": [0.1, 0.2, 0.3], "baseline_accuracy": 0.1, "regular_accuracy": 0.5,
-            "no_effect": False, "p_value": 0.01, "num_dev": 10}
+    part = {
+        "layer": 1,
+        "dev_accuracy": [0.1, 0.2, 0.3],
+        "baseline_accuracy": 0.1,
+        "regular_accuracy": 0.5,
+        "no_effect": False,
+        "p_value": 0.01,
+        "num_dev": 10,
+    }
     choice = {"task": "tiny", **part, "dev_split": "validation", "dev_docs": [1, 2]}
     if folds:
-        choice |= {"folds": [part | {"scored_fold": 0, "dev_docs": [1]}, part | {"scored_fold": 1, "dev_docs": [2]}],
-                   "num_docs": 26, "fold_seed": 0}
+        choice |= {
+            "folds": [part | {"scored_fold": 0, "dev_docs": [1]}, part | {"scored_fold": 1, "dev_docs": [2]}],
+            "num_docs": 26,
+            "fold_seed": 0,
+        }
     return choice | changes
 
 
@@ -661,8 +787,11 @@ def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer
     assert json.loads(path.read_text())["dev_accuracy"] == choice["dev_accuracy"]  # healed
 
 
-@pytest.mark.parametrize("content", [*BAD_CACHE_FILES.values(), *MORE_BAD_CACHE_FILES.values()],
-                         ids=[*BAD_CACHE_FILES, *MORE_BAD_CACHE_FILES])
+@pytest.mark.parametrize(
+    "content",
+    [*BAD_CACHE_FILES.values(), *MORE_BAD_CACHE_FILES.values()],
+    ids=[*BAD_CACHE_FILES, *MORE_BAD_CACHE_FILES],
+)
 def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_path, caplog, content):
     path = tmp_path / "key.json"
     path.write_text(content)
@@ -670,10 +799,17 @@ def test_a_cache_file_missing_anything_a_choice_is_read_for_is_no_choice(tmp_pat
     assert str(path) in caplog.text  # names the file
 
 
-@pytest.mark.parametrize("choice", [complete_choice(), complete_choice(folds=True),
-                                    complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][::-1]},
-                                    complete_choice(layer=0, dev_accuracy=[1, 0, 0]), complete_choice(layer=2)],
-                         ids=["one layer", "cross-fitted", "halves in the other order", "integer curve", "last block"])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        complete_choice(),
+        complete_choice(folds=True),
+        complete_choice(folds=True) | {"folds": complete_choice(folds=True)["folds"][::-1]},
+        complete_choice(layer=0, dev_accuracy=[1, 0, 0]),
+        complete_choice(layer=2),
+    ],
+    ids=["one layer", "cross-fitted", "halves in the other order", "integer curve", "last block"],
+)
 def test_a_complete_cache_file_is_read_back_as_written(tmp_path, caplog, choice):
     path = tmp_path / "key.json"
     path.write_text(json.dumps(choice))
@@ -684,9 +820,18 @@ def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, mo
     task = make_task(splits={"test": letter_rows(26)}, fewshot_split="test", num_fewshot=3)
     requests_of(task, limit=1)
     fake = iter([[0, 1, 0], [2, 0, 0]])
-    monkeypatch.setattr(sweep, "score", lambda lm, name, sets: [(
-        torch.tensor([next(fake)] * 4).T.bool(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
-        for _ in sets])
+    monkeypatch.setattr(
+        sweep,
+        "score",
+        lambda lm, name, sets: [
+            (
+                torch.tensor([next(fake)] * 4).T.bool(),
+                torch.zeros(4, dtype=torch.bool),
+                torch.zeros(4, dtype=torch.bool),
+            )
+            for _ in sets
+        ],
+    )
     first = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
     monkeypatch.setattr(sweep, "score", lambda *a: pytest.fail("swept again although the cache holds the choice"))
     again = selection.select_layer(make_lm("gpt2", mode="hypothesis", num_dev=12), "tiny")
@@ -717,7 +862,6 @@ def test_the_cache_file_is_written_in_its_own_folder_without_the_system_temp_fol
 
 
 def test_a_cache_that_cannot_be_written_or_cleaned_up_only_warns(layer_cache, monkeypatch):
-    from types import SimpleNamespace
 
     def refuse(*args):
         raise PermissionError(13, "read-only")
@@ -740,8 +884,18 @@ def test_the_weights_fingerprint_is_remembered_until_a_weight_changes(model_fact
     assert identity.weights_fingerprint(model) != first
 
 
-@pytest.mark.parametrize("spelling, setting", [("no", "off"), ("off", "off"), ("false", "off"), ("0", "off"),
-                                               (False, "off"), (True, "on"), ("refresh", "refresh")])
+@pytest.mark.parametrize(
+    "spelling, setting",
+    [
+        ("no", "off"),
+        ("off", "off"),
+        ("false", "off"),
+        ("0", "off"),
+        (False, "off"),
+        (True, "on"),
+        ("refresh", "refresh"),
+    ],
+)
 def test_layer_cache_spellings(make_lm, spelling, setting):
     assert make_lm(mode="hypothesis", layer=1, layer_cache=spelling).settings.layer_cache == setting
 
@@ -832,8 +986,12 @@ def test_query_pool_follows_the_task_object_loaded_under_its_name(make_lm, monke
 def test_a_cross_fitted_task_scores_each_document_at_its_own_halfs_layer(make_lm):
     lm = make_lm(layer="auto")
     folds = fold_members(10, 7)
-    lm.layer_choices["t"] = {"task": "t", "num_docs": 10, "fold_seed": 7,
-                          "folds": [{"scored_fold": 0, "layer": 1}, {"scored_fold": 1, "layer": 2}]}
+    lm.layer_choices["t"] = {
+        "task": "t",
+        "num_docs": 10,
+        "fold_seed": 7,
+        "folds": [{"scored_fold": 0, "layer": 1}, {"scored_fold": 1, "layer": 2}],
+    }
     layers = {doc: lm.layer_for(Instance("generate_until", {}, ("x", {}), doc, ("t", doc, 1))) for doc in range(10)}
     assert layers == {doc: 1 if doc in folds[0] else 2 for doc in range(10)}
     assert set(layers.values()) == {1, 2}

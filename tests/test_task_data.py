@@ -68,8 +68,10 @@ def test_groups(loaded):
 
 def test_task_vectors_mean_is_over_the_18_tasks(loaded):
     """Not a mean of the 4 category means (6 algorithmic tasks would count less)."""
-    metrics = {t: {"exact_match,none": float(t in build.CATEGORIES["tv_algorithmic"]), "sample_len": 1 + i}
-               for i, t in enumerate(build.TASKS)}
+    metrics = {
+        t: {"exact_match,none": float(t in build.CATEGORIES["tv_algorithmic"]), "sample_len": 1 + i}
+        for i, t in enumerate(build.TASKS)
+    }
     result = loaded["groups"]["task_vectors"].aggregate(metrics)
     assert result["exact_match,none"] == pytest.approx(6 / 18)
 
@@ -173,7 +175,15 @@ def test_every_document_names_its_task_for_the_answer_set(loaded):
     for name, task in loaded["tasks"].items():
         assert {doc["task"] for doc in task.test_docs()} == {name}
     assert utils.answer_set("tv_location_continent") == {
-        "Africa", "Antarctica", "Asia", "Australia", "Europe", "North America", "Oceania", "South America"}
+        "Africa",
+        "Antarctica",
+        "Asia",
+        "Australia",
+        "Europe",
+        "North America",
+        "Oceania",
+        "South America",
+    }
 
 
 def test_load_ignores_model_args():

@@ -18,14 +18,35 @@ def parse(monkeypatch, *argv: str):
 
 def test_defaults_are_lm_evals(monkeypatch):
     args = parse(monkeypatch)
-    assert (args.batch_size, args.device, args.limit, args.num_fewshot, args.gen_kwargs) == ("1", None, None, None, None)
+    assert (args.batch_size, args.device, args.limit, args.num_fewshot, args.gen_kwargs) == (
+        "1",
+        None,
+        None,
+        None,
+        None,
+    )
     assert args.seed == [0, 1234, 1234, 1234] and args.verbosity == "INFO" and args.layer_cache == "on"
 
 
 def test_options_parse_as_lm_eval_parses_them(monkeypatch):
-    args = parse(monkeypatch, "--tasks", "tv_list_last", "tv_next_letter,tv_prev_letter", "--model_args",
-                 "pretrained=x,num_dummy=3", "--gen_kwargs", "max_gen_toks=1", "--seed", "7", "-v", "debug",
-                 "--batch_size", "auto", "--layer_cache", "refresh")
+    args = parse(
+        monkeypatch,
+        "--tasks",
+        "tv_list_last",
+        "tv_next_letter,tv_prev_letter",
+        "--model_args",
+        "pretrained=x,num_dummy=3",
+        "--gen_kwargs",
+        "max_gen_toks=1",
+        "--seed",
+        "7",
+        "-v",
+        "debug",
+        "--batch_size",
+        "auto",
+        "--layer_cache",
+        "refresh",
+    )
     assert args.tasks == ["tv_list_first", "tv_list_last", "tv_next_letter", "tv_prev_letter"]
     assert args.model_args == {"pretrained": "x", "num_dummy": 3} and args.gen_kwargs == {"max_gen_toks": 1}
     assert args.seed == [7, 7, 7, 7] and args.verbosity == "DEBUG" and args.batch_size == "auto"
@@ -35,8 +56,14 @@ def test_help_shows_defaults_and_no_markup(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default: 1)", "(default: INFO)", "(default: 0,1234,1234,1234)", "(default: on)",
-                  "default: cuda when available, else cpu", "default: 50"):
+    for shown in (
+        "(default: 1)",
+        "(default: INFO)",
+        "(default: 0,1234,1234,1234)",
+        "(default: on)",
+        "default: cuda when available, else cpu",
+        "default: 50",
+    ):
         assert shown in text
     assert "``" not in text and "(default: None)" not in text
 
@@ -47,10 +74,13 @@ def test_old_no_cache_flag_is_gone(capsys):
     assert "unrecognized arguments: --no_cache" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--limit", "0.5"], "--limit 0.5: taskvec sweep counts dev prompts, give an integer >= 2"),
-    (["--model_args", "mode=regular"], "taskvec sweep sets mode itself: remove it from --model_args"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--limit", "0.5"], "--limit 0.5: taskvec sweep counts dev prompts, give an integer >= 2"),
+        (["--model_args", "mode=regular"], "taskvec sweep sets mode itself: remove it from --model_args"),
+    ],
+)
 def test_bad_arguments_say_what_to_do(monkeypatch, argv, message):
     monkeypatch.setattr("lm_eval.utils.setup_logging", lambda *a, **k: None)
     with pytest.raises(SystemExit, match=message):
@@ -64,8 +94,21 @@ def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp
     titles = []
     monkeypatch.setattr(report, "plot", lambda choices, path, title: titles.append(title) or path.write_bytes(b"png"))
     out = tmp_path / "sweep"
-    cli.main(["sweep", "--model_args", f"pretrained={tiny_model_dir}", "--tasks", "tv_list_first,tv_list_last",
-              "--limit", "7", "--num_fewshot", "3", "--output_path", str(out)])
+    cli.main(
+        [
+            "sweep",
+            "--model_args",
+            f"pretrained={tiny_model_dir}",
+            "--tasks",
+            "tv_list_first,tv_list_last",
+            "--limit",
+            "7",
+            "--num_fewshot",
+            "3",
+            "--output_path",
+            str(out),
+        ]
+    )
     choices = json.loads((out / "sweep.json").read_text())
     assert sorted(choices) == ["tv_list_first", "tv_list_last"]
     for choice in choices.values():
@@ -73,8 +116,9 @@ def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp
         assert all(round(v, 4) == v and round(v * 7) == pytest.approx(v * 7, abs=1e-3) for v in choice["dev_accuracy"])
     printed = capsys.readouterr().out
     assert "block | tv_list_first | tv_list_last | mean" in printed
-    assert titles == [f"{tiny_model_dir}\ntv_list_first, tv_list_last: n = 7 dev prompts per task, "
-                      "3-shot, 2 dummy queries per θ"]
+    assert titles == [
+        f"{tiny_model_dir}\ntv_list_first, tv_list_last: n = 7 dev prompts per task, 3-shot, 2 dummy queries per θ"
+    ]
 
 
 def curves(*values):
@@ -90,8 +134,11 @@ def lines(fig):
 
 
 def legend_texts(fig):
-    return [t.get_text() for legend in fig.axes[0].findobj(lambda o: type(o).__name__ == "Legend")
-            for t in legend.get_texts()]
+    return [
+        t.get_text()
+        for legend in fig.axes[0].findobj(lambda o: type(o).__name__ == "Legend")
+        for t in legend.get_texts()
+    ]
 
 
 def test_one_task_keeps_its_own_line_and_gets_its_reference_lines():
@@ -99,25 +146,40 @@ def test_one_task_keeps_its_own_line_and_gets_its_reference_lines():
     drawn = lines(fig)
     assert list(drawn["task:tv_a"].get_ydata()) == [0.1, 0.8, 0.4] and "mean" not in drawn
     assert list(drawn["baseline"].get_ydata()) == [0.2, 0.2] and list(drawn["regular"].get_ydata()) == [0.9, 0.9]
-    assert legend_texts(fig) == ["hypothesis, tv_a", "chosen block (per task: its marker, large)",
-                                 "baseline (query alone)", "regular ICL"]
+    assert legend_texts(fig) == [
+        "hypothesis, tv_a",
+        "chosen block (per task: its marker, large)",
+        "baseline (query alone)",
+        "regular ICL",
+    ]
     assert fig.axes[0].get_title() == "T"
 
 
 def test_several_tasks_get_a_mean_and_mean_reference_lines_all_explained():
-    fig = report.figure({"tv_a": choice([0.0, 0.6, 0.2], 1, baseline_accuracy=0.1, regular_accuracy=0.9),
-                         "tv_b": choice([0.2, 0.2, 1.0], 2, baseline_accuracy=0.3, regular_accuracy=0.7)}, "T")
+    fig = report.figure(
+        {
+            "tv_a": choice([0.0, 0.6, 0.2], 1, baseline_accuracy=0.1, regular_accuracy=0.9),
+            "tv_b": choice([0.2, 0.2, 1.0], 2, baseline_accuracy=0.3, regular_accuracy=0.7),
+        },
+        "T",
+    )
     drawn = lines(fig)
     assert list(drawn["mean"].get_ydata()) == pytest.approx([0.1, 0.4, 0.6])
     assert list(drawn["best"].get_xdata()) == [2, 2]
     assert list(drawn["baseline"].get_ydata()) == pytest.approx([0.2, 0.2])
     assert list(drawn["regular"].get_ydata()) == pytest.approx([0.8, 0.8])
     assert list(drawn["chosen:tv_b"].get_xdata()) == [2] and list(drawn["chosen:tv_b"].get_ydata()) == [1.0]
-    assert legend_texts(fig) == ["hypothesis, a task (colours and markers at right)",
-                                 "chosen block (per task: its marker, large)",
-                                 "hypothesis, mean over 2 tasks", "best block of the mean (2)",
-                                 "baseline (query alone), mean over tasks", "regular ICL, mean over tasks",
-                                 " ", "tv_a", "tv_b"]
+    assert legend_texts(fig) == [
+        "hypothesis, a task (colours and markers at right)",
+        "chosen block (per task: its marker, large)",
+        "hypothesis, mean over 2 tasks",
+        "best block of the mean (2)",
+        "baseline (query alone), mean over tasks",
+        "regular ICL, mean over tasks",
+        " ",
+        "tv_a",
+        "tv_b",
+    ]
 
 
 def test_reference_lines_only_where_every_task_has_the_score():
@@ -144,14 +206,25 @@ def test_eighteen_equal_curves_stay_apart_in_colour_marker_and_marker_positions(
 
 
 def test_tasks_flagged_no_effect_are_dashed_hollow_and_named_in_the_legend():
-    fig = report.figure({"tv_a": choice([0.1, 0.8, 0.4], 1, no_effect=False),
-                         "tv_b": choice([0.1, 0.2, 0.1], 1, no_effect=True),
-                         "tv_c": choice([0.1, 0.5, 0.3], 1, no_effect=False,
-                                        folds=[{"scored_fold": 0, "no_effect": False},
-                                               {"scored_fold": 1, "no_effect": True}]),
-                         "tv_d": choice([0.1, 0.1, 0.1], 0, no_effect=True,
-                                        folds=[{"scored_fold": 0, "no_effect": True},
-                                               {"scored_fold": 1, "no_effect": True}])}, "T")
+    fig = report.figure(
+        {
+            "tv_a": choice([0.1, 0.8, 0.4], 1, no_effect=False),
+            "tv_b": choice([0.1, 0.2, 0.1], 1, no_effect=True),
+            "tv_c": choice(
+                [0.1, 0.5, 0.3],
+                1,
+                no_effect=False,
+                folds=[{"scored_fold": 0, "no_effect": False}, {"scored_fold": 1, "no_effect": True}],
+            ),
+            "tv_d": choice(
+                [0.1, 0.1, 0.1],
+                0,
+                no_effect=True,
+                folds=[{"scored_fold": 0, "no_effect": True}, {"scored_fold": 1, "no_effect": True}],
+            ),
+        },
+        "T",
+    )
     drawn = lines(fig)
     assert [drawn[f"task:{n}"].get_linestyle() for n in ("tv_a", "tv_b", "tv_c", "tv_d")] == ["-", "--", "--", "--"]
     assert drawn["chosen:tv_a"].get_markerfacecolor() == drawn["task:tv_a"].get_color()

@@ -27,7 +27,9 @@ def require(module: str, extra: str = "analyses"):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"this analysis needs {module.split('.')[0]}: pip install 'lm-eval-taskvec[{extra}]'") from None
+        raise ImportError(
+            f"this analysis needs {module.split('.')[0]}: pip install 'lm-eval-taskvec[{extra}]'"
+        ) from None
 
 
 def open_model(model_args: str = "pretrained=embedded", batch_size="8", device: str | None = None):
@@ -35,8 +37,10 @@ def open_model(model_args: str = "pretrained=embedded", batch_size="8", device: 
     args = simple_parse_args_string(model_args)
     for name in ("mode", "layer"):
         if name in args:
-            raise ValueError(f"--model_args {name}={args[name]} has no meaning here: analyses run θ in hypothesis "
-                             "mode and take the layer from --layer (auto, a block index or a fraction of depth)")
+            raise ValueError(
+                f"--model_args {name}={args[name]} has no meaning here: analyses run θ in hypothesis "
+                "mode and take the layer from --layer (auto, a block index or a fraction of depth)"
+            )
     return TaskVectorLM(mode="hypothesis", batch_size=batch_size, **({"device": device} if device else {}), **args)
 
 
@@ -63,8 +67,10 @@ def demonstration_sets(task, num_sets: int, num_fewshot: int, seed: int) -> list
     evaluated documents (cycled, with fresh demonstrations, when there are fewer), each with its own seeded
     ``num_fewshot`` demonstrations, which never include the document itself."""
     if num_sets < 1 or num_fewshot < 1:
-        raise ValueError(f"need at least one demonstration set of at least one demonstration, got "
-                         f"--num_sets {num_sets} and --num_fewshot {num_fewshot}")
+        raise ValueError(
+            f"need at least one demonstration set of at least one demonstration, got "
+            f"--num_sets {num_sets} and --num_fewshot {num_fewshot}"
+        )
     docs = list(enumerate(task.eval_docs))
     picked = random.Random(seed).sample(docs, min(num_sets, len(docs)))
     picked = [picked[i % len(picked)] for i in range(num_sets)]

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lm_eval_taskvec.analyses.common import demonstration_sets, load_tasks, num_fewshot_of, open_model, block_of, write_table
+from lm_eval_taskvec.analyses.common import (
+    block_of,
+    demonstration_sets,
+    load_tasks,
+    num_fewshot_of,
+    open_model,
+    write_table,
+)
 from lm_eval_taskvec.theta import task_vectors
 from lm_eval_taskvec.thetafile import FILE_NAME, StoredTheta, ThetaFile, save_thetas
 
@@ -16,12 +23,20 @@ def main(args) -> ThetaFile:
     """``taskvec export``, from its parsed command-line options."""
     lm = open_model(args.model_args, args.batch_size, args.device)
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
-    return export_thetas(lm, load_tasks(args.tasks, args.include_path), args.output_path, layers=layers,
-               num_sets=args.num_sets, num_fewshot=args.num_fewshot, seed=args.seed)
+    return export_thetas(
+        lm,
+        load_tasks(args.tasks, args.include_path),
+        args.output_path,
+        layers=layers,
+        num_sets=args.num_sets,
+        num_fewshot=args.num_fewshot,
+        seed=args.seed,
+    )
 
 
-def export_thetas(lm, tasks: dict, output_path, layers=("auto",), num_sets: int = 50, num_fewshot: int | None = None,
-        seed: int = 1234) -> ThetaFile:
+def export_thetas(
+    lm, tasks: dict, output_path, layers=("auto",), num_sets: int = 50, num_fewshot: int | None = None, seed: int = 1234
+) -> ThetaFile:
     """Mean θ over ``num_sets`` demonstration sets per task at each of ``layers``, written to
     ``output_path``/thetas.safetensors with a listing thetas.{md,csv}; returns what was written."""
     entries = []
@@ -31,14 +46,29 @@ def export_thetas(lm, tasks: dict, output_path, layers=("auto",), num_sets: int 
         k = num_fewshot_of(task, num_fewshot)
         requests = demonstration_sets(task, num_sets, k, seed)
         means = task_vectors(lm, requests, blocks).mean(1)
-        info = {"prompt_format": prompt_format(task, requests[0]), "num_fewshot": k, "num_dummy": lm.settings.num_dummy,
-                "seed": seed, "num_sets": num_sets}
-        entries += [StoredTheta(name, block, mean.float().cpu().contiguous(), info) for block, mean in zip(blocks, means)]
+        info = {
+            "prompt_format": prompt_format(task, requests[0]),
+            "num_fewshot": k,
+            "num_dummy": lm.settings.num_dummy,
+            "seed": seed,
+            "num_sets": num_sets,
+        }
+        entries += [
+            StoredTheta(name, block, mean.float().cpu().contiguous(), info) for block, mean in zip(blocks, means)
+        ]
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
     saved = save_thetas(out / FILE_NAME, lm, entries)
-    listing = [{"task": e.task, "layer": e.layer, "norm": e.theta.norm().item(), "num_fewshot": e.info["num_fewshot"],
-                "num_sets": num_sets} for e in entries]
+    listing = [
+        {
+            "task": e.task,
+            "layer": e.layer,
+            "norm": e.theta.norm().item(),
+            "num_fewshot": e.info["num_fewshot"],
+            "num_sets": num_sets,
+        }
+        for e in entries
+    ]
     table = write_table(listing, out / "thetas")
     print(f"{table}wrote {out / FILE_NAME} (use: --model_args mode=hypothesis,theta_path={out / FILE_NAME})")
     return saved
@@ -47,6 +77,11 @@ def export_thetas(lm, tasks: dict, output_path, layers=("auto",), num_sets: int 
 def prompt_format(task, request) -> dict:
     """How the demonstrations behind θ were written: the task's templates and one full context."""
     config = task.config
-    return {"doc_to_text": str(config.doc_to_text), "doc_to_target": str(config.doc_to_target),
-            "target_delimiter": config.target_delimiter, "fewshot_delimiter": config.fewshot_delimiter,
-            "description": str(config.description or ""), "example_context": request.args[0]}
+    return {
+        "doc_to_text": str(config.doc_to_text),
+        "doc_to_target": str(config.doc_to_target),
+        "target_delimiter": config.target_delimiter,
+        "fewshot_delimiter": config.fewshot_delimiter,
+        "description": str(config.description or ""),
+        "example_context": request.args[0],
+    }

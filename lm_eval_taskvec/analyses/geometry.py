@@ -18,9 +18,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lm_eval_taskvec.analyses.common import (
+    block_of,
+    load_tasks,
+    open_model,
+    pyplot,
+    require,
+    theta_sets,
+    write_json,
+    write_table,
+)
 from lm_eval_taskvec.identity import model_identity
-from lm_eval_taskvec.analyses.common import (open_model, load_tasks, block_of, pyplot, require,
-                                             theta_sets, write_json, write_table)
 
 HISTOGRAM_BINS = 40
 
@@ -28,11 +36,20 @@ HISTOGRAM_BINS = 40
 def main(args) -> dict:
     """``taskvec geometry``, from its parsed command-line options."""
     lm = open_model(args.model_args, args.batch_size, args.device)
-    return theta_geometry(lm, load_tasks(args.tasks, args.include_path), args.output_path, layer=args.layer,
-               num_sets=args.num_sets, num_fewshot=args.num_fewshot, seed=args.seed)
+    return theta_geometry(
+        lm,
+        load_tasks(args.tasks, args.include_path),
+        args.output_path,
+        layer=args.layer,
+        num_sets=args.num_sets,
+        num_fewshot=args.num_fewshot,
+        seed=args.seed,
+    )
 
 
-def theta_geometry(lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fewshot: int = 4, seed: int = 1234) -> dict:
+def theta_geometry(
+    lm, tasks: dict, output_path, layer="auto", num_sets: int = 50, num_fewshot: int = 4, seed: int = 1234
+) -> dict:
     """θ for ``num_sets`` demonstration sets per task, their distances, table, t-SNE and histograms; writes
     geometry.{md,csv,json,png} into ``output_path`` and returns every number, θ and the distance matrix too."""
     tsne = require("sklearn.manifold").TSNE  # missing extras fail before the long part
@@ -55,27 +72,49 @@ def theta_geometry(lm, tasks: dict, output_path, layer="auto", num_sets: int = 5
     same = labels[upper[0]] == labels[upper[1]]
     pairs = distances.numpy()[upper]
     edges = np.linspace(0.0, max(pairs.max(), 1e-9), HISTOGRAM_BINS + 1)
-    histogram = {"edges": edges.tolist(), "within": np.histogram(pairs[same], edges)[0].tolist(),
-                 "between": np.histogram(pairs[~same], edges)[0].tolist()}
+    histogram = {
+        "edges": edges.tolist(),
+        "within": np.histogram(pairs[same], edges)[0].tolist(),
+        "between": np.histogram(pairs[~same], edges)[0].tolist(),
+    }
     perplexity = min(30.0, (len(labels) - 1) / 3)
-    coords = tsne(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
-                  random_state=seed).fit_transform(thetas.double().numpy())
+    coords = tsne(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed).fit_transform(
+        thetas.double().numpy()
+    )
 
     out = Path(output_path)
     table = write_table(rows, out / "geometry")
     separated = sum(row["within_lt_between"] for row in rows)
-    summary = {"tasks": len(rows), "within_lt_between": separated,
-               "mean_within": float(pairs[same].mean()), "mean_between": float(pairs[~same].mean())}
-    result = {"settings": {"model": model_identity(lm.model, len(lm.blocks)), "layer": str(layer), "layers": layers, "num_sets": num_sets,
-                           "num_fewshot": num_fewshot, "num_dummy": lm.settings.num_dummy, "seed": seed,
-                           "tsne_perplexity": perplexity},
-              "summary": summary, "table": rows, "tasks": names, "task_distances": task_distances.tolist(),
-              "histogram": histogram, "tsne": [{"task": names[i], "x": float(x), "y": float(y)}
-                                               for i, (x, y) in zip(labels, coords)]}
+    summary = {
+        "tasks": len(rows),
+        "within_lt_between": separated,
+        "mean_within": float(pairs[same].mean()),
+        "mean_between": float(pairs[~same].mean()),
+    }
+    result = {
+        "settings": {
+            "model": model_identity(lm.model, len(lm.blocks)),
+            "layer": str(layer),
+            "layers": layers,
+            "num_sets": num_sets,
+            "num_fewshot": num_fewshot,
+            "num_dummy": lm.settings.num_dummy,
+            "seed": seed,
+            "tsne_perplexity": perplexity,
+        },
+        "summary": summary,
+        "table": rows,
+        "tasks": names,
+        "task_distances": task_distances.tolist(),
+        "histogram": histogram,
+        "tsne": [{"task": names[i], "x": float(x), "y": float(y)} for i, (x, y) in zip(labels, coords)],
+    }
     write_json(result, out / "geometry.json")
     _plot(plt, names, labels, coords, histogram, out / "geometry.png")
-    print(table + f"\n{separated} of {len(rows)} tasks: mean within-task distance < mean distance to the nearest "
-          f"other task\nwrote geometry.md, .csv, .json and .png to {out}")
+    print(
+        table + f"\n{separated} of {len(rows)} tasks: mean within-task distance < mean distance to the nearest "
+        f"other task\nwrote geometry.md, .csv, .json and .png to {out}"
+    )
     return result | {"thetas": thetas, "labels": labels.tolist(), "distances": distances}
 
 
@@ -85,7 +124,9 @@ def cosine_distances(thetas: torch.Tensor) -> torch.Tensor:
     return 1.0 - unit @ unit.T
 
 
-def task_table(distances: np.ndarray, labels: np.ndarray, names: list[str], layers: dict) -> tuple[list[dict], np.ndarray]:
+def task_table(
+    distances: np.ndarray, labels: np.ndarray, names: list[str], layers: dict
+) -> tuple[list[dict], np.ndarray]:
     """Per task: mean distance between its own θ (pairs of distinct sets), and the mean distance to the θ of
     the nearest other task; also the task-by-task matrix of mean distances (diagonal: within)."""
     members = [np.flatnonzero(labels == t) for t in range(len(names))]
@@ -97,9 +138,17 @@ def task_table(distances: np.ndarray, labels: np.ndarray, names: list[str], laye
     for t, name in enumerate(names):
         others = [u for u in range(len(names)) if u != t]
         nearest = min(others, key=lambda u: means[t, u])
-        rows.append({"task": name, "layer": layers[name], "num_sets": len(members[t]), "within": float(means[t, t]),
-                     "nearest_task": names[nearest], "between": float(means[t, nearest]),
-                     "within_lt_between": bool(means[t, t] < means[t, nearest])})
+        rows.append(
+            {
+                "task": name,
+                "layer": layers[name],
+                "num_sets": len(members[t]),
+                "within": float(means[t, t]),
+                "nearest_task": names[nearest],
+                "between": float(means[t, nearest]),
+                "within_lt_between": bool(means[t, t] < means[t, nearest]),
+            }
+        )
     return rows, means
 
 

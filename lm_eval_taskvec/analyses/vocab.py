@@ -19,9 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lm_eval_taskvec.analyses.common import (
+    block_of,
+    load_tasks,
+    num_fewshot_of,
+    open_model,
+    pyplot,
+    theta_sets,
+    write_json,
+    write_table,
+)
 from lm_eval_taskvec.identity import model_identity
-from lm_eval_taskvec.analyses.common import (load_tasks, num_fewshot_of, open_model, block_of, pyplot,
-                                             theta_sets, write_json, write_table)
 from lm_eval_taskvec.layers import write_states
 
 
@@ -29,8 +37,16 @@ def main(args) -> dict:
     """``taskvec vocab``, from its parsed command-line options."""
     lm = open_model(args.model_args, args.batch_size, args.device)
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
-    return vocab_projection(lm, load_tasks(args.tasks, args.include_path), args.output_path, layers=layers, top_k=args.top_k,
-               num_sets=args.num_sets, num_fewshot=args.num_fewshot, seed=args.seed)
+    return vocab_projection(
+        lm,
+        load_tasks(args.tasks, args.include_path),
+        args.output_path,
+        layers=layers,
+        top_k=args.top_k,
+        num_sets=args.num_sets,
+        num_fewshot=args.num_fewshot,
+        seed=args.seed,
+    )
 
 
 def project(lm, vectors: torch.Tensor) -> torch.Tensor:
@@ -45,8 +61,16 @@ def project(lm, vectors: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].float().cpu()
 
 
-def vocab_projection(lm, tasks: dict, output_path, layers=("auto",), top_k: int = 10, num_sets: int = 50,
-        num_fewshot: int | None = None, seed: int = 1234) -> dict:
+def vocab_projection(
+    lm,
+    tasks: dict,
+    output_path,
+    layers=("auto",),
+    top_k: int = 10,
+    num_sets: int = 50,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+) -> dict:
     """Top-k tokens of the mean θ per task at each of ``layers`` (``auto``, block indices or fractions of
     depth); writes vocab.{md,csv,json,png} into ``output_path`` and returns every number."""
     plt = pyplot()
@@ -62,16 +86,34 @@ def vocab_projection(lm, tasks: dict, output_path, layers=("auto",), top_k: int 
         for block, row_logits, row_probs in zip(blocks, logits, probs):
             top = row_logits.topk(top_k).indices.tolist()
             pieces = lm.tokenizer.convert_ids_to_tokens(top)
-            tokens = [{"id": i, "text": lm.tok_decode([i]), "token": piece, "logit": row_logits[i].item(),
-                       "prob": row_probs[i].item()} for i, piece in zip(top, pieces)]
+            tokens = [
+                {
+                    "id": i,
+                    "text": lm.tok_decode([i]),
+                    "token": piece,
+                    "logit": row_logits[i].item(),
+                    "prob": row_probs[i].item(),
+                }
+                for i, piece in zip(top, pieces)
+            ]
             entries.append({"task": name, "layer": block, "num_fewshot": k, "tokens": tokens})
             rows.append({"task": name, "layer": block, "top_tokens": ", ".join(map(_shown, tokens))})
 
     out = Path(output_path)
     table = write_table(rows, out / "vocab")
-    result = {"settings": {"model": model_identity(lm.model, len(lm.blocks)), "layers": [str(layer) for layer in layers], "top_k": top_k,
-                           "num_sets": num_sets, "num_fewshot": num_fewshot, "num_dummy": lm.settings.num_dummy, "seed": seed},
-              "table": rows, "entries": entries}
+    result = {
+        "settings": {
+            "model": model_identity(lm.model, len(lm.blocks)),
+            "layers": [str(layer) for layer in layers],
+            "top_k": top_k,
+            "num_sets": num_sets,
+            "num_fewshot": num_fewshot,
+            "num_dummy": lm.settings.num_dummy,
+            "seed": seed,
+        },
+        "table": rows,
+        "entries": entries,
+    }
     write_json(result, out / "vocab.json")
     _plot(plt, entries, out / "vocab.png")
     print(f"{table}wrote vocab.md, .csv, .json and .png to {out}")
@@ -94,8 +136,15 @@ def _plot(plt, entries: list[dict], path: Path) -> None:
     image = ax.imshow(probs, cmap="Blues", aspect="auto", vmin=0, vmax=max(probs.max(), 1e-9))
     for r, entry in enumerate(entries):
         for c, token in enumerate(entry["tokens"]):
-            ax.text(c, r, _shown(token)[:12], ha="center", va="center", fontsize=7,
-                    color="white" if token["prob"] > 0.6 * probs.max() else "black")
+            ax.text(
+                c,
+                r,
+                _shown(token)[:12],
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if token["prob"] > 0.6 * probs.max() else "black",
+            )
     ax.set_yticks(range(len(entries)), [f"{e['task'].removeprefix('tv_')} @{e['layer']}" for e in entries], fontsize=7)
     ax.set_xticks(range(probs.shape[1]), [str(i + 1) for i in range(probs.shape[1])], fontsize=7)
     ax.set_xlabel("rank of the token in the projection of mean θ")

@@ -15,13 +15,34 @@ from lm_eval_taskvec.comparison.runs import ResultsPathError, Run, UsageError, l
 from lm_eval_taskvec.comparison.table import Comparison, build
 from lm_eval_taskvec.settings import MODES
 
-__all__ = ["MODES", "Comparison", "ResultsPathError", "Run", "UsageError", "build", "compare", "load_runs", "run_modes",
-           "write"]
+__all__ = [
+    "MODES",
+    "Comparison",
+    "ResultsPathError",
+    "Run",
+    "UsageError",
+    "build",
+    "compare",
+    "load_runs",
+    "run_modes",
+    "write",
+]
 
 
-def compare(results=(), output_path=None, *, model_args=None, tasks=None, modes=MODES, pairs=None,
-            metric: str | None = None, paired_iters: int = 10_000, paired_seed: int = 1234, plot: bool = True,
-            **run_options) -> Comparison:
+def compare(
+    results=(),
+    output_path=None,
+    *,
+    model_args=None,
+    tasks=None,
+    modes=MODES,
+    pairs=None,
+    metric: str | None = None,
+    paired_iters: int = 10_000,
+    paired_seed: int = 1234,
+    plot: bool = True,
+    **run_options,
+) -> Comparison:
     """The comparison of ``results`` (lm-eval results files or folders), after running ``modes`` of
     hf-taskvec on ``tasks`` first when ``model_args`` or ``tasks`` is given (``run_options``: see
     ``run_modes``). With ``output_path`` it writes compare.md, .csv, .json and .png there (and the runs'

@@ -11,9 +11,21 @@ from lm_eval_taskvec.settings import MODES
 SEED_KEYS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
 
 
-def run_modes(model_args, tasks, output_path, modes=MODES, *, num_fewshot: int | None = None, limit=None,
-              batch_size="8", device: str | None = None, gen_kwargs=None, include_path: str | None = None,
-              seed=None, log_samples: bool = False) -> list[Path]:
+def run_modes(
+    model_args,
+    tasks,
+    output_path,
+    modes=MODES,
+    *,
+    num_fewshot: int | None = None,
+    limit=None,
+    batch_size="8",
+    device: str | None = None,
+    gen_kwargs=None,
+    include_path: str | None = None,
+    seed=None,
+    log_samples: bool = False,
+) -> list[Path]:
     """Evaluate ``tasks`` in each of ``modes`` with one loaded ``TaskVectorLM``; returns the results files.
 
     The options mean what lm_eval's do; ``seed`` is lm_eval's ``--seed`` (one integer, or four separated by
@@ -47,9 +59,19 @@ def run_modes(model_args, tasks, output_path, modes=MODES, *, num_fewshot: int |
         metadata["mode"] = mode
         tracker = EvaluationTracker(output_path=str(Path(output_path) / mode))
         results = lm_eval.simple_evaluate(
-            model=lm, model_args=args | {"mode": mode}, tasks=task_list, num_fewshot=num_fewshot,
-            batch_size=batch_size, device=device, limit=limit, gen_kwargs=gen_kwargs, task_manager=manager,
-            log_samples=log_samples, evaluation_tracker=tracker, **seeds)
+            model=lm,
+            model_args=args | {"mode": mode},
+            tasks=task_list,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            gen_kwargs=gen_kwargs,
+            task_manager=manager,
+            log_samples=log_samples,
+            evaluation_tracker=tracker,
+            **seeds,
+        )
         written.append(_save(tracker, results, log_samples))
     return written
 
@@ -73,8 +95,9 @@ def _check_modes(modes) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes or len(set(modes)) != len(modes):
-        raise UsageError(f"modes: {','.join(modes) or 'nothing'} is not a list of distinct modes "
-                         f"from {','.join(MODES)}")
+        raise UsageError(
+            f"modes: {','.join(modes) or 'nothing'} is not a list of distinct modes from {','.join(MODES)}"
+        )
     return modes
 
 
@@ -85,8 +108,10 @@ def _seeds(seed) -> dict:
     try:
         values = [None if str(v).strip().lower() == "none" else int(v) for v in values]
     except ValueError:
-        raise UsageError(f"seed: {seed!r} is not one integer or four separated by commas "
-                         "(python,numpy,torch,fewshot; None leaves one unset)") from None
+        raise UsageError(
+            f"seed: {seed!r} is not one integer or four separated by commas "
+            "(python,numpy,torch,fewshot; None leaves one unset)"
+        ) from None
     if len(values) == 1:
         values *= len(SEED_KEYS)
     if len(values) != len(SEED_KEYS):

@@ -13,7 +13,7 @@ ZERO_MARK = 2.5  # line width of the mark that stands for a bar of height 0
 
 
 def _span(values) -> str:
-    """"10" when all values agree, "5–10" otherwise."""
+    """ "10" when all values agree, "5–10" otherwise."""
     values = sorted(set(values))
     return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
@@ -26,11 +26,18 @@ def title(table: Comparison) -> str:
         lines.append(models.pop())
     tasks = [r for r in table.rows if r.kind == "task"]
     ns = [cell["n"] for r in tasks for cell in r.cells.values() if cell and cell["n"] is not None]
-    shots = [shot for r in tasks for c in table.columns if (run := c.run_for(r.name)) and r.cells.get(c.label)
-             and (shot := run.task_info(r.name)["n-shot"]) is not None]
+    shots = [
+        shot
+        for r in tasks
+        for c in table.columns
+        if (run := c.run_for(r.name)) and r.cells.get(c.label) and (shot := run.task_info(r.name)["n-shot"]) is not None
+    ]
     limits = {str(whole(c.run.limit)) for c in table.columns if c.run.limit is not None}
-    settings = [f"n = {_span(ns)} documents per task" if ns else "", f"{_span(shots)}-shot" if shots else "",
-                f"limit {' / '.join(sorted(limits))}" if limits else "no limit"]
+    settings = [
+        f"n = {_span(ns)} documents per task" if ns else "",
+        f"{_span(shots)}-shot" if shots else "",
+        f"limit {' / '.join(sorted(limits))}" if limits else "no limit",
+    ]
     lines.append(", ".join(s for s in settings if s))
     return "\n".join(lines)
 
@@ -39,8 +46,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("compare.png needs matplotlib: pip install 'lm-eval-taskvec[plot]', or pass --no_plot "
-                          "(plot=False)") from None
+        raise ImportError(
+            "compare.png needs matplotlib: pip install 'lm-eval-taskvec[plot]', or pass --no_plot (plot=False)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,21 +83,38 @@ def figure(table: Comparison):
     for i, column in enumerate(table.columns):
         color = (MODE_COLORS.get(column.run.mode) if by_mode else None) or next(others, None)
         offset = (i - (len(table.columns) - 1) / 2) * width
-        drawn = [(x + offset, row, cell) for x, row in zip(positions, rows)
-                 if (cell := row.cells.get(column.label)) and cell.get("value") is not None]  # missing: no bar
+        drawn = [
+            (x + offset, row, cell)
+            for x, row in zip(positions, rows)
+            if (cell := row.cells.get(column.label)) and cell.get("value") is not None
+        ]  # missing: no bar
         for x, row, cell in drawn:
             x_of[column.label, row.name] = x
             tops[column.label, row.name] = cell["value"] + (cell.get("stderr") or 0)
-        ax.bar([x for x, _, _ in drawn], [c["value"] for _, _, c in drawn], width,
-               yerr=[c.get("stderr") or 0 for _, _, c in drawn], capsize=1.5, color=color, label=column.label,
-               error_kw={"lw": 0.7})
+        ax.bar(
+            [x for x, _, _ in drawn],
+            [c["value"] for _, _, c in drawn],
+            width,
+            yerr=[c.get("stderr") or 0 for _, _, c in drawn],
+            capsize=1.5,
+            color=color,
+            label=column.label,
+            error_kw={"lw": 0.7},
+        )
         for x, row, cell in drawn:
             if cell["value"] == 0:  # a bar of height 0 would not show: a thick line at 0 in the bar's colour
-                ax.plot([x - width / 2, x + width / 2], [0, 0], color=color, lw=ZERO_MARK, solid_capstyle="butt",
-                        gid=f"zero:{column.label}:{row.name}", zorder=3)
+                ax.plot(
+                    [x - width / 2, x + width / 2],
+                    [0, 0],
+                    color=color,
+                    lw=ZERO_MARK,
+                    solid_capstyle="butt",
+                    gid=f"zero:{column.label}:{row.name}",
+                    zorder=3,
+                )
     ax.set_xticks(positions)
     ax.set_xticklabels([r.name for r in rows], rotation=60, ha="right", fontsize=8)
-    for label in ax.get_xticklabels()[len(tasks):]:
+    for label in ax.get_xticklabels()[len(tasks) :]:
         label.set_fontweight("bold")
     if groups and tasks:
         ax.axvline(len(tasks) - 0.2, color="black", lw=0.8, ls=":")
@@ -107,9 +132,17 @@ def figure(table: Comparison):
     handles, _ = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="black", marker="|", ms=7, ls="", label="whiskers: ± stderr (lm-eval's)"))
     if any(d["p"] is not None for r in rows for d in r.derived.values()):
-        handles.append(Line2D([], [], color="black", marker="$*$", ms=7, ls="",
-                              label=f"bracket with *: p < {ALPHA} in a paired test\nof the two columns it joins "
-                                    "(p in compare.json)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="black",
+                marker="$*$",
+                ms=7,
+                ls="",
+                label=f"bracket with *: p < {ALPHA} in a paired test\nof the two columns it joins (p in compare.json)",
+            )
+        )
     ax.legend(handles=handles, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -130,8 +163,14 @@ def _significance(ax, table: Comparison, rows, x_of: dict, tops: dict, step: flo
             under = [t for (label, name), t in tops.items() if name == row.name and low <= x_of[label, name] <= high]
             y = max(max(under) + step / 2, level + step if level is not None else 0)
             level = y
-            ax.plot([low, low, high, high], [y - step / 4, y, y, y - step / 4], color="black", lw=0.7,
-                    gid=f"sig:{pair.name}:{row.name}", zorder=4)
+            ax.plot(
+                [low, low, high, high],
+                [y - step / 4, y, y, y - step / 4],
+                color="black",
+                lw=0.7,
+                gid=f"sig:{pair.name}:{row.name}",
+                zorder=4,
+            )
             ax.text((low + high) / 2, y, "*", ha="center", va="bottom", fontsize=9, gid=f"star:{pair.name}:{row.name}")
             highest = max(highest, y + step / 2)
     return highest

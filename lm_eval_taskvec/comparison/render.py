@@ -51,11 +51,20 @@ def markdown(table: Comparison) -> str:
     lines = []
     if len(models) == 1:
         lines += [f"Model: `{models.pop()}`.", ""]
-    lines += ["Each cell: the row's metric ± lm-eval's stderr; `paper_match` rows show `exact_match` in brackets. "
-              f"`*`: p < {ALPHA} in a paired test over the same documents (exact McNemar for 0/1 scores, else a "
-              "paired bootstrap; p-values in compare.json).", ""]
-    header = ["task", "metric", *(c.label for c in table.columns), *(p.name for p in table.pairs),
-              *(_layer_header(table, label) for label in table.layer_columns), "n"]
+    lines += [
+        "Each cell: the row's metric ± lm-eval's stderr; `paper_match` rows show `exact_match` in brackets. "
+        f"`*`: p < {ALPHA} in a paired test over the same documents (exact McNemar for 0/1 scores, else a "
+        "paired bootstrap; p-values in compare.json).",
+        "",
+    ]
+    header = [
+        "task",
+        "metric",
+        *(c.label for c in table.columns),
+        *(p.name for p in table.pairs),
+        *(_layer_header(table, label) for label in table.layer_columns),
+        "n",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
         metric = _metric_name(row.metric) + (f" ({_metric_name(row.secondary)})" if row.secondary else "")
@@ -120,8 +129,21 @@ def to_json(table: Comparison) -> dict:
         "alpha": ALPHA,
         "columns": [c.describe() for c in table.columns],
         "pairs": [p.describe() for p in table.pairs],
-        "rows": [{"name": r.name, "kind": r.kind, "depth": r.depth, "metric": r.metric,
-                  "secondary_metric": r.secondary, "cells": r.cells, "derived": r.derived, "tests": r.tests,
-                  "layers": r.layers, "n": r.n, "notes": r.notes} for r in table.rows],
+        "rows": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "depth": r.depth,
+                "metric": r.metric,
+                "secondary_metric": r.secondary,
+                "cells": r.cells,
+                "derived": r.derived,
+                "tests": r.tests,
+                "layers": r.layers,
+                "n": r.n,
+                "notes": r.notes,
+            }
+            for r in table.rows
+        ],
         "footnotes": table.footnotes,
     }

@@ -88,8 +88,13 @@ class Run:
     def settings(self) -> dict:
         """What must be equal for two runs to share a column (besides covering different tasks)."""
         args = {k: v for k, v in self.model_args.items() if k not in RUNTIME_ARGS}
-        return {"model_type": self.model_type, "model_args": args, "limit": self.limit,
-                "gen_kwargs": self.config.get("gen_kwargs") or {}, "fewshot_seed": self.config.get("fewshot_seed")}
+        return {
+            "model_type": self.model_type,
+            "model_args": args,
+            "limit": self.limit,
+            "gen_kwargs": self.config.get("gen_kwargs") or {},
+            "fewshot_seed": self.config.get("fewshot_seed"),
+        }
 
     @property
     def results(self) -> dict:
@@ -99,10 +104,12 @@ class Run:
         """Per-task settings compared across columns: a difference is flagged in a footnote."""
         config = (self.data.get("configs") or {}).get(task) or {}
         n = (self.data.get("n-samples") or {}).get(task) or {}
-        return {"version": _version((self.data.get("versions") or {}).get(task)),
-                "n-shot": (self.data.get("n-shot") or {}).get(task),
-                "n": n.get("effective"),
-                "generation_kwargs": config.get("generation_kwargs")}
+        return {
+            "version": _version((self.data.get("versions") or {}).get(task)),
+            "n-shot": (self.data.get("n-shot") or {}).get(task),
+            "n": n.get("effective"),
+            "generation_kwargs": config.get("generation_kwargs"),
+        }
 
     def samples(self, task: str) -> list[dict] | None:
         """The logged samples of ``task`` (``--log_samples``), or None when the run did not log them."""
@@ -143,7 +150,8 @@ def load_runs(paths) -> list[Run]:
             if not files:
                 raise ResultsPathError(
                     f"RESULTS {given}: no lm-eval results file (results_*.json) under this folder; pass the "
-                    "--output_path folder of an lm_eval run, or a results JSON file")
+                    "--output_path folder of an lm_eval run, or a results JSON file"
+                )
             runs += [load_run(f) for f in files]
         elif path.is_file():
             runs.append(load_run(path))
@@ -154,15 +162,18 @@ def load_runs(paths) -> list[Run]:
 
 def load_run(path: Path) -> Run:
     """One results JSON, checked to be lm-eval's layout (``results`` per task, ``config`` of the run)."""
-    hint = ("pass a results_<date>.json written by lm_eval --output_path (samples files are found next to it), "
-            "or the folder holding it")
+    hint = (
+        "pass a results_<date>.json written by lm_eval --output_path (samples files are found next to it), "
+        "or the folder holding it"
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ResultsPathError(f"RESULTS {path}: not an lm-eval results file (not JSON: {e}); {hint}") from None
     if not (isinstance(data, dict) and isinstance(data.get("results"), dict) and isinstance(data.get("config"), dict)):
         raise ResultsPathError(
-            f"RESULTS {path}: not an lm-eval results file (no 'results' and 'config' objects); {hint}")
+            f"RESULTS {path}: not an lm-eval results file (no 'results' and 'config' objects); {hint}"
+        )
     if not data["results"]:
         raise ResultsPathError(f"RESULTS {path}: the results file holds no task results; {hint}")
     return Run(path, data)

@@ -32,10 +32,17 @@ class Column:
 
     def describe(self) -> dict:
         run = self.run
-        return {"label": self.label, "model": run.model_name, "model_type": run.model_type, "mode": run.mode,
-                "model_args": run.model_args, "limit": whole(run.limit), "gen_kwargs": run.settings["gen_kwargs"],
-                "taskvec": {k: v for k, v in run.taskvec.items() if k != "layer_selection"} or None,
-                "files": [str(r.path) for r in self.runs]}
+        return {
+            "label": self.label,
+            "model": run.model_name,
+            "model_type": run.model_type,
+            "mode": run.mode,
+            "model_args": run.model_args,
+            "limit": whole(run.limit),
+            "gen_kwargs": run.settings["gen_kwargs"],
+            "taskvec": {k: v for k, v in run.taskvec.items() if k != "layer_selection"} or None,
+            "files": [str(r.path) for r in self.runs],
+        }
 
 
 @dataclass
@@ -105,8 +112,14 @@ def make_columns(runs: list[Run]) -> list[Column]:
     keys: list[str] = []
     for run in runs:
         key = json.dumps(run.settings, sort_keys=True, default=str)
-        home = next((c for c, k in zip(columns, keys) if k == key
-                     and not any(set(run.results) & set(r.results) for r in c.runs)), None)
+        home = next(
+            (
+                c
+                for c, k in zip(columns, keys)
+                if k == key and not any(set(run.results) & set(r.results) for r in c.runs)
+            ),
+            None,
+        )
         if home is None:
             columns.append(Column("", [run]))
             keys.append(key)
@@ -185,21 +198,31 @@ def _short(model_name: str) -> str:
 
 def _flat(run: Run) -> dict:
     args = {k: v for k, v in run.model_args.items() if k not in RUNTIME_ARGS and k not in MODEL_KEYS}
-    return args | {"limit": whole(run.limit), "gen_kwargs": run.settings["gen_kwargs"] or None,
-                   "fewshot_seed": run.settings["fewshot_seed"]}
+    return args | {
+        "limit": whole(run.limit),
+        "gen_kwargs": run.settings["gen_kwargs"] or None,
+        "fewshot_seed": run.settings["fewshot_seed"],
+    }
 
 
 def _note_column_settings(table: Comparison) -> None:
     limits = {c.label: whole(c.run.limit) for c in table.columns}
     if len({str(v) for v in limits.values()}) > 1:
-        table.note(None, "limit differs between columns: " + ", ".join(f"{k} {v}" for k, v in limits.items())
-                   + "; rows whose n differ are flagged")
+        table.note(
+            None,
+            "limit differs between columns: "
+            + ", ".join(f"{k} {v}" for k, v in limits.items())
+            + "; rows whose n differ are flagged",
+        )
     seen: dict[str, Column] = {}
     for column in table.columns:
         key = json.dumps(column.run.settings, sort_keys=True, default=str)
         if key in seen:
-            table.note(None, f"`{seen[key].label}` and `{column.label}` are runs with the same settings and "
-                             "overlapping tasks: kept as separate columns, never merged")
+            table.note(
+                None,
+                f"`{seen[key].label}` and `{column.label}` are runs with the same settings and "
+                "overlapping tasks: kept as separate columns, never merged",
+            )
         seen.setdefault(key, column)
 
 
@@ -229,8 +252,9 @@ def _user_pair(columns: list[Column], a, b) -> Pair:
         for column in columns:
             if column.label == text:
                 return column
-        raise UsageError(f"pairs: no column {ref!r}; give a column label or number 1-{len(columns)} "
-                         f"of {[c.label for c in columns]}")
+        raise UsageError(
+            f"pairs: no column {ref!r}; give a column label or number 1-{len(columns)} of {[c.label for c in columns]}"
+        )
 
     ca, cb = find(a), find(b)
     return Pair(f"{ca.label} − {cb.label}", ca, cb, "diff")
@@ -301,20 +325,26 @@ def fill_row(table: Comparison, row: Row, metric: str | None) -> None:
             continue
         if row.metric not in entry:
             row.cells[column.label] = None
-            table.note(row, f"`{column.label}` has no {row.metric} for {row.name} (it reports "
-                            f"{', '.join(_metric_keys(entry)) or 'nothing'}): left empty")
+            table.note(
+                row,
+                f"`{column.label}` has no {row.metric} for {row.name} (it reports "
+                f"{', '.join(_metric_keys(entry)) or 'nothing'}): left empty",
+            )
             continue
-        row.cells[column.label] = {"value": _number(entry.get(row.metric)),
-                                   "stderr": _number(entry.get(row.metric.replace(",", "_stderr,", 1))),
-                                   "secondary": _number(entry.get(row.secondary)) if row.secondary else None,
-                                   "n": _n(column, row)}
+        row.cells[column.label] = {
+            "value": _number(entry.get(row.metric)),
+            "stderr": _number(entry.get(row.metric.replace(",", "_stderr,", 1))),
+            "secondary": _number(entry.get(row.secondary)) if row.secondary else None,
+            "n": _n(column, row),
+        }
     _check_settings(table, row)
     ns = {cell["n"] for cell in row.cells.values() if cell and cell["n"] is not None}
     row.n = ns.pop() if len(ns) == 1 else None
     for label in table.layer_columns:
         column = next(c for c in table.columns if c.label == label)
-        layers = sorted({layer for leaf in row.leaves if (r := column.run_for(leaf)) and
-                         (layer := r.layer(leaf)) is not None})
+        layers = sorted(
+            {layer for leaf in row.leaves if (r := column.run_for(leaf)) and (layer := r.layer(leaf)) is not None}
+        )
         if layers:
             row.layers[label] = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
@@ -387,9 +417,11 @@ def _row_test(table: Comparison, row: Row, pair: Pair, key: str, iters: int, see
         b_scores += scores[1]
         if scores[2]:
             unmatched += scores[2]
-            table.note(row if row.name == leaf else None,
-                       f"{leaf}: {scores[2]} documents with the same doc_id differ in content (doc_hash) between "
-                       f"`{pair.a.label}` and `{pair.b.label}`: not paired")
+            table.note(
+                row if row.name == leaf else None,
+                f"{leaf}: {scores[2]} documents with the same doc_id differ in content (doc_hash) between "
+                f"`{pair.a.label}` and `{pair.b.label}`: not paired",
+            )
     if not a_scores:
         return {"p": None, "reason": "no document scored by both columns"}
     return paired_test(a_scores, b_scores, iters, seed) | {"unmatched": unmatched}

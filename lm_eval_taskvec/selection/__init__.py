@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from lm_eval_taskvec.selection.dev import dev_sets, fold_members
-from lm_eval_taskvec.selection.cache import cache_key
-from lm_eval_taskvec.selection.interface import SweepModel
 from lm_eval_taskvec.selection import sweep
+from lm_eval_taskvec.selection.cache import cache_key
+from lm_eval_taskvec.selection.dev import dev_sets, fold_members
+from lm_eval_taskvec.selection.interface import SweepModel
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -50,14 +50,21 @@ def layer_of_document(choice: dict, doc_id: int) -> int:
 
 def log_choice(task_name: str, choice: dict, num_blocks: int) -> None:
     """One line per chosen layer; a warning when it does nothing the query alone does not."""
-    for part, scope in ([(f, f" half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice
-                        else [(choice, "")]):
-        line = (f"{task_name}{scope}: block {part['layer']} (0-based) of {num_blocks} blocks, dev accuracy "
-                f"{part['dev_accuracy'][part['layer']]:.2f} (baseline {part['baseline_accuracy']:.2f}, regular "
-                f"{part['regular_accuracy']:.2f}) on {part['num_dev']} prompts from {choice['dev_split']} "
-                f"({choice['source']})")
+    for part, scope in (
+        [(f, f" half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice else [(choice, "")]
+    ):
+        line = (
+            f"{task_name}{scope}: block {part['layer']} (0-based) of {num_blocks} blocks, dev accuracy "
+            f"{part['dev_accuracy'][part['layer']]:.2f} (baseline {part['baseline_accuracy']:.2f}, regular "
+            f"{part['regular_accuracy']:.2f}) on {part['num_dev']} prompts from {choice['dev_split']} "
+            f"({choice['source']})"
+        )
         if part["no_effect"]:
-            log.warning("%s. NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p=%.2f), "
-                        "so hypothesis mode adds nothing here", line, part["p_value"])
+            log.warning(
+                "%s. NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p=%.2f), "
+                "so hypothesis mode adds nothing here",
+                line,
+                part["p_value"],
+            )
         else:
             log.info("%s", line)

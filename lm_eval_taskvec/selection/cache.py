@@ -53,14 +53,31 @@ class LayerCache:
             write_choice(self.path(key), choice, self.warn_once)
 
 
-def cache_key(model: nn.Module, revision, num_blocks: int, settings: Settings, task_name: str,
-              sets: list[DevSet]) -> str:
+def cache_key(
+    model: nn.Module, revision, num_blocks: int, settings: Settings, task_name: str, sets: list[DevSet]
+) -> str:
     config = model.config.to_dict()
-    parts = [CACHE_VERSION, config.get("_name_or_path"), getattr(model.config, "_commit_hash", None), revision,
-             str(model.dtype), json.dumps(config, sort_keys=True, default=str), weights_fingerprint(model), num_blocks,
-             task_name, settings.num_dummy, settings.seed,
-             [(dev.split, sorted(dev.scored or ()), [(ex.doc_id, [r.args for r in ex.requests], ex.gold)
-                                                      for ex in dev.examples]) for dev in sets]]
+    parts = [
+        CACHE_VERSION,
+        config.get("_name_or_path"),
+        getattr(model.config, "_commit_hash", None),
+        revision,
+        str(model.dtype),
+        json.dumps(config, sort_keys=True, default=str),
+        weights_fingerprint(model),
+        num_blocks,
+        task_name,
+        settings.num_dummy,
+        settings.seed,
+        [
+            (
+                dev.split,
+                sorted(dev.scored or ()),
+                [(ex.doc_id, [r.args for r in ex.requests], ex.gold) for ex in dev.examples],
+            )
+            for dev in sets
+        ],
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -74,14 +91,16 @@ def read_choice(path: Path, num_blocks: int) -> dict | None:
         log.warning("layer cache %s is unreadable (%s): sweeping again", path, err)
         return None
     if not valid_choice(choice, num_blocks):
-        log.warning("layer cache %s does not hold a layer choice for a model of %d blocks: sweeping again", path,
-                    num_blocks)
+        log.warning(
+            "layer cache %s does not hold a layer choice for a model of %d blocks: sweeping again", path, num_blocks
+        )
         return None
     return choice
 
 
 def valid_choice(choice, num_blocks: int) -> bool:
     """Everything select_layer, log_choice and layer_of_document read from a choice is there, of its type."""
+
     def number(value) -> bool:
         return type(value) in (int, float)
 
@@ -89,18 +108,29 @@ def valid_choice(choice, num_blocks: int) -> bool:
         if not isinstance(part, dict):
             return False
         layer, curve = part.get("layer"), part.get("dev_accuracy")
-        return (type(layer) is int and 0 <= layer < num_blocks and isinstance(curve, list)
-                and len(curve) == num_blocks and all(map(number, curve))
-                and all(number(part.get(k)) for k in ("baseline_accuracy", "regular_accuracy", "p_value"))
-                and type(part.get("no_effect")) is bool and type(part.get("num_dev")) is int)
+        return (
+            type(layer) is int
+            and 0 <= layer < num_blocks
+            and isinstance(curve, list)
+            and len(curve) == num_blocks
+            and all(map(number, curve))
+            and all(number(part.get(k)) for k in ("baseline_accuracy", "regular_accuracy", "p_value"))
+            and type(part.get("no_effect")) is bool
+            and type(part.get("num_dev")) is int
+        )
 
     if not valid_part(choice) or not isinstance(choice.get("dev_split"), str):
         return False
     folds = choice.get("folds")
-    return folds is None or (isinstance(folds, list) and len(folds) == 2 and all(map(valid_part, folds))
-                             and [type(f.get("scored_fold")) for f in folds] == [int, int]
-                             and sorted(f["scored_fold"] for f in folds) == [0, 1]
-                             and type(choice.get("num_docs")) is int and type(choice.get("fold_seed")) is int)
+    return folds is None or (
+        isinstance(folds, list)
+        and len(folds) == 2
+        and all(map(valid_part, folds))
+        and [type(f.get("scored_fold")) for f in folds] == [int, int]
+        and sorted(f["scored_fold"] for f in folds) == [0, 1]
+        and type(choice.get("num_docs")) is int
+        and type(choice.get("fold_seed")) is int
+    )
 
 
 def write_choice(path: Path, choice: dict, warn_once: Callable[[str], None]) -> None:
@@ -118,5 +148,7 @@ def write_choice(path: Path, choice: dict, warn_once: Callable[[str], None]) -> 
         if tmp is not None:
             with suppress(OSError):
                 os.unlink(tmp)
-        warn_once(f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
-                  "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder")
+        warn_once(
+            f"layer cache {path.parent} is not writable ({err}): layer choices stay in memory for this "
+            "process only; set LM_EVAL_TASKVEC_CACHE to a writable folder"
+        )

@@ -68,9 +68,14 @@ def dev_sets(settings: Settings, task_name: str) -> list[DevSet]:
             "cross-fit: pass layer=<block index or fraction of depth>, e.g. layer=0.6"
         )
     split = task.config.test_split or task.config.validation_split
-    return [DevSet(f"{split} (cross-fit: scored on the other half)",
-                   examples(settings, task, [(i, evaluated[i]) for i in sorted(halves[1 - fold])]), halves[fold])
-            for fold in (0, 1)]
+    return [
+        DevSet(
+            f"{split} (cross-fit: scored on the other half)",
+            examples(settings, task, [(i, evaluated[i]) for i in sorted(halves[1 - fold])]),
+            halves[fold],
+        )
+        for fold in (0, 1)
+    ]
 
 
 @lru_cache(maxsize=64)

@@ -35,14 +35,26 @@ def choose(lm: SweepModel, task_name: str, sets: list[DevSet]) -> dict:
     cross-fitted task pools its two halves and has one such entry per half under ``folds``."""
     results = score(lm, task_name, sets)
     if len(results) == 1:
-        return {"task": task_name, **summary(*results[0]), "dev_split": sets[0].split,
-                "dev_docs": sorted({ex.doc_id for ex in sets[0].examples})}
+        return {
+            "task": task_name,
+            **summary(*results[0]),
+            "dev_split": sets[0].split,
+            "dev_docs": sorted({ex.doc_id for ex in sets[0].examples}),
+        }
     pooled = [torch.cat(parts, -1) for parts in zip(*results)]
-    folds = [summary(*result) | {"scored_fold": fold, "dev_docs": sorted({ex.doc_id for ex in dev.examples})}
-             for fold, (dev, result) in enumerate(zip(sets, results))]
+    folds = [
+        summary(*result) | {"scored_fold": fold, "dev_docs": sorted({ex.doc_id for ex in dev.examples})}
+        for fold, (dev, result) in enumerate(zip(sets, results))
+    ]
     n = len(LOADED_TASKS[task_name].eval_docs)
-    return {"task": task_name, **summary(*pooled), "dev_split": sets[0].split, "folds": folds,
-            "num_docs": n, "fold_seed": lm.settings.seed}
+    return {
+        "task": task_name,
+        **summary(*pooled),
+        "dev_split": sets[0].split,
+        "folds": folds,
+        "num_docs": n,
+        "fold_seed": lm.settings.seed,
+    }
 
 
 def summary(layer_hits: torch.Tensor, baseline: torch.Tensor, regular: torch.Tensor) -> dict:
@@ -52,11 +64,15 @@ def summary(layer_hits: torch.Tensor, baseline: torch.Tensor, regular: torch.Ten
     gained = int((layer_hits[best] & ~baseline).sum())
     lost = int((~layer_hits[best] & baseline).sum())
     p_value = mcnemar_exact(gained, lost)
-    return {"layer": best, "dev_accuracy": [round(v, 4) for v in curve.tolist()],
-            "baseline_accuracy": round(baseline.float().mean().item(), 4),
-            "regular_accuracy": round(regular.float().mean().item(), 4),
-            "no_effect": not (gained > lost and p_value < 0.05), "p_value": round(p_value, 4),
-            "num_dev": layer_hits.shape[-1]}
+    return {
+        "layer": best,
+        "dev_accuracy": [round(v, 4) for v in curve.tolist()],
+        "baseline_accuracy": round(baseline.float().mean().item(), 4),
+        "regular_accuracy": round(regular.float().mean().item(), 4),
+        "no_effect": not (gained > lost and p_value < 0.05),
+        "p_value": round(p_value, 4),
+        "num_dev": layer_hits.shape[-1],
+    }
 
 
 def score(lm: SweepModel, task_name: str, sets: list[DevSet]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -81,8 +97,10 @@ def score(lm: SweepModel, task_name: str, sets: list[DevSet]) -> list[tuple[torc
     desc = f"{task_name}: dev accuracy by block"
     scores = fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
-    hits = [_hits(examples, scores, generation).split([len(dev.examples) for dev in sets], -1)
-            for scores in (per_block, baseline, regular)]
+    hits = [
+        _hits(examples, scores, generation).split([len(dev.examples) for dev in sets], -1)
+        for scores in (per_block, baseline, regular)
+    ]
     return list(zip(*hits))
 
 
@@ -99,8 +117,9 @@ def _hits(examples: list[DevExample], scores: torch.Tensor, generation: bool) ->
     return torch.stack(hits, -1)
 
 
-def regular_and_thetas(lm: SweepModel, plans: list, fulls: list[tuple[list[int], list[int]]], layers: list[int],
-                       desc: str) -> torch.Tensor:
+def regular_and_thetas(
+    lm: SweepModel, plans: list, fulls: list[tuple[list[int], list[int]]], layers: list[int], desc: str
+) -> torch.Tensor:
     """Regular mode's per-row scores (as ``fork_scores``) of the full prompts ``fulls``, and θ at every listed
     block for each plan's key, with the demonstrations S run once for both: per θ key, the tokens its θ
     prompts [S, x'] share with its full prompts fill one KV cache, from which the dummies' suffixes give θ (one
@@ -118,7 +137,9 @@ def regular_and_thetas(lm: SweepModel, plans: list, fulls: list[tuple[list[int],
         contexts = list(dict.fromkeys((plans[i].theta_key, tuple(fulls[i][0])) for i in rows))
         which = [contexts.index((plans[i].theta_key, tuple(fulls[i][0]))) for i in rows]
         owner = [batch.index(key) for key, _ in contexts]
-        cuts = [common_prefix_length([*(list(ctx) for k, ctx in contexts if k == key), *families[key]]) for key in batch]
+        cuts = [
+            common_prefix_length([*(list(ctx) for k, ctx in contexts if k == key), *families[key]]) for key in batch
+        ]
         cuts = cuts if min(cuts) > 0 else [0] * len(cuts)  # a prompt sharing nothing: no prefix for this batch
         with torch.no_grad(), lm.autocast():
             prefix = prefill(lm.model, [families[key][0][:cut] for key, cut in zip(batch, cuts)], lm.blocks[-1])
@@ -126,16 +147,20 @@ def regular_and_thetas(lm: SweepModel, plans: list, fulls: list[tuple[list[int],
             found = _states_after_prefix(lm, prefix, members, layers)
             # Queries differ in length: contexts of similar length grow together, then their rows run.
             rest = [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)]
-            for part in length_chunks(range(len(contexts)), lambda c: len(rest[c]), SUFFIX_FLOOR):
+            for part in length_chunks(range(len(contexts)), [len(r) for r in rest].__getitem__, SUFFIX_FLOOR):
                 grown = prefix.take([owner[c] for c in part])
                 grown.grow(lm.model, [rest[c] for c in part], lm.blocks[-1])
                 context_of = {i: part.index(c) for i, c in zip(rows, which) if c in part}
-                units = _units(list(context_of), fulls, [], [contexts[c][1][:-1] for c in part], context_of,
-                               mask_kind is not None)
+                units = _units(
+                    list(context_of), fulls, [], [contexts[c][1][:-1] for c in part], context_of, mask_kind is not None
+                )
                 for chunk in length_chunks(units, lambda unit: _unit_length(unit, fulls)):
                     output, columns = grown.take([unit.context for unit in chunk]).extend_branches(
-                        lm.model, [unit.head for unit in chunk],
-                        [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk], mask_kind)
+                        lm.model,
+                        [unit.head for unit in chunk],
+                        [[fulls[i][1][:-1] for i in unit.rows] for unit in chunk],
+                        mask_kind,
+                    )
                     for i, row_score in _unit_scores(output.logits, columns, chunk, fulls).items():
                         out[i] = row_score
         row = 0
@@ -152,8 +177,9 @@ def _states_after_prefix(lm: SweepModel, prefix, members: list[tuple[int, list[i
     differ in length, and a batch pads every suffix to its longest): {layer: Tensor[members, hidden]}."""
     found: dict = {}
     for part in length_chunks(range(len(members)), lambda m: len(members[m][1]), SUFFIX_FLOOR):
-        states = states_after(lm.model, lm.blocks, prefix.take([members[m][0] for m in part]),
-                              [members[m][1] for m in part], layers)
+        states = states_after(
+            lm.model, lm.blocks, prefix.take([members[m][0] for m in part]), [members[m][1] for m in part], layers
+        )
         for layer, value in states.items():
             found.setdefault(layer, value.new_empty(len(members), value.shape[-1]))[part] = value
     return found
@@ -163,6 +189,7 @@ def _states_after_prefix(lm: SweepModel, prefix, members: list[tuple[int, list[i
 class _Unit:
     """Rows run as one sequence: one context (a row of the prefix cache) with the same plan per patch, its
     tokens after the cached prefix (``head``), then each row's continuation as a branch of its own."""
+
     context: int
     head: list[int]
     rows: list[int]
@@ -202,8 +229,9 @@ def _unit_scores(logits, columns: list[list[list[int]]], chunk: list[_Unit], row
     return scores
 
 
-def fork_scores(lm: SweepModel, rows: list[tuple[list[int], list[int]]], patches: list,
-                desc: str | None = None) -> torch.Tensor:
+def fork_scores(
+    lm: SweepModel, rows: list[tuple[list[int], list[int]]], patches: list, desc: str | None = None
+) -> torch.Tensor:
     """Score each row's continuation after its context, once per entry of ``patches`` (plans to patch at the
     context's last token, or None). Tensor[len(patches), rows, 2]: the continuation's summed log-probability,
     and whether its first token is the argmax. Distinct contexts minus their last token run once into a KV
@@ -222,8 +250,9 @@ def fork_scores(lm: SweepModel, rows: list[tuple[list[int], list[int]]], patches
         members = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
         units = _units(members, rows, patches, cached, [c - first for c in context_of], mask_kind is not None)
         groups.append((cached, length_chunks(units, lambda unit: _unit_length(unit, rows))))
-    bar = tqdm(total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc,
-               disable=desc is None or lm.rank != 0)
+    bar = tqdm(
+        total=sum(len(chunks) for _, chunks in groups) * len(patches), desc=desc, disable=desc is None or lm.rank != 0
+    )
     replay = _Replay()
     for cached, chunks in groups:
         with torch.no_grad():
@@ -255,10 +284,13 @@ class _Chunk:
 
     def forward(self, plans=(), replayed: int = 0, copies: int = 1):
         lm = self.lm
-        with lm.patched(list(plans), self.at.repeat(copies)) if plans else nullcontext(), \
-                replay_outputs(lm.blocks, self.recorded[:replayed], copies):
+        with (
+            lm.patched(list(plans), self.at.repeat(copies)) if plans else nullcontext(),
+            replay_outputs(lm.blocks, self.recorded[:replayed], copies),
+        ):
             return self.cache.take([unit.context for unit in self.units] * copies).extend_branches(
-                lm.model, self.heads * copies, self.branches * copies, self.mask_kind)
+                lm.model, self.heads * copies, self.branches * copies, self.mask_kind
+            )
 
     def run_recorded(self):
         with record_outputs(self.lm.blocks) as self.recorded:
@@ -287,8 +319,11 @@ def _score_chunk(chunk: _Chunk, patches: list, replay: _Replay, out: torch.Tenso
     size = max(1, STACK_TOKENS // (len(chunk.units) * _unit_length(chunk.units[0], chunk.rows)))
     for start in range(0, len(todo), size):
         stack = todo[start : start + size]
-        output, columns = chunk.forward([plan for p in stack for plan in parts[p]],
-                                    min(lowest[p] for p in stack) + 1 if replay.exact else 0, len(stack))
+        output, columns = chunk.forward(
+            [plan for p in stack for plan in parts[p]],
+            min(lowest[p] for p in stack) + 1 if replay.exact else 0,
+            len(stack),
+        )
         for k, p in enumerate(stack):
             chunk.write(out, p, output.logits[k * len(chunk.units) : (k + 1) * len(chunk.units)], columns)
         bar.update(len(stack))
@@ -300,14 +335,19 @@ def _check_replay(chunk: _Chunk, parts: list, lowest: list, replay: _Replay, out
     last block there would be nothing left to show a difference). Returns the patch it scored."""
     lm = chunk.lm
     replay.checked = True
-    checked = max((p for p in range(len(parts)) if lowest[p] is not None),
-                  key=lambda p: (lowest[p] < len(lm.blocks) - 1, lowest[p]))
+    checked = max(
+        (p for p in range(len(parts)) if lowest[p] is not None),
+        key=lambda p: (lowest[p] < len(lm.blocks) - 1, lowest[p]),
+    )
     full = chunk.forward(parts[checked])
-    replay.exact = torch.allclose(chunk.forward(parts[checked], lowest[checked] + 1)[0].logits, full[0].logits,
-                                  rtol=1e-4, atol=1e-4)
+    replay.exact = torch.allclose(
+        chunk.forward(parts[checked], lowest[checked] + 1)[0].logits, full[0].logits, rtol=1e-4, atol=1e-4
+    )
     if not replay.exact:
-        lm.warn_once(f"{type(lm.model).__name__}: a block's output depends on more than its inputs and its own KV "
-                     "cache, so the layer sweep runs every block for every patch (slower)")
+        lm.warn_once(
+            f"{type(lm.model).__name__}: a block's output depends on more than its inputs and its own KV "
+            "cache, so the layer sweep runs every block for every patch (slower)"
+        )
     chunk.write(out, checked, full[0].logits, full[1])
     return checked
 
