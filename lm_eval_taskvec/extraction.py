@@ -281,5 +281,6 @@ def _pad(rows: list[list[int]], width: int, left: bool) -> torch.Tensor:
 
 
 def cache_argument(model: nn.Module) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache``; accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40): the name the model's
+    class takes, whatever wraps the instance's ``forward`` (accelerate's hooks, a test's spy)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
