@@ -8,10 +8,13 @@ query's last token of the prompt's forward pass. θ live in one ``ThetaStore``, 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -109,6 +112,8 @@ class TaskVectorLM(HFLM):
         self.layer_choices: dict[str, dict] = {}  # task -> layer=auto's choice, for the results JSON
         self.handoff = Handoff()
         self.shared = SharedModes()
+        if self.mode != "regular" and Path(sys.argv[0]).name in ("lm_eval", "lm-eval"):
+            atexit.register(_print_reading_note, self.mode)  # the lm_eval command prints its table last
 
     def set_mode(self, mode: str, shared_modes: tuple[str, ...] | None = None) -> None:
         """Evaluate in ``mode`` from now on; ``shared_modes`` names the modes this model will evaluate in turn
@@ -414,6 +419,28 @@ class TaskVectorLM(HFLM):
                 "embedded_model": self.embedded,
             }
         return info
+
+
+def reading_note(mode: str) -> str | None:
+    """One line for under lm-eval's table, which lists a task's metrics alphabetically (exact_match first): the
+    tasks with the paper's first-answer score are read by it in the modes that run the query alone."""
+    tasks = sorted(
+        name
+        for name, task in LOADED_TASKS.items()
+        if any(m.get("metric") == "paper_match" for m in task.config.metric_list or [])
+    )
+    if not tasks:
+        return None
+    shown = ", ".join(tasks[:3]) + (f" and {len(tasks) - 3} more" if len(tasks) > 3 else "")
+    return (
+        f"hf-taskvec mode={mode}: read paper_match for {shown}, the paper's first-answer score; exact_match "
+        "counts the whole line, and a model given the query alone often keeps talking after a right first word"
+    )
+
+
+def _print_reading_note(mode: str) -> None:
+    if note := reading_note(mode):
+        print(note)
 
 
 def _device(device: str | None) -> str:

@@ -23,6 +23,15 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def fewest_for_significance(alpha: float = ALPHA) -> int:
+    """The fewest paired documents with which the exact McNemar test can reach p < ``alpha`` (all discordant,
+    all one way): with fewer, no difference is ever significant."""
+    n = 1
+    while mcnemar_exact(n, 0) >= alpha:
+        n += 1
+    return n
+
+
 def paired_bootstrap(a, b, iters: int = 10_000, seed: int = 1234) -> float:
     """Two-sided p-value for mean(a - b) = 0 by the paired bootstrap: documents are resampled with
     replacement and the resampled mean differences, shifted to the null, are compared with the observed one."""

@@ -16,6 +16,7 @@ from lm_eval_taskvec.selection import sweep
 from lm_eval_taskvec.selection.cache import cache_key
 from lm_eval_taskvec.selection.dev import dev_sets, fold_members
 from lm_eval_taskvec.selection.interface import SweepModel
+from lm_eval_taskvec.stats import fewest_for_significance
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -32,10 +33,32 @@ def select_layer(lm: SweepModel, task_name: str) -> dict:
     choice = lm.choice_cache.read(key, len(lm.blocks))
     swept = choice is None
     if swept:
+        _announce(lm, task_name, sets)
         choice = sweep.choose(lm, task_name, sets) | {"source": "sweep"}
     lm.choice_cache.keep(key, choice, swept)
     log_choice(task_name, choice, len(lm.blocks))
     return choice
+
+
+def _announce(lm: SweepModel, task_name: str, sets) -> None:
+    """What the sweep is about to cost, before it runs (it can take longer than the evaluation itself)."""
+    num_dev, halves = lm.settings.num_dev, len(sets) > 1
+    log.info(
+        "%s: layer=auto sweeps %d blocks on %d dev prompts%s from %s (model arg num_dev=%d; --limit bounds only "
+        "the scored documents, not these)",
+        task_name,
+        len(lm.blocks),
+        num_dev,
+        " per half" if halves else "",
+        sets[0].split,
+        num_dev,
+    )
+    if num_dev < fewest_for_significance():
+        lm.warn_once(
+            f"num_dev={num_dev}: with fewer than {fewest_for_significance()} dev prompts the exact McNemar test of "
+            "layer=auto can never reach p < 0.05, so every task is reported as NO EFFECT whatever the sweep finds; "
+            "use num_dev >= 6 (the paper's 50) for the test to mean something"
+        )
 
 
 def layer_of_document(choice: dict, doc_id: int) -> int:
@@ -49,22 +72,35 @@ def layer_of_document(choice: dict, doc_id: int) -> int:
 
 
 def log_choice(task_name: str, choice: dict, num_blocks: int) -> None:
-    """One line per chosen layer; a warning when it does nothing the query alone does not."""
-    for part, scope in (
-        [(f, f" half {f['scored_fold']}") for f in choice["folds"]] if "folds" in choice else [(choice, "")]
-    ):
+    """One line per chosen layer, as the choice records it (a cross-fitted task: each half, then both pooled);
+    a warning for each that does not beat the query alone, saying what was tested."""
+    parts = [(choice, "")]
+    if "folds" in choice:
+        parts = [(f, f" half {f['scored_fold']}") for f in choice["folds"]]
+        parts.append((choice, " (both halves pooled, for the record: each half is scored at the other's block)"))
+    for part, scope in parts:
+        best = part["dev_accuracy"][part["layer"]]
         line = (
-            f"{task_name}{scope}: block {part['layer']} (0-based) of {num_blocks} blocks, dev accuracy "
-            f"{part['dev_accuracy'][part['layer']]:.2f} (baseline {part['baseline_accuracy']:.2f}, regular "
-            f"{part['regular_accuracy']:.2f}) on {part['num_dev']} prompts from {choice['dev_split']} "
-            f"({choice['source']})"
+            f"{task_name}{scope}: block {part['layer']} (0-based) of {num_blocks} blocks, dev accuracy {best:.2f} "
+            f"(baseline {part['baseline_accuracy']:.2f}, regular {part['regular_accuracy']:.2f}) on {part['num_dev']} "
+            f"prompts from {choice['dev_split']} ({choice['source']})"
         )
         if part["no_effect"]:
-            log.warning(
-                "%s. NO EFFECT: no block beats the query alone on the dev prompts (exact McNemar p=%.2f), "
-                "so hypothesis mode adds nothing here",
-                line,
-                part["p_value"],
-            )
+            log.warning("%s. NO EFFECT: %s", line, _why_no_effect(part, best))
         else:
             log.info("%s", line)
+
+
+def _why_no_effect(part: dict, best: float) -> str:
+    if best <= part["baseline_accuracy"]:
+        return "no block beats the query alone on the dev prompts, so hypothesis mode adds nothing here"
+    fewest = fewest_for_significance()
+    why = (
+        f"too few to tell: p < 0.05 needs at least {fewest} dev prompts"
+        if part["num_dev"] < fewest
+        else "the gain may be chance"
+    )
+    return (
+        f"the best block's gain over the query alone is not significant at p < 0.05 (exact McNemar p="
+        f"{part['p_value']:.2f} on {part['num_dev']} dev prompts: {why})"
+    )
