@@ -262,7 +262,8 @@ def _seed(seeds: list[int | None]) -> None:
 
 
 def run_sweep(args) -> None:
-    from lm_eval_taskvec.report import format_table, plot, span
+    from lm_eval_taskvec.figures import span
+    from lm_eval_taskvec.sweep_report import format_table, plot
 
     fixed = {"mode": "hypothesis", "layer": "auto", "layer_cache": args.layer_cache}
     if args.limit is not None:

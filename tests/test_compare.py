@@ -412,13 +412,10 @@ def _drawn(fig) -> dict:
 
 @pytest.fixture
 def figure():
-    """compare.png's figure of a table, closed after the test."""
-    import matplotlib.pyplot as plt
-
+    """compare.png's figure of a table."""
     from lm_eval_taskvec.comparison.plot import figure
 
-    yield figure
-    plt.close("all")
+    return figure
 
 
 def test_plot_title_names_the_embedded_model_n_shots_and_a_whole_limit(tmp_path, figure):
@@ -597,3 +594,23 @@ def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_m
             expected = sorted(alone["samples"][task], key=lambda s: s["doc_id"])
             assert [s["resps"] for s in logged] == [s["resps"] for s in expected]
             assert len(logged) == 6
+
+
+def test_drawing_a_figure_leaves_pyplot_and_its_backend_alone(tmp_path):
+    """A notebook user's backend and open figures stay as they were: figures are objects, not pyplot state."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from lm_eval_taskvec.comparison.plot import plot
+
+    saved = matplotlib.get_backend()
+    matplotlib.use("svg")  # the user's own choice, not the file-only Agg a careless plot would switch to
+    try:
+        plt.figure()
+        before = plt.get_fignums()
+        plot(_modes_with_a_zero_baseline(tmp_path), tmp_path / "c.png")
+        assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == before
+    finally:
+        plt.close("all")
+        matplotlib.use(saved)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lm_eval_taskvec import cli, report
+from lm_eval_taskvec import cli
+from lm_eval_taskvec import sweep_report as report
 
 
 def parse(monkeypatch, *argv: str):

@@ -111,10 +111,3 @@ def write_table(rows: list[dict], stem: Path) -> str:
 def write_json(data, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only backend."""
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    return importlib.import_module("matplotlib.pyplot")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lm_eval_taskvec.analyses.common import block_of, load_tasks, open_model, pyplot, write_json, write_table
+from lm_eval_taskvec.analyses.common import block_of, load_tasks, open_model, write_json, write_table
 from lm_eval_taskvec.contexts import rendered_queries
+from lm_eval_taskvec.figures import new_figure, save
 from lm_eval_taskvec.identity import model_identity
 from lm_eval_taskvec.planning import Plan
 from lm_eval_taskvec.theta import few_shot_requests
@@ -79,7 +80,6 @@ def conflicting_tasks(
 ) -> dict:
     """Regular and θ-of-B-patched runs of A's prompts for each pair, scored against both tasks; writes
     conflict.{md,csv,json,png} into ``output_path`` and returns every number and generation."""
-    plt = pyplot()
     for a, b in pairs:
         for name in (a, b):
             _check_task(tasks, name, metric)
@@ -144,7 +144,7 @@ def conflicting_tasks(
         "pairs": details,
     }
     write_json(result, out / "conflict.json")
-    _plot(plt, rows, metric, out / "conflict.png")
+    _plot(rows, metric, out / "conflict.png")
     print(
         f"{metric}; A = the demonstrations' task, B = the task whose θ is patched in\n{table}"
         f"wrote conflict.md, .csv, .json and .png to {out}"
@@ -207,9 +207,10 @@ def accuracy(task, docs: list[dict], outputs: list[str]) -> dict[str, float]:
     return {name: sum(float(s[name]) for s in scores) / len(scores) for name in scores[0]}
 
 
-def _plot(plt, rows: list[dict], metric: str, path: Path) -> None:
+def _plot(rows: list[dict], metric: str, path: Path) -> None:
     """Grouped bars, as the paper's Figure 6: per pair, regular and patched accuracy w.r.t. A and B."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(rows) + 2), 4.2))
+    fig = new_figure(figsize=(max(6.0, 1.8 * len(rows) + 2), 4.2))
+    ax = fig.subplots()
     bars = [
         ("regular_acc_A", "regular, w.r.t. A", "tab:blue", None),
         ("regular_acc_B", "regular, w.r.t. B", "tab:orange", None),
@@ -235,8 +236,7 @@ def _plot(plt, rows: list[dict], metric: str, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _short(name: str) -> str:

@@ -22,12 +22,12 @@ from lm_eval_taskvec.analyses.common import (
     block_of,
     load_tasks,
     open_model,
-    pyplot,
     require,
     theta_sets,
     write_json,
     write_table,
 )
+from lm_eval_taskvec.figures import new_figure, palette, save
 from lm_eval_taskvec.identity import model_identity
 
 HISTOGRAM_BINS = 40
@@ -53,7 +53,6 @@ def theta_geometry(
     """θ for ``num_sets`` demonstration sets per task, their distances, table, t-SNE and histograms; writes
     geometry.{md,csv,json,png} into ``output_path`` and returns every number, θ and the distance matrix too."""
     tsne = require("sklearn.manifold").TSNE  # missing extras fail before the long part
-    plt = pyplot()
     if len(tasks) < 2:
         raise ValueError(f"--tasks names {len(tasks)} task: geometry compares tasks, name at least two")
     if num_sets < 2:
@@ -110,7 +109,7 @@ def theta_geometry(
         "tsne": [{"task": names[i], "x": float(x), "y": float(y)} for i, (x, y) in zip(labels, coords)],
     }
     write_json(result, out / "geometry.json")
-    _plot(plt, names, labels, coords, histogram, out / "geometry.png")
+    _plot(names, labels, coords, histogram, out / "geometry.png")
     print(
         table + f"\n{separated} of {len(rows)} tasks: mean within-task distance < mean distance to the nearest "
         f"other task\nwrote geometry.md, .csv, .json and .png to {out}"
@@ -152,9 +151,10 @@ def task_table(
     return rows, means
 
 
-def _plot(plt, names, labels, coords, histogram, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.25, 1]})
-    colors = plt.get_cmap("tab20").colors
+def _plot(names, labels, coords, histogram, path: Path) -> None:
+    fig = new_figure(figsize=(14, 5.5))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
+    colors = palette("tab20")
     for t, name in enumerate(names):
         at = labels == t
         left.scatter(coords[at, 0], coords[at, 1], s=12, color=colors[t % len(colors)], label=name)
@@ -170,5 +170,4 @@ def _plot(plt, names, labels, coords, histogram, path: Path) -> None:
     right.set_ylabel("fraction of pairs")
     right.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -24,11 +24,11 @@ from lm_eval_taskvec.analyses.common import (
     load_tasks,
     num_fewshot_of,
     open_model,
-    pyplot,
     theta_sets,
     write_json,
     write_table,
 )
+from lm_eval_taskvec.figures import new_figure, save
 from lm_eval_taskvec.identity import model_identity
 from lm_eval_taskvec.layers import write_states
 
@@ -73,7 +73,6 @@ def vocab_projection(
 ) -> dict:
     """Top-k tokens of the mean θ per task at each of ``layers`` (``auto``, block indices or fractions of
     depth); writes vocab.{md,csv,json,png} into ``output_path`` and returns every number."""
-    plt = pyplot()
     if top_k < 1:
         raise ValueError(f"--top_k {top_k}: list at least one token")
     rows, entries = [], []
@@ -115,7 +114,7 @@ def vocab_projection(
         "entries": entries,
     }
     write_json(result, out / "vocab.json")
-    _plot(plt, entries, out / "vocab.png")
+    _plot(entries, out / "vocab.png")
     print(f"{table}wrote vocab.md, .csv, .json and .png to {out}")
     return result
 
@@ -129,10 +128,11 @@ def _shown(token: dict) -> str:
     return repr(text) if text else token["token"]
 
 
-def _plot(plt, entries: list[dict], path: Path) -> None:
+def _plot(entries: list[dict], path: Path) -> None:
     """The table as a picture: a row per task and layer, the top tokens in rank order, shaded by probability."""
     probs = np.array([[t["prob"] for t in e["tokens"]] for e in entries])
-    fig, ax = plt.subplots(figsize=(1.1 * probs.shape[1] + 3, 0.38 * len(entries) + 1.2))
+    fig = new_figure(figsize=(1.1 * probs.shape[1] + 3, 0.38 * len(entries) + 1.2))
+    ax = fig.subplots()
     image = ax.imshow(probs, cmap="Blues", aspect="auto", vmin=0, vmax=max(probs.max(), 1e-9))
     for r, entry in enumerate(entries):
         for c, token in enumerate(entry["tokens"]):
@@ -150,5 +150,4 @@ def _plot(plt, entries: list[dict], path: Path) -> None:
     ax.set_xlabel("rank of the token in the projection of mean θ")
     fig.colorbar(image, ax=ax, label="probability", fraction=0.03)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lm_eval_taskvec.comparison.evaluate import run_modes
+from lm_eval_taskvec.comparison.plot import plot as draw
 from lm_eval_taskvec.comparison.render import markdown, to_csv, to_json
 from lm_eval_taskvec.comparison.runs import ResultsPathError, Run, UsageError, load_runs
 from lm_eval_taskvec.comparison.table import Comparison, build
@@ -72,8 +73,6 @@ def write(table: Comparison, out: Path, plot: bool = True) -> list[Path]:
     files[1].write_text(to_csv(table), encoding="utf-8")
     files[2].write_text(json.dumps(to_json(table), indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     if plot:
-        from lm_eval_taskvec.comparison.plot import plot as draw
-
         files.append(out / "compare.png")
         draw(table, files[-1])
     return files

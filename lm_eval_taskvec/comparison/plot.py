@@ -5,17 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.colors import to_hex
+from matplotlib.lines import Line2D
+
 from lm_eval_taskvec.comparison.table import Comparison, model_title, whole
+from lm_eval_taskvec.figures import new_figure, palette, save, span
 from lm_eval_taskvec.stats import ALPHA
 
 MODE_COLORS = {"baseline": "#9e9e9e", "hypothesis": "#1f77b4", "regular": "#ff7f0e"}
 ZERO_MARK = 2.5  # line width of the mark that stands for a bar of height 0
-
-
-def _span(values) -> str:
-    """ "10" when all values agree, "5–10" otherwise."""
-    values = sorted(set(values))
-    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
 def title(table: Comparison) -> str:
@@ -34,41 +32,20 @@ def title(table: Comparison) -> str:
     ]
     limits = {str(whole(c.run.limit)) for c in table.columns if c.run.limit is not None}
     settings = [
-        f"n = {_span(ns)} documents per task" if ns else "",
-        f"{_span(shots)}-shot" if shots else "",
+        f"n = {span(ns)} documents per task" if ns else "",
+        f"{span(shots)}-shot" if shots else "",
         f"limit {' / '.join(sorted(limits))}" if limits else "no limit",
     ]
     lines.append(", ".join(s for s in settings if s))
     return "\n".join(lines)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            "compare.png needs matplotlib: pip install 'lm-eval-taskvec[plot]', or pass --no_plot (plot=False)"
-        ) from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(table: Comparison, path: Path) -> None:
-    plt = _pyplot()
-    fig = figure(table)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(figure(table), path)
 
 
 def figure(table: Comparison):
     """The bars, whiskers, zero marks and significance brackets of ``table``, titled and explained in the legend."""
-    plt = _pyplot()
-    from matplotlib.colors import to_hex
-    from matplotlib.lines import Line2D
-
     tasks = [r for r in table.rows if r.kind == "task"]
     groups = [r for r in table.rows if r.kind == "group"]
     rows = tasks + groups
@@ -76,8 +53,9 @@ def figure(table: Comparison):
     width = 0.8 / len(table.columns)
     modes = [c.run.mode for c in table.columns if c.run.mode]
     by_mode = len(modes) == len(set(modes))  # one model's modes: the paper's colours; else a colour per column
-    others = iter(c for c in map(to_hex, plt.get_cmap("tab10").colors) if c not in MODE_COLORS.values())
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(table.columns) * len(rows) + 2), 4.5))
+    others = iter(c for c in map(to_hex, palette("tab10")) if c not in MODE_COLORS.values())
+    fig = new_figure(figsize=(max(6.0, 0.25 * len(table.columns) * len(rows) + 2), 4.5))
+    ax = fig.subplots()
     x_of = {}  # (column label, row name) -> the bar's centre
     tops = {}  # (column label, row name) -> the top of its whisker
     for i, column in enumerate(table.columns):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.lines import Line2D
+
+from lm_eval_taskvec.figures import new_figure, save
+
 # Reference lines, drawn when the layer choices carry these dev scores (same documents as the sweep).
 REFERENCES = {"baseline_accuracy": ("--", "baseline (query alone)"), "regular_accuracy": (":", "regular ICL")}
 # 18 colours for the 18 tasks (tab10 without its grey, which the reference lines use, and 9 more), and markers:
@@ -53,12 +57,6 @@ def format_table(choices: dict) -> str:
     return "\n".join(lines)
 
 
-def span(values) -> str:
-    """ "50" when all values agree, "26–50" otherwise."""
-    low, high = min(values), max(values)
-    return str(low) if low == high else f"{low}–{high}"
-
-
 def no_effect(choice: dict) -> list:
     """Where a choice is flagged ``no_effect`` (no block beats the query alone): [None] for a task chosen as a
     whole, the halves (``scored_fold``) of a cross-fitted task, [] where it is not flagged."""
@@ -87,18 +85,13 @@ def figure(choices: dict, title: str):
     several tasks their mean in bold (with one task the mean would hide it); baseline and regular ICL dev accuracy
     (mean over tasks) as horizontal reference lines where the choices carry them. A task flagged ``no_effect`` is
     dashed, its chosen block hollow, and its legend entry says so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
     several = len(choices) > 1
     rows = len(choices) + 8 if several else 4  # legend entries: the styles, a blank, the tasks
-    fig, ax = plt.subplots(
+    fig = new_figure(
         figsize=(12, max(5.0, 0.19 * rows + 0.6)),  # every legend entry fits
         layout="constrained",
     )  # constrained: room for the legend at right
+    ax = fig.subplots()
     task_handles = []
     for i, (name, choice) in enumerate(choices.items()):
         curve, (color, marker) = choice["dev_accuracy"], task_style(i)
@@ -198,8 +191,4 @@ def figure(choices: dict, title: str):
 
 
 def plot(choices: dict, path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(choices, title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(figure(choices, title), path)
