@@ -2,6 +2,20 @@
 
 ``import lm_eval_taskvec`` is cheap (no torch): it makes lm-eval know the ``hf-taskvec`` model and the
 ``tv_*`` tasks. The model class loads on first use.
+
+The layers of the package, each importing only those listed before it (and never ``model``):
+
+- ``settings`` (model arguments, parsed; no torch), ``contexts`` (S and x of a request, dummy queries),
+  ``layers`` (decoder blocks, every hook, ``Intervention``), ``extraction`` (prefix-shared forward passes),
+  ``identity`` (weights fingerprint), ``handoff`` (what HFLM's callbacks hand each other);
+- ``theta`` (``ThetaKey``; ``ThetaStore``, the one owner of θ), ``thetafile`` (the θ file format);
+- ``planning`` (``Plan``: a request's query, θ key and block; plans -> interventions);
+- ``selection`` (``layer=auto``: dev documents, the sweep, the layer cache), which talks to the model only
+  through ``selection.interface.SweepModel``;
+- ``model`` (``TaskVectorLM``: HFLM overrides, each owning no state but what it hands to the next callback);
+- above the model: ``comparison`` (``taskvec compare``), ``analyses``, ``cli``, ``sweep_report``, ``figures``.
+
+Nothing below ``model`` imports it or reads a private attribute of it (``lm._*``); tests/test_layout.py checks.
 """
 
 from lm_eval_taskvec._autoload import install as _install
