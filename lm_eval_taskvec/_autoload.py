@@ -58,6 +58,7 @@ def add_task_path() -> None:
     def build_all_requests(self, *args, **kwargs):
         # The same settings shape the dev prompts of layer=auto; chat templates are refused by patched modes.
         self.taskvec_prompt_settings = {key: kwargs.get(key) for key in PROMPT_SETTINGS}
+        self.taskvec_samples = kwargs.get("samples")  # --samples renumbers Instance.doc_id (planning.document_index)
         LOADED_TASKS[self.config.task] = self
         return original_build(self, *args, **kwargs)
 

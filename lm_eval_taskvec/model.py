@@ -26,7 +26,7 @@ from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, embedde
 from lm_eval_taskvec.extraction import cache_argument, prefill_columns
 from lm_eval_taskvec.handoff import Handoff, SharedModes, batch_key, in_parts, row_key
 from lm_eval_taskvec.layers import find_blocks, intervene, resolve_layer
-from lm_eval_taskvec.planning import Plan, Planner
+from lm_eval_taskvec.planning import Plan, Planner, document_index
 from lm_eval_taskvec.selection import layer_of_document, select_layer
 from lm_eval_taskvec.selection.cache import LayerCache
 from lm_eval_taskvec.settings import AUTO, Settings, check_mode
@@ -154,7 +154,7 @@ class TaskVectorLM(HFLM):
         """Block L for a request: the fixed layer, or layer=auto's choice for its task (per fold if cross-fitted)."""
         if self.settings.layer != AUTO:
             return self.settings.layer
-        return layer_of_document(self.layer_choices[request.task_name], request.doc_id)
+        return layer_of_document(self.layer_choices[request.task_name], document_index(request))
 
     def choose_layers(self, task_names) -> None:
         """Run (or recall) layer=auto's choice for each task, before its requests are planned."""

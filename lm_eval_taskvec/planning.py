@@ -31,6 +31,14 @@ class Plan:
     prepare_theta: bool = False  # regular mode: run ``query`` unpatched and keep θ from its KV cache for later
 
 
+def document_index(request) -> int:
+    """The request's document as an index into its task's evaluated documents. Under ``--samples`` lm-eval
+    numbers ``Instance.doc_id`` by position among the sampled documents (in document order) and maps it back
+    only for logging; every other run's doc_id is the index itself."""
+    samples = getattr(LOADED_TASKS.get(request.task_name), "taskvec_samples", None)
+    return sorted(set(samples))[request.doc_id] if samples else request.doc_id
+
+
 class Tokens(Protocol):
     """How the model tokenizes, as HFLM does (the model class provides these)."""
 

@@ -614,3 +614,23 @@ def test_drawing_a_figure_leaves_pyplot_and_its_backend_alone(tmp_path):
     finally:
         plt.close("all")
         matplotlib.use(saved)
+
+
+def test_the_layer_column_shows_every_block_a_cross_fitted_task_was_patched_at(tmp_path):
+    """A cross-fitted task's documents were patched at its halves' blocks (9 and 10), not at the pooled choice
+    (10); a group shows the range of every block its tasks used."""
+    metrics = {"paper_match": H, "exact_match": H}
+    path = write_run(
+        tmp_path / "h",
+        {"tv_a": metrics, "tv_b": metrics},
+        mode="hypothesis",
+        layers={"tv_a": 10, "tv_b": 4},
+        groups={"tv_g": ["tv_a", "tv_b"]},
+        group_values={"tv_g": {"paper_match,none": 0.9}},
+    )
+    data = json.loads(path.read_text())
+    data["config"]["taskvec"]["layer_selection"]["tv_a"]["folds"] = [{"layer": 9}, {"layer": 10}]
+    path.write_text(json.dumps(data))
+    rows = {row.name: row for row in build(load_runs([path])).rows}
+    assert rows["tv_a"].layers == {"hypothesis": "9, 10"} and rows["tv_b"].layers == {"hypothesis": "4"}
+    assert rows["tv_g"].layers == {"hypothesis": "4-10"}

@@ -70,15 +70,19 @@ class Run:
             return None
         return str(self.taskvec.get("mode") or self.model_args.get("mode") or "regular")
 
-    def layer(self, task: str) -> int | None:
-        """The block θ was patched at for ``task`` (hypothesis runs): the layer=auto choice, or the fixed layer."""
+    def layers(self, task: str) -> list[int]:
+        """The blocks θ was patched at for ``task`` (hypothesis runs): layer=auto's choice (one per cross-fitted
+        half: each half's documents were patched at the block chosen on the other), or the fixed layer."""
         if self.mode != "hypothesis":
-            return None
+            return []
         choice = (self.taskvec.get("layer_selection") or {}).get(task)
-        if isinstance(choice, dict) and isinstance(choice.get("layer"), int):
-            return choice["layer"]
+        if isinstance(choice, dict):
+            parts = choice.get("folds") if isinstance(choice.get("folds"), list) else [choice]
+            found = [p.get("layer") for p in parts if isinstance(p, dict)]
+            if found and all(type(layer) is int for layer in found):
+                return sorted(set(found))
         fixed = self.taskvec.get("layer")
-        return fixed if isinstance(fixed, int) and not isinstance(fixed, bool) else None
+        return [fixed] if type(fixed) is int else []
 
     @property
     def limit(self):

@@ -342,11 +342,11 @@ def fill_row(table: Comparison, row: Row, metric: str | None) -> None:
     row.n = ns.pop() if len(ns) == 1 else None
     for label in table.layer_columns:
         column = next(c for c in table.columns if c.label == label)
-        layers = sorted(
-            {layer for leaf in row.leaves if (r := column.run_for(leaf)) and (layer := r.layer(leaf)) is not None}
-        )
-        if layers:
-            row.layers[label] = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+        layers = sorted({layer for leaf in row.leaves if (r := column.run_for(leaf)) for layer in r.layers(leaf)})
+        if len(layers) == 1 or (layers and row.kind == "task"):  # a task: every block used; a group: their range
+            row.layers[label] = ", ".join(map(str, layers))
+        elif layers:
+            row.layers[label] = f"{layers[0]}-{layers[-1]}"
 
 
 def _number(value) -> float | None:
