@@ -73,7 +73,7 @@ class Prefix:
         else:
             mask = torch.cat([self.mask.bool()[:, None, :].expand(rows, width, -1), sees.to(device)], 2)[:, None]
             if mask_kind == "additive":
-                dtype = next(model.parameters()).dtype
+                dtype = model.dtype
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         output = model(
             input_ids=ids.to(device),
@@ -108,12 +108,23 @@ class Prefix:
         return Prefix(cache, self.mask[index])
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a forward pass's token ids go: the input embedding's execution device. Under accelerate's offload
+    (``parallelize=True``) the weights may sit on ``meta`` or the CPU while the embedding runs elsewhere, so
+    neither the first parameter's device nor the embedding weight's says it."""
+    embedding = model.get_input_embeddings()
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        return embedding.weight.device
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
 def prefill(model: nn.Module, prefixes: list[list[int]], stop_block: nn.Module | None = None) -> Prefix:
     """Run left-padded ``prefixes`` into a fresh KV cache, filling only blocks up to ``stop_block`` if given.
 
     Prefixes are all empty (then nothing runs) or all non-empty: a row of padding only has nothing to attend to.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     width = max(map(len, prefixes))
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device, dtype=torch.long)
     if width and min(map(len, prefixes)) == 0:
@@ -149,13 +160,13 @@ def branch_mask_kind(model: nn.Module) -> str | None:
         tokens = [(7 * i + 3) % vocab for i in range(12)]
         prefixes, heads = [tokens[:3], tokens[3:4]], [tokens[4:5], tokens[5:7]]
         branches = [[tokens[7:9], tokens[9:10], tokens[7:8] + tokens[10:11]], [tokens[10:12]]]  # two share a token
-        exact = next(model.parameters()).dtype == torch.float32
+        exact = model.dtype == torch.float32
         with torch.no_grad():
             output, columns_of = prefill(model, prefixes).extend_branches(model, heads, branches, kind)
             for r, (prefix, head) in enumerate(zip(prefixes, heads)):
                 for own, branch in zip(columns_of[r], branches[r]):
                     alone = model(
-                        input_ids=torch.tensor([prefix + head + branch], device=next(model.parameters()).device)
+                        input_ids=torch.tensor([prefix + head + branch], device=input_device(model))
                     )
                     columns = list(range(len(head))) + own
                     if not torch.allclose(

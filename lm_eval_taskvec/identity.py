@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 
 
@@ -18,13 +19,24 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
+            flat = _loaded(model, name, param).detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
             summary = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
             digest.update(f"{name}{tuple(param.shape)}".encode())
             digest.update(sample.numpy().tobytes() + summary.cpu().numpy().tobytes())
     model._taskvec_fingerprint = (state, digest.hexdigest())
     return digest.hexdigest()
+
+
+def _loaded(model: nn.Module, name: str, param: torch.Tensor) -> torch.Tensor:
+    """The weight itself: an offloaded one (accelerate leaves ``meta`` in its place, ``parallelize=True``) is
+    read through its module's offload hook."""
+    if param.device.type != "meta":
+        return param
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    with align_module_device(module, torch.device("cpu")):
+        return getattr(module, leaf).detach().clone()
 
 
 def model_identity(model: nn.Module, num_blocks: int) -> dict:
