@@ -164,14 +164,17 @@ def intervene(
     if not layers:
         yield
         return
-    rows = len(interventions)
-    hidden = next(iv.vector for iv in interventions if iv is not None)
-    values = torch.zeros(rows, hidden.shape[-1], dtype=torch.float32)
-    add = torch.zeros(rows, dtype=torch.bool)
-    for i, iv in enumerate(interventions):
-        if iv is not None:
-            values[i] = iv.vector.detach().float().cpu() * (iv.scale if iv.op == "add" else 1.0)
-            add[i] = iv.op == "add"
+    some = next(iv.vector for iv in interventions if iv is not None)
+    zero = torch.zeros(some.shape[-1], dtype=torch.float32, device=some.device)
+    values = torch.stack(
+        [
+            zero
+            if iv is None
+            else iv.vector.detach().to(some.device, torch.float32) * (iv.scale if iv.op == "add" else 1.0)
+            for iv in interventions
+        ]
+    )  # float32 until written: a scaled vector is rounded once, to the block's dtype
+    add = torch.tensor([iv is not None and iv.op == "add" for iv in interventions])
     at = torch.tensor([iv.layer if iv is not None else -1 for iv in interventions])
     with ExitStack() as stack:
         records = [
@@ -206,8 +209,8 @@ def write_states(block: nn.Module, values: torch.Tensor, positions, rows=None, f
             )
         index = torch.arange(hidden.shape[0]) if rows is None else rows.nonzero().squeeze(-1)
         at = torch.full_like(index, positions) if isinstance(positions, int) else positions[index]
+        new = values[index.to(values.device)].to(hidden.device, hidden.dtype)
         index, at = index.to(hidden.device), at.to(hidden.device)
-        new = values[index.cpu()].to(hidden.device, hidden.dtype)
         if add is not None:
             added = add[index.cpu()].to(hidden.device)[:, None]
             new = torch.where(added, hidden[index, at] + new, new)

@@ -84,7 +84,7 @@ class ThetaStore:
     def ensure(self, wanted, desc: str = "Extracting task vectors") -> None:
         """Compute every missing θ of ``wanted`` ((layer, key) pairs): one extraction pass per set of layers
         (a sweep needs all blocks of each [S, x'] prompt; an evaluation needs one layer per task, and stops
-        there). θ is the mean over the dummies, accumulated in float32."""
+        there). θ is the mean over the dummies, accumulated in float32 and kept in the model's dtype."""
         layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
         for layer, key in wanted:
             if (layer, key) not in self._thetas:
@@ -93,10 +93,11 @@ class ThetaStore:
         for key, layers in layers_of.items():
             passes[tuple(sorted(layers))].append(key)
         for layers, keys in passes.items():
-            states = self.last_token_states([self.prompts(key) for key in keys], list(layers), desc).float().mean(2)
+            states = self.last_token_states([self.prompts(key) for key in keys], list(layers), desc)
+            means = states.float().mean(2).to(states.dtype)
             for li, layer in enumerate(layers):
                 for ki, key in enumerate(keys):
-                    self._thetas[(layer, key)] = states[li, ki]
+                    self._thetas[(layer, key)] = means[li, ki]
 
     def last_token_states(
         self, families: list[list[list[int]]], layers: list[int], desc: str = "Extracting task vectors"
@@ -130,7 +131,8 @@ class ThetaStore:
             found = states_after(self.model, self.blocks, Prefix(cache, seen).take(members), suffixes, layers)
         for i, r in enumerate(todo):
             k = len(families[r])
-            self._thetas[rows[r]] = found[rows[r][0]][i * k : (i + 1) * k].float().mean(0)
+            states = found[rows[r][0]][i * k : (i + 1) * k]
+            self._thetas[rows[r]] = states.float().mean(0).to(states.dtype)
 
 
 def few_shot_requests(task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int) -> list[list]:

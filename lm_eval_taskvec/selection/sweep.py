@@ -167,7 +167,8 @@ def regular_and_thetas(
         for key in batch:
             k = len(families[key])
             for layer in layers:  # θ: the mean over the dummies
-                lm.thetas.put(layer, key, found[layer][row : row + k].float().mean(0))
+                states = found[layer][row : row + k]
+                lm.thetas.put(layer, key, states.float().mean(0).to(states.dtype))
             row += k
     return out
 
