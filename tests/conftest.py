@@ -9,6 +9,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tests.helpers import make_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
@@ -32,53 +34,15 @@ def tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer)
-    return transformers.PreTrainedTokenizerFast(
+    shared = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-
-
-def _configs(vocab: int) -> dict:
-    # A wide initialisation keeps random models' greedy outputs input-dependent, so tests can see a wrong patch.
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
-    llama_like = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **common,
-    )
-    return {
-        "gpt2": transformers.GPT2Config(n_positions=256, n_embd=32, n_layer=3, n_head=4, **common),
-        "gptj": transformers.GPTJConfig(n_positions=256, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **common),
-        "gpt_neox": transformers.GPTNeoXConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **common,
-        ),
-        "llama": transformers.LlamaConfig(**llama_like),
-        "mistral": transformers.MistralConfig(**llama_like),
-        "qwen2": transformers.Qwen2Config(**llama_like),
-        "gemma": transformers.GemmaConfig(head_dim=8, **llama_like),
-    }
-
-
-ARCHITECTURES = list(_configs(400))
-
-
-def make_model(arch: str, vocab: int):
-    torch.manual_seed(0)
-    config = _configs(vocab)[arch]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    return shared
 
 
 @pytest.fixture(scope="session")
 def model_factory(tokenizer):
+    """One model per architecture for the whole session: copy it (``copy.deepcopy``) before editing it."""
     cache = {}
 
     def build(arch: str = "llama"):
@@ -90,12 +54,23 @@ def model_factory(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama saved as a model folder, for commands that load ``pretrained=<path>``."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def saved_model(tmp_path_factory, tokenizer):
+    """``saved_model(arch="llama", **config_edits)``: a folder holding a tiny random model (edited as
+    ``make_model`` edits it, e.g. ``max_position_embeddings=2048``) and the tokenizer, for what loads
+    ``pretrained=<path>``. One folder per distinct arguments for the whole session: copy it before writing
+    into it."""
+    cache = {}
+
+    def save(arch: str = "llama", **config_edits):
+        key = (arch, tuple(sorted(config_edits.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"saved-{arch}")
+            make_model(arch, len(tokenizer), **config_edits).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return save
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from lm_eval_taskvec.model import TaskVectorLM
 from lm_eval_taskvec.selection import select_layer
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, task_vectors
-from tests.conftest import make_model
+from tests.helpers import make_model
 from tests.tasks import LETTERS, letter_rows, make_task, requests_of
 
 PNG = b"\x89PNG"
@@ -444,7 +444,8 @@ def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_dir):
+def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, saved_model):
+    model_dir = saved_model()
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -452,7 +453,7 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_
         "lm_eval_taskvec.cli",
         "export",
         "--model_args",
-        f"pretrained={tiny_model_dir}",
+        f"pretrained={model_dir}",
         "--tasks",
         "tv_algorithmic",
         "--num_sets",
@@ -466,9 +467,7 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    stored = thetafile.load_thetas(
-        out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu")
-    )
+    stored = thetafile.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(model_dir), device="cpu"))
     assert sorted(stored.thetas) == sorted(
         (name, 1)
         for name in [

@@ -16,41 +16,7 @@ import lm_eval_taskvec.model as model_module
 import lm_eval_taskvec.theta as theta_module
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.layers import write_states
-from tests.conftest import ARCHITECTURES
-
-GEN = {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}
-
-
-def context(demos: str, query: str) -> str:
-    return "".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{query}->"
-
-
-def query_of(context: str) -> str:
-    """The query of a context built by ``context``, written out independently of the code under test."""
-    return "example:" + context.rsplit("\nexample:", 1)[1]
-
-
-def gen_requests(task: str = "t"):
-    # Different numbers of demonstrations and queries: contexts of different lengths in one batch.
-    cases = [("abcde", "k"), ("fg", "mn"), ("hijklmnop", "q"), ("rs", "tuvw"), ("xyz", "b"), ("abc", "zz")]
-    return [
-        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, (task, i, 1)) for i, (d, q) in enumerate(cases)
-    ]
-
-
-def ll_requests():
-    cases = [
-        ("abcde", "k", "K"),
-        ("fg", "mn", " MN"),
-        ("hijklmnop", "q", "Q\nexample"),
-        ("rs", "tuvw", "T"),
-        ("abcde", "k", "KK"),
-    ]  # the same context as the first, another continuation
-    return [Instance("loglikelihood", {}, (context(d, q), c), i, ("t", i, 1)) for i, (d, q, c) in enumerate(cases)]
-
-
-def logits(lm, text: str) -> torch.Tensor:
-    return lm._model_call(torch.tensor([lm.tok_encode(text)]))[0]
+from tests.helpers import ARCHITECTURES, GEN, context, gen_requests, ll_requests, logits, query_of
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import torch
-from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
-from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec import identity, selection
 from lm_eval_taskvec.extraction import Prefix, branch_mask_kind
@@ -18,7 +16,7 @@ from lm_eval_taskvec.selection import cache, sweep
 from lm_eval_taskvec.selection.dev import DevExample, dev_sets, fold_members
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, ThetaStore
-from tests.conftest import ARCHITECTURES
+from tests.helpers import ARCHITECTURES, run_task
 from tests.tasks import letter_rows, make_task, requests_of
 
 
@@ -32,18 +30,13 @@ def layer_cache(tmp_path, monkeypatch):
     return tmp_path / "fresh" / "layers"
 
 
-def run(lm, task="tv_list_first", limit=4, **kwargs):
-    tasks = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit, **kwargs)
-
-
 def queries(examples) -> list[str]:
     return [ex.requests[0].args[0].rpartition("\n")[2] for ex in examples]
 
 
 def test_auto_sweeps_every_block_on_validation_and_reports_the_curve(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    chosen = run(lm)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    chosen = run_task(lm)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
     curve = chosen["dev_accuracy"]
     assert len(curve) == len(lm.blocks) and chosen["source"] == "sweep" and chosen["num_dev"] == 6
     assert chosen["dev_split"] == "validation" and len(chosen["dev_docs"]) == 6
@@ -54,7 +47,7 @@ def test_auto_sweeps_every_block_on_validation_and_reports_the_curve(make_lm, la
 
 def test_validation_dev_documents_are_validation_rows(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=10)
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
     data = [json.loads(line) for line in (task_dir() / "data" / "tv_list_first.jsonl").read_text().splitlines()]
     split_of = {f"example:{row['input']}->": row["split"] for row in data}
     (dev,) = dev_sets(lm.settings, "tv_list_first")
@@ -191,9 +184,9 @@ def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache,
     lm = make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="off")
     sweeps, choose = [], sweep.choose
     monkeypatch.setattr(sweep, "choose", lambda *a: sweeps.append(a[1]) or choose(*a))
-    first = run(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
-    second = run(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
-    run(lm, num_fewshot=3)  # the same shots again: remembered
+    first = run_task(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    second = run_task(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    run_task(lm, num_fewshot=3)  # the same shots again: remembered
     assert first["source"] == second["source"] == "sweep" and sweeps == ["tv_list_first"] * 2
     assert not layer_cache.exists()  # layer_cache=off writes nothing
 
@@ -219,7 +212,7 @@ def fixed_layer_hits(make_lm, arch, mode, requests, layer=None):
 
 def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_lm, layer_cache):
     """Each block's dev accuracy, and baseline's and regular's, equal what the evaluation paths generate."""
-    run(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
+    run_task(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
     lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
     (dev,) = dev_sets(lm.settings, "tv_list_first")
     ((per_block, baseline, regular),) = sweep.score(lm, "tv_list_first", [dev])
@@ -666,11 +659,11 @@ def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
 
 
 def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
-    first = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
-    again = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    first = run_task(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    again = run_task(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     assert again["tv_list_first"]["source"].endswith(".json")
     assert again["tv_list_first"]["dev_accuracy"] == first["tv_list_first"]["dev_accuracy"]
-    other = run(make_lm("qwen2", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    other = run_task(make_lm("qwen2", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     assert other["tv_list_first"]["source"] == "sweep"
     assert len(list(layer_cache.glob("*.json"))) == 2
 
@@ -678,7 +671,7 @@ def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, la
 def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, model_factory, tokenizer, layer_cache):
     from lm_eval_taskvec.model import TaskVectorLM
 
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     sets = dev_sets(lm.settings, "tv_list_first")
     key = key_of(lm, "tv_list_first", sets)
@@ -777,7 +770,7 @@ MORE_BAD_CACHE_FILES = {  # the same check, without a sweep each
 
 @pytest.mark.parametrize("content", BAD_CACHE_FILES.values(), ids=BAD_CACHE_FILES)
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     path = layer_cache / f"{key_of(lm, 'tv_list_first', dev_sets(lm.settings, 'tv_list_first'))}.json"
     layer_cache.mkdir(parents=True)
@@ -840,7 +833,7 @@ def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, mo
 
 
 def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     choice = selection.select_layer(lm, "tv_list_first")
@@ -901,15 +894,15 @@ def test_layer_cache_spellings(make_lm, spelling, setting):
 
 
 def test_refresh_sweeps_again_and_rewrites(make_lm, layer_cache):
-    run(make_lm("llama", mode="hypothesis", num_dev=6))
-    again = run(make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="refresh"))
+    run_task(make_lm("llama", mode="hypothesis", num_dev=6))
+    again = run_task(make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="refresh"))
     assert again["config"]["taskvec"]["layer_selection"]["tv_list_first"]["source"] == "sweep"
     assert len(list(layer_cache.glob("*.json"))) == 1
 
 
 @pytest.mark.parametrize("mode", ["regular", "baseline"])
 def test_only_hypothesis_runs_record_a_layer(make_lm, layer_cache, mode):
-    info = run(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
+    info = run_task(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
     assert info == {"mode": mode}
 
 
