@@ -9,12 +9,13 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tests.helpers import make_model
+from tests.helpers import SessionState, make_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SESSION = SessionState()  # what the session-scoped fixtures share between tests
 
 
 def _corpus():
@@ -37,6 +38,7 @@ def tokenizer():
     shared = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+    SESSION.tokenizers.append(shared)
     return shared
 
 
@@ -48,6 +50,7 @@ def model_factory(tokenizer):
     def build(arch: str = "llama"):
         if arch not in cache:
             cache[arch] = make_model(arch, len(tokenizer))
+            SESSION.add_model(arch, cache[arch])
         return cache[arch]
 
     return build
@@ -68,6 +71,7 @@ def saved_model(tmp_path_factory, tokenizer):
             make_model(arch, len(tokenizer), **config_edits).save_pretrained(path)
             tokenizer.save_pretrained(path)
             cache[key] = path
+            SESSION.folders.append(path)
         return cache[key]
 
     return save
@@ -75,7 +79,8 @@ def saved_model(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def make_lm(model_factory, tokenizer):
-    """An hf-taskvec (or, with stock=True, a stock HFLM) wrapper around a tiny model."""
+    """An hf-taskvec (or, with stock=True, a stock HFLM) wrapper around a tiny model: the session's model of
+    ``arch``, or ``pretrained=`` a model of the test's own (a copy it may edit)."""
 
     def build(arch: str = "llama", stock: bool = False, **kwargs):
         from lm_eval.models.huggingface import HFLM
@@ -86,6 +91,27 @@ def make_lm(model_factory, tokenizer):
         kwargs.setdefault("batch_size", 4)
         if not stock:  # hand-made requests come from no loaded task: split them at the paper's delimiter
             kwargs.setdefault("fewshot_delimiter", "\n")
-        return cls(pretrained=model_factory(arch), tokenizer=tokenizer, device="cpu", **kwargs)
+        if "pretrained" not in kwargs:
+            kwargs["pretrained"] = model_factory(arch)
+        return cls(tokenizer=tokenizer, device="cpu", **kwargs)
 
     return build
+
+
+@pytest.fixture
+def session_state():
+    """What the session shares between tests, as the leak guard below watches it."""
+    return SESSION
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Fails a test that leaves anything behind in what the session shares: a hook or an instance ``forward``
+    on a module of a session model, a changed weight, model attribute or config, a changed tokenizer, a file
+    in a saved model folder, a package global or class attribute replaced by hand. What it finds it undoes,
+    so later tests run on the models as built."""
+    before = SESSION.snapshot()
+    yield
+    leaks = SESSION.leaks(before)
+    if leaks:
+        pytest.fail("left behind in session-shared objects:\n  " + "\n  ".join(leaks), pytrace=False)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.modules.module as module_hooks
 import transformers
 from lm_eval.api.instance import Instance
 
@@ -139,3 +140,195 @@ def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = out.glob("*/results_*.json")
     return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------------------------------------- isolation
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+HOOK_KEYS = set(HOOKS) | {
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+}
+CACHED_ON_THE_MODEL = {"_taskvec_fingerprint", "_taskvec_branch_mask"}  # the package's own caches
+# transformers hooks every layer the first time a model returns hidden states (output_hidden_states=True), and
+# marks it so: both are taken off again after each test, so each test starts from the model as built.
+CAPTURING_HOOKS, CAPTURING_MARK = "transformers.utils.output_capturing", "_output_capturing_hooks_installed"
+
+
+class SessionState:
+    """The objects the session-scoped fixtures hand to every test (tiny models, the tokenizer, saved model
+    folders) and the package's module globals, to find what a test left behind in them: ``snapshot`` before
+    a test, ``leaks`` after it (which also undoes what it finds, so that a leak fails its own test only)."""
+
+    def __init__(self):
+        self.models: dict[str, torch.nn.Module] = {}
+        self.built: dict[str, dict] = {}  # each model's state as built, for tests that build it
+        self.pristine: dict[str, dict[str, torch.Tensor]] = {}  # each model's weights as built
+        self.tokenizers: list = []
+        self.folders: list = []
+
+    def add_model(self, name: str, model: torch.nn.Module) -> None:
+        self.models[name] = model
+        self.built[name] = _model_state(model)
+        self.pristine[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def snapshot(self) -> dict:
+        return {
+            "models": {name: _model_state(model) for name, model in self.models.items()},
+            "tokenizers": [_attributes(tok) for tok in self.tokenizers],
+            "folders": [_listing(folder) for folder in self.folders],
+            "globals": _package_globals(),
+        }
+
+    def leaks(self, before: dict) -> list[str]:
+        """What differs from ``before`` in the shared objects, each undone; [] when the test left nothing."""
+        found = []
+        for hooks in (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks):
+            if hooks:
+                found.append(f"a global module hook is still registered ({len(hooks)})")
+                hooks.clear()
+        for name, model in self.models.items():
+            found += self._model_leaks(name, model, before["models"].get(name, self.built[name]))
+        for tok, old in zip(self.tokenizers, before["tokenizers"]):
+            found += _restore("the session tokenizer", vars(tok), old)
+        for folder, old in zip(self.folders, before["folders"]):
+            if _listing(folder) != old:
+                found.append(f"saved model folder {folder}: files written, changed or removed (copy it first)")
+        for module_name, old in before["globals"].items():
+            module = sys.modules.get(module_name)
+            if module is None:
+                continue
+            found += _restore(module_name, vars(module), old["module"], allowed_new=None)
+            for cls_name, cls_vars in old["classes"].items():
+                cls = vars(module).get(cls_name)
+                if isinstance(cls, type):
+                    found += _restore_class(f"{module_name}.{cls_name}", cls, cls_vars)
+        return found
+
+    def _model_leaks(self, name: str, model, old: dict) -> list[str]:
+        found = []
+        for path, module in model.named_modules():
+            where = f"{name} model{'.' + path if path else ''}"
+            _take_off_capturing_hooks(module, was_marked=CAPTURING_MARK in old["modules"].get(path, {}))
+            for kind in HOOKS:
+                if getattr(module, kind):
+                    found.append(f"{where}: {kind} left registered ({len(getattr(module, kind))})")
+                    getattr(module, kind).clear()
+            if "forward" in vars(module):
+                found.append(f"{where}: an instance `forward` stands in for the class's")
+                del vars(module)["forward"]
+            if path in old["modules"]:
+                allowed = CACHED_ON_THE_MODEL if not path else ()
+                found += _restore(where, vars(module), old["modules"][path], allowed_new=allowed)
+        found += _branch_mask_check(name, model, old)
+        if _versions(model) != old["weights"]:  # written to since: compared with the weights as built
+            changed = [k for k, v in model.state_dict().items() if not torch.equal(v, self.pristine[name][k])]
+            if changed:
+                found.append(f"{name} model: weights changed in place ({', '.join(changed)})")
+                with torch.no_grad():
+                    for key in changed:
+                        model.state_dict()[key].copy_(self.pristine[name][key])
+        for which, config, config_old in zip(("config", "generation_config"), _config_objects(model), old["configs"]):
+            if config is not None and config_old is not None:
+                found += _restore(f"{name} model.{which}", vars(config), config_old)
+        return found
+
+
+def _take_off_capturing_hooks(module, was_marked: bool) -> None:
+    for key, hook in list(module._forward_hooks.items()):
+        if getattr(hook, "__module__", None) == CAPTURING_HOOKS:
+            del module._forward_hooks[key]
+            for kind in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(module, kind, {}).pop(key, None)
+    if not was_marked:
+        vars(module).pop(CAPTURING_MARK, None)
+
+
+def _branch_mask_check(name: str, model, old: dict) -> list[str]:
+    """A branch-mask kind first cached during the test must be what the unchanged model gives."""
+    if "_taskvec_branch_mask" in old["modules"][""] or "_taskvec_branch_mask" not in vars(model):
+        return []
+    from lm_eval_taskvec.extraction import branch_mask_kind
+
+    cached = vars(model).pop("_taskvec_branch_mask")
+    fresh = branch_mask_kind(model)
+    if cached != fresh:
+        return [f"{name} model: _taskvec_branch_mask={cached!r} was cached under a changed model ({fresh!r})"]
+    return []
+
+
+def _model_state(model) -> dict:
+    return {
+        "modules": {path: _attributes(module) for path, module in model.named_modules()},
+        "weights": _versions(model),
+        "configs": tuple(_attributes(c) if c is not None else None for c in _config_objects(model)),
+    }
+
+
+def _attributes(obj) -> dict:
+    """A shallow copy of ``obj.__dict__``, one level deeper for plain containers (mutated in place)."""
+    return {k: (type(v)(v) if type(v) in (dict, list, set) else v) for k, v in vars(obj).items() if k not in HOOK_KEYS}
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot compare (tensors inside a dict): not the same
+        return False
+
+
+def _restore(where: str, current: dict, old: dict, allowed_new=()) -> list[str]:
+    """Put ``current`` (a __dict__) back to ``old``; ``allowed_new`` None: new names are fine (imports)."""
+    found = []
+    for key in list(current):
+        if key in HOOK_KEYS:
+            continue
+        if key not in old:
+            if allowed_new is not None and key not in allowed_new:
+                found.append(f"{where}: attribute {key!r} added")
+                del current[key]
+        elif not _same(current[key], old[key]):
+            found.append(f"{where}: attribute {key!r} changed")
+            current[key] = old[key]
+    for key in old.keys() - current.keys():
+        found.append(f"{where}: attribute {key!r} removed")
+        current[key] = old[key]
+    return found
+
+
+def _restore_class(where: str, cls: type, old: dict) -> list[str]:
+    found = []
+    for key, value in old.items():
+        if key not in vars(cls) or not _same(vars(cls)[key], value):
+            found.append(f"{where}.{key} replaced (use monkeypatch)")
+            setattr(cls, key, value)
+    return found
+
+
+def _versions(model) -> list:
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, t.data_ptr(), t._version) for name, t in tensors]
+
+
+def _config_objects(model) -> tuple:
+    return getattr(model, "config", None), getattr(model, "generation_config", None)
+
+
+def _listing(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _package_globals() -> dict:
+    """Each imported lm_eval_taskvec module's globals and its classes' attributes (what tests monkeypatch)."""
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("lm_eval_taskvec"):
+            continue
+        names = dict(vars(module))
+        classes = {k: dict(vars(v)) for k, v in names.items() if isinstance(v, type) and v.__module__ == module_name}
+        found[module_name] = {"module": names, "classes": classes}
+    return found

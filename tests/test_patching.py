@@ -95,8 +95,10 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     layers = list(range(len(lm.blocks)))
     passes = []
     counter = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
-    shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
-    counter.remove()
+    try:
+        shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    finally:
+        counter.remove()
     assert len(passes) == (2 if branches else 4)  # two batches of up to three families
     assert asked == [max(len(lm.tok_encode(p)) for f in families for p in f)]
     for f, family in enumerate(families):

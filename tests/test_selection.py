@@ -412,9 +412,11 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(
     branch_mask_kind(lm.model)  # the model's one-off check of branch masks runs before counting
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
     counter = lm.model.register_forward_pre_hook(lambda *_: model_passes.append(1))
-    scores = sweep.fork_scores(lm, rows, patches)
-    handle.remove()
-    counter.remove()
+    try:
+        scores = sweep.fork_scores(lm, rows, patches)
+    finally:
+        handle.remove()
+        counter.remove()
     assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
     # Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
     assert len(runs_of_block_0) == runs
@@ -516,20 +518,23 @@ def assert_oracle_scores(lm, rows, patches, scores):
                 if plans
                 else None
             )
-            with torch.no_grad():
-                logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
-            if handle:
-                handle.remove()
+            try:
+                with torch.no_grad():
+                    logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            finally:
+                if handle:
+                    handle.remove()
             total = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
             assert scores[p, i, 0].item() == pytest.approx(total, abs=1e-4)
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
-def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make_lm):
+def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make_lm, model_factory):
     """The top block reads state that block 0's forward leaves behind (as layers sharing a KV cache would).
     Replay skips block 0's forward, so only a check at a patch that leaves the top block to run can see it:
-    the check must reject replaying, warn, and every score must equal a full forward pass."""
-    lm = make_lm("llama")
+    the check must reject replaying, warn, and every score must equal a full forward pass. The model is a copy
+    of the session's: its hooks and its block's forward stay with it."""
+    lm = make_lm(pretrained=copy.deepcopy(model_factory("llama")))
     ran = []
     forward_0 = lm.blocks[0].forward
     lm.blocks[0].forward = lambda *args, **kwargs: ran.append(1) or forward_0(*args, **kwargs)
