@@ -142,17 +142,45 @@ def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(mak
     assert batched == single
 
 
-def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm):
+def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm, monkeypatch):
+    """Each row's first generated token (one token, no stop string) is the argmax of a forward pass of its query
+    alone with its own θ (the mean over its dummies of block 1's output after [S, x'], read here from
+    hidden_states) written at the query's last token; for some rows that is not the unpatched argmax."""
     lm = make_lm("gpt2", mode="hypothesis", layer=1)
-    reqs = gen_requests()
-    outputs = lm.generate_until(reqs)
-    plans = lm.plan(reqs)
-    for plan, output in zip(plans, outputs):
-        query = torch.tensor([lm.tok_encode(plan.query)])
-        with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], -1):
-            first = lm._model_call(query)[0, -1].argmax().item()
-        expected = lm.tok_decode([first])
-        assert output.startswith(expected.split("\n")[0])
+    reqs = [
+        Instance(
+            "generate_until", {}, (r.args[0], {"until": [], "do_sample": False, "max_gen_toks": 1}), r.idx, r.metadata
+        )
+        for r in gen_requests()
+    ]
+    generated = {}  # query tokens -> the one token generated after them
+    model_generate = lm._model_generate
+
+    def spy(context, max_length, stop, **kwargs):
+        out = model_generate(context, max_length, stop, **kwargs)
+        for row, mask, new in zip(context, kwargs["attention_mask"], out[:, context.shape[1] :]):
+            generated[tuple(row[mask.bool()].tolist())] = new.tolist()
+        return out
+
+    monkeypatch.setattr(lm, "_model_generate", spy)
+    lm.generate_until(reqs)
+    patched_differs = []
+    for plan in lm.plan(reqs):
+        assert plan.layer == 1 and not plan.theta_key.strip
+        states = [
+            lm.model(
+                torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True
+            ).hidden_states[2][0, -1]
+            for dummy in plan.theta_key.dummies
+        ]
+        query = lm.tok_encode(plan.query)
+        with torch.no_grad(), write_states(lm.blocks[1], torch.stack(states).mean(0)[None], -1) as record:
+            patched = lm.model(torch.tensor([query])).logits[0, -1].argmax().item()
+        assert record.patched == 1
+        assert generated[tuple(query)] == [patched]
+        with torch.no_grad():
+            patched_differs.append(patched != lm.model(torch.tensor([query])).logits[0, -1].argmax().item())
+    assert len(generated) == len(reqs) and any(patched_differs)  # every row seen; θ changes some first tokens
 
 
 def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, records):
