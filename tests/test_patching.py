@@ -99,7 +99,11 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
         shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
     finally:
         counter.remove()
-    assert len(passes) == (2 if branches else 4)  # two batches of up to three families
+    batches = -(-len(families) // 3)  # batch_size=3 families per extraction batch
+    if branches:
+        assert len(passes) == batches
+    else:  # S into a KV cache, then the suffixes
+        assert batches <= len(passes) <= 2 * batches
     assert asked == [max(len(lm.tok_encode(p)) for f in families for p in f)]
     for f, family in enumerate(families):
         for j, prompt in enumerate(family):
@@ -286,9 +290,22 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
 
 
 def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
+    """Query-only rows are shorter than the few-shot prompts batch_size was chosen for: a batch holds more of
+    them, as long as its tokens stay within batch_size full prompts' (and at most MAX_BATCH_GROWTH x). Here the
+    longest prompt is ~7x the longest query: more than batch_size rows per batch, fewer than 8x."""
     lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
-    lm.generate_until(gen_requests())  # 6 requests: longest context ~4x its query, so one grown batch
-    assert len(records) == 1 and lm.batch_size_per_gpu == 2
+    cases = [(d, q) for d in ("abcdefghij", "klmnopqr") for q in ("a", "bc", "d", "ef", "g", "hi", "j", "kl", "m")]
+    reqs = [
+        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)
+    ]
+    lm.generate_until(reqs)
+    new = GEN["max_gen_toks"]
+    full = max(len(lm.tok_encode(r.args[0])) for r in reqs) + new
+    short = max(len(lm.tok_encode(query_of(r.args[0]))) for r in reqs) + new
+    rows = [args[1].shape[0] for args, _, _ in records]  # each patched batch's rows
+    assert sum(rows) == len(reqs) and len(rows) < len(reqs) / 2  # fewer batches than batch_size alone makes
+    assert all(n * short <= 2 * full and n <= 2 * model_module.MAX_BATCH_GROWTH for n in rows)
+    assert lm.batch_size_per_gpu == 2  # the user's batch size, back once the queries are done
 
 
 def test_documents_sharing_demonstrations_share_theta(make_lm, records):
