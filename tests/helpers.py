@@ -149,7 +149,9 @@ HOOK_KEYS = set(HOOKS) | {
     "_forward_hooks_always_called",
     "_forward_pre_hooks_with_kwargs",
 }
-CACHED_ON_THE_MODEL = {"_taskvec_fingerprint", "_taskvec_branch_mask"}  # the package's own caches
+# The package's own caches on a model, free to come and go: the fingerprint checks itself against the weights'
+# version counters; a branch-mask kind cached during a test is checked against the unchanged model.
+CACHED_ON_THE_MODEL = {"_taskvec_fingerprint", "_taskvec_branch_mask"}
 # transformers hooks every layer the first time a model returns hidden states (output_hidden_states=True), and
 # marks it so: both are taken off again after each test, so each test starts from the model as built.
 CAPTURING_HOOKS, CAPTURING_MARK = "transformers.utils.output_capturing", "_output_capturing_hooks_installed"
@@ -198,7 +200,7 @@ class SessionState:
             module = sys.modules.get(module_name)
             if module is None:
                 continue
-            found += _restore(module_name, vars(module), old["module"], allowed_new=None)
+            found += _restore(module_name, vars(module), old["module"], new_names=True)
             for cls_name, cls_vars in old["classes"].items():
                 cls = vars(module).get(cls_name)
                 if isinstance(cls, type):
@@ -207,7 +209,8 @@ class SessionState:
 
     def _model_leaks(self, name: str, model, old: dict) -> list[str]:
         found = []
-        for path, module in model.named_modules():
+        modules = list(model.named_modules())
+        for path, module in modules:
             where = f"{name} model{'.' + path if path else ''}"
             _take_off_capturing_hooks(module, was_marked=CAPTURING_MARK in old["modules"].get(path, {}))
             for kind in HOOKS:
@@ -218,10 +221,10 @@ class SessionState:
                 found.append(f"{where}: an instance `forward` stands in for the class's")
                 del vars(module)["forward"]
             if path in old["modules"]:
-                allowed = CACHED_ON_THE_MODEL if not path else ()
-                found += _restore(where, vars(module), old["modules"][path], allowed_new=allowed)
-        found += _branch_mask_check(name, model, old)
-        if _versions(model) != old["weights"]:  # written to since: compared with the weights as built
+                found += _restore(
+                    where, vars(module), old["modules"][path], ignore=CACHED_ON_THE_MODEL if not path else ()
+                )
+        if _versions(model, modules) != old["weights"]:  # written to since: compared with the weights as built
             changed = [k for k, v in model.state_dict().items() if not torch.equal(v, self.pristine[name][k])]
             if changed:
                 found.append(f"{name} model: weights changed in place ({', '.join(changed)})")
@@ -231,7 +234,7 @@ class SessionState:
         for which, config, config_old in zip(("config", "generation_config"), _config_objects(model), old["configs"]):
             if config is not None and config_old is not None:
                 found += _restore(f"{name} model.{which}", vars(config), config_old)
-        return found
+        return found + _branch_mask_check(name, model, old)  # on the model as it was
 
 
 def _take_off_capturing_hooks(module, was_marked: bool) -> None:
@@ -245,8 +248,10 @@ def _take_off_capturing_hooks(module, was_marked: bool) -> None:
 
 
 def _branch_mask_check(name: str, model, old: dict) -> list[str]:
-    """A branch-mask kind first cached during the test must be what the unchanged model gives."""
-    if "_taskvec_branch_mask" in old["modules"][""] or "_taskvec_branch_mask" not in vars(model):
+    """A branch-mask kind cached during the test must be what the unchanged model gives."""
+    unset = object()
+    now, before = vars(model).get("_taskvec_branch_mask", unset), old["modules"][""].get("_taskvec_branch_mask", unset)
+    if now is unset or now == before:
         return []
     from lm_eval_taskvec.extraction import branch_mask_kind
 
@@ -258,9 +263,10 @@ def _branch_mask_check(name: str, model, old: dict) -> list[str]:
 
 
 def _model_state(model) -> dict:
+    modules = list(model.named_modules())
     return {
-        "modules": {path: _attributes(module) for path, module in model.named_modules()},
-        "weights": _versions(model),
+        "modules": {path: _attributes(module) for path, module in modules},
+        "weights": _versions(model, modules),
         "configs": tuple(_attributes(c) if c is not None else None for c in _config_objects(model)),
     }
 
@@ -281,20 +287,21 @@ def _same(a, b) -> bool:
         return False
 
 
-def _restore(where: str, current: dict, old: dict, allowed_new=()) -> list[str]:
-    """Put ``current`` (a __dict__) back to ``old``; ``allowed_new`` None: new names are fine (imports)."""
+def _restore(where: str, current: dict, old: dict, ignore=(), new_names: bool = False) -> list[str]:
+    """Put ``current`` (a __dict__) back to ``old``, but for the names in ``ignore`` (and new names, with
+    ``new_names``: a module's globals gain its submodules as they are imported)."""
     found = []
     for key in list(current):
-        if key in HOOK_KEYS:
+        if key in HOOK_KEYS or key in ignore:
             continue
         if key not in old:
-            if allowed_new is not None and key not in allowed_new:
+            if not new_names:
                 found.append(f"{where}: attribute {key!r} added")
                 del current[key]
         elif not _same(current[key], old[key]):
             found.append(f"{where}: attribute {key!r} changed")
             current[key] = old[key]
-    for key in old.keys() - current.keys():
+    for key in old.keys() - current.keys() - set(ignore):
         found.append(f"{where}: attribute {key!r} removed")
         current[key] = old[key]
     return found
@@ -309,9 +316,14 @@ def _restore_class(where: str, cls: type, old: dict) -> list[str]:
     return found
 
 
-def _versions(model) -> list:
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [(name, t.data_ptr(), t._version) for name, t in tensors]
+def _versions(model, modules=None) -> list:
+    """Each weight's and buffer's storage and version counter (bumped by every in-place write)."""
+    return [
+        (path, name, t.data_ptr(), t._version)
+        for path, module in modules or model.named_modules()
+        for name, t in (*module._parameters.items(), *module._buffers.items())
+        if t is not None
+    ]
 
 
 def _config_objects(model) -> tuple:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import lm_eval_taskvec.selection.sweep as sweep
+from lm_eval_taskvec import identity
 from lm_eval_taskvec.extraction import branch_mask_kind
 
 
@@ -38,6 +39,8 @@ def test_hooks_an_instance_forward_weights_and_configs_left_on_a_session_model_a
     ):
         assert expected in found
     assert session_state.leaks(before) == []  # all undone
+    identity.weights_fingerprint(model)  # remembered afresh (the weights' version counters moved): no leak
+    assert session_state.leaks(before) == []
     with torch.no_grad():
         assert torch.equal(model(ids).logits, clean)
     assert tokenizer.chat_template is None and model.config.initializer_range == 0.3
