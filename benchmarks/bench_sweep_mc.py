@@ -8,8 +8,9 @@ queries once into a shared KV cache, from which baseline and each block are scor
 replayed). One process, one model, the two cases interleaved (best of ``--repeats``); times are this
 process's CPU time, which other processes on a shared machine barely change (wall time is printed beside
 it). ``--flops`` first counts the floating-point operations of each case (torch's FlopCounterMode, untimed):
-the ratio that no implementation detail changes. ``--profile`` adds a cProfile of one sweep. Needs the offline
-tasks (``taskvec offline-tasks``); the default folder is built on first use.
+the ratio that no implementation detail changes. The forward passes of each case, and how often block 0 ran
+in them, are printed too (tests/test_selection.py only bounds them). ``--profile`` adds a cProfile of one sweep.
+Needs the offline tasks (``taskvec offline-tasks``); the default folder is built on first use.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def timed_calls(owner, name: str, totals: dict):
         yield
     finally:
         setattr(owner, name, original)
+
+
+@contextmanager
+def counted_passes(model, first_block, counts: dict):
+    """Count ``model``'s forward passes and the runs of ``first_block`` (of a part with weights: a block the
+    sweep replays from a recorded pass calls its hooks but runs none of its parts) into ``counts``."""
+    part = next(m for m in first_block.modules() if list(m.parameters(recurse=False)))
+
+    def add(key):
+        return lambda *_: counts.__setitem__(key, counts.get(key, 0) + 1)
+
+    handles = [model.register_forward_pre_hook(add("passes")), part.register_forward_pre_hook(add("block 0"))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def main():
@@ -112,13 +130,16 @@ def main():
         return
     fixed.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
     best, wall, parts, outputs = defaultdict(lambda: float("inf")), defaultdict(lambda: float("inf")), {}, {}
+    passes = {}  # forward passes and runs of block 0 per case (the same in every round)
     for _ in range(args.repeats):
         for name, (case, lm) in cases.items():
             totals = defaultdict(float)
+            passes[name] = {}
             with (
                 timed_calls(lm.thetas, "ensure", totals),
                 timed_calls(sweep, "regular_and_thetas", totals),
                 timed_calls(sweep, "fork_scores", totals),
+                counted_passes(lm.model, lm.blocks[0], passes[name]),
             ):
                 start, start_wall = time.process_time(), time.perf_counter()
                 outputs[name] = case()
@@ -141,6 +162,10 @@ def main():
         f"once ({sum(len(q) for q in {tuple(p[0]) for p in pairs})}), then per block the last query token and "
         f"the choice tokens: {n} x {cont})\n"
         f"  regular prompts (sweep only): {sum(map(len, fulls))}"
+    )
+    print(
+        "forward passes (block 0's runs: the sweep replays it below every patch): "
+        + ", ".join(f"{name} {counts['passes']} ({counts['block 0']})" for name, counts in passes.items())
     )
     print(
         f"\n{args.task}: {prompts} dev prompts ({len(requests)} choice requests) from {[d.split for d in sets]}, "

@@ -9,10 +9,13 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tests.helpers import SessionState, make_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SESSION = SessionState()  # what the session-scoped fixtures share between tests
 
 
 def _corpus():
@@ -32,75 +35,52 @@ def tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer)
-    return transformers.PreTrainedTokenizerFast(
+    shared = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-
-
-def _configs(vocab: int) -> dict:
-    # A wide initialisation keeps random models' greedy outputs input-dependent, so tests can see a wrong patch.
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
-    llama_like = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **common,
-    )
-    return {
-        "gpt2": transformers.GPT2Config(n_positions=256, n_embd=32, n_layer=3, n_head=4, **common),
-        "gptj": transformers.GPTJConfig(n_positions=256, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **common),
-        "gpt_neox": transformers.GPTNeoXConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **common,
-        ),
-        "llama": transformers.LlamaConfig(**llama_like),
-        "mistral": transformers.MistralConfig(**llama_like),
-        "qwen2": transformers.Qwen2Config(**llama_like),
-        "gemma": transformers.GemmaConfig(head_dim=8, **llama_like),
-    }
-
-
-ARCHITECTURES = list(_configs(400))
-
-
-def make_model(arch: str, vocab: int):
-    torch.manual_seed(0)
-    config = _configs(vocab)[arch]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    SESSION.tokenizers.append(shared)
+    return shared
 
 
 @pytest.fixture(scope="session")
 def model_factory(tokenizer):
+    """One model per architecture for the whole session: copy it (``copy.deepcopy``) before editing it."""
     cache = {}
 
     def build(arch: str = "llama"):
         if arch not in cache:
             cache[arch] = make_model(arch, len(tokenizer))
+            SESSION.add_model(arch, cache[arch])
         return cache[arch]
 
     return build
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama saved as a model folder, for commands that load ``pretrained=<path>``."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def saved_model(tmp_path_factory, tokenizer):
+    """``saved_model(arch="llama", **config_edits)``: a folder holding a tiny random model (edited as
+    ``make_model`` edits it, e.g. ``max_position_embeddings=2048``) and the tokenizer, for what loads
+    ``pretrained=<path>``. One folder per distinct arguments for the whole session: copy it before writing
+    into it."""
+    cache = {}
+
+    def save(arch: str = "llama", **config_edits):
+        key = (arch, tuple(sorted(config_edits.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"saved-{arch}")
+            make_model(arch, len(tokenizer), **config_edits).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[key] = path
+            SESSION.folders.append(path)
+        return cache[key]
+
+    return save
 
 
 @pytest.fixture
 def make_lm(model_factory, tokenizer):
-    """An hf-taskvec (or, with stock=True, a stock HFLM) wrapper around a tiny model."""
+    """An hf-taskvec (or, with stock=True, a stock HFLM) wrapper around a tiny model: the session's model of
+    ``arch``, or ``pretrained=`` a model of the test's own (a copy it may edit)."""
 
     def build(arch: str = "llama", stock: bool = False, **kwargs):
         from lm_eval.models.huggingface import HFLM
@@ -111,6 +91,27 @@ def make_lm(model_factory, tokenizer):
         kwargs.setdefault("batch_size", 4)
         if not stock:  # hand-made requests come from no loaded task: split them at the paper's delimiter
             kwargs.setdefault("fewshot_delimiter", "\n")
-        return cls(pretrained=model_factory(arch), tokenizer=tokenizer, device="cpu", **kwargs)
+        if "pretrained" not in kwargs:
+            kwargs["pretrained"] = model_factory(arch)
+        return cls(tokenizer=tokenizer, device="cpu", **kwargs)
 
     return build
+
+
+@pytest.fixture
+def session_state():
+    """What the session shares between tests, as the leak guard below watches it."""
+    return SESSION
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Fails a test that leaves anything behind in what the session shares: a hook or an instance ``forward``
+    on a module of a session model, a changed weight, model attribute or config, a changed tokenizer, a file
+    in a saved model folder, a package global or class attribute replaced by hand. What it finds it undoes,
+    so later tests run on the models as built."""
+    before = SESSION.snapshot()
+    yield
+    leaks = SESSION.leaks(before)
+    if leaks:
+        pytest.fail("left behind in session-shared objects:\n  " + "\n  ".join(leaks), pytrace=False)

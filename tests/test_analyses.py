@@ -21,7 +21,7 @@ from lm_eval_taskvec.model import TaskVectorLM
 from lm_eval_taskvec.selection import select_layer
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, task_vectors
-from tests.conftest import make_model
+from tests.helpers import make_model
 from tests.tasks import LETTERS, letter_rows, make_task, requests_of
 
 PNG = b"\x89PNG"
@@ -252,23 +252,42 @@ def test_vocab_at_the_last_block_lists_the_models_own_next_tokens(make_lm, tasks
 
 # ---------------------------------------------------------------------------------------------- export
 def test_export_round_trips_theta_exactly_with_its_metadata(make_lm, tasks, tmp_path):
+    """The file holds, per task and block, the mean over demonstration sets of each set's θ (the mean over its
+    dummies of the block's output at the last token of [S, x']), written out here from plain forward passes:
+    hidden_states[L + 1] is block L's output below the last block (the last one's is after the final norm)."""
     lm = make_lm("llama", num_dummy=2)
-    saved = export.export_thetas(lm, tasks, tmp_path / "out", layers=["1", "2"], num_sets=3, num_fewshot=3, seed=5)
+    saved = export.export_thetas(lm, tasks, tmp_path / "out", layers=["0", "1"], num_sets=3, num_fewshot=3, seed=5)
     loaded_file = thetafile.load_thetas(tmp_path / "out" / thetafile.FILE_NAME, lm)
-    assert set(loaded_file.thetas) == {(t, layer) for t in tasks for layer in (1, 2)}
+    assert set(loaded_file.thetas) == {(t, layer) for t in tasks for layer in (0, 1)}
     for key, stored in saved.thetas.items():
         again = loaded_file.thetas[key]
         assert again.theta.dtype == torch.float32 and torch.equal(again.theta, stored.theta)
         assert again.info == stored.info
+    expected = {}
     for name in tasks:
         requests = common.demonstration_sets(tasks[name], 3, 3, seed=5)
-        expected = task_vectors(lm, requests, [1, 2]).mean(1)
-        assert torch.equal(loaded_file.get(name, 2).theta, expected[1])
+        assert len({r.args[0] for r in requests}) == 3  # three sets of their own
+        for layer in (0, 1):
+            per_set = []
+            for plan in lm.plan(requests, layer=layer):
+                key = plan.theta_key
+                assert len(key.dummies) == 2 and not key.strip
+                with torch.no_grad():
+                    states = [
+                        lm.model(
+                            torch.tensor([lm.tok_encode(key.demos + dummy)]), output_hidden_states=True
+                        ).hidden_states[layer + 1][0, -1]
+                        for dummy in key.dummies
+                    ]
+                per_set.append(torch.stack(states).mean(0))
+            expected[name, layer] = torch.stack(per_set).mean(0)
+            torch.testing.assert_close(loaded_file.get(name, layer).theta, expected[name, layer], rtol=1e-5, atol=1e-5)
         info = loaded_file.get(name, 1).info
         assert (info["num_sets"], info["num_fewshot"], info["num_dummy"], info["seed"]) == (3, 3, 2, 5)
         assert info["prompt_format"]["example_context"] == requests[0].args[0]
+    assert not torch.allclose(expected["upper", 1], expected["double", 1], atol=1e-3)  # the tasks' θ differ
     assert loaded_file.model["hidden_size"] == 32 and loaded_file.model["num_blocks"] == 3
-    with pytest.raises(ValueError, match=r"holds θ of 'upper' at blocks \[1, 2\]: pass layer"):
+    with pytest.raises(ValueError, match=r"holds θ of 'upper' at blocks \[0, 1\]: pass layer"):
         loaded_file.get("upper")
     with pytest.raises(ValueError, match=r"holds no θ for task 'lower'"):
         loaded_file.get("lower")
@@ -444,7 +463,8 @@ def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_dir):
+def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, saved_model):
+    model_dir = saved_model()
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -452,7 +472,7 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_
         "lm_eval_taskvec.cli",
         "export",
         "--model_args",
-        f"pretrained={tiny_model_dir}",
+        f"pretrained={model_dir}",
         "--tasks",
         "tv_algorithmic",
         "--num_sets",
@@ -466,9 +486,7 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, tiny_model_
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    stored = thetafile.load_thetas(
-        out / "thetas.safetensors", TaskVectorLM(pretrained=str(tiny_model_dir), device="cpu")
-    )
+    stored = thetafile.load_thetas(out / "thetas.safetensors", TaskVectorLM(pretrained=str(model_dir), device="cpu"))
     assert sorted(stored.thetas) == sorted(
         (name, 1)
         for name in [

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from tests.helpers import lm_eval_cli
+
 
 def run_python(code: str, **env) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
@@ -34,36 +36,11 @@ def test_environment_variable_switches_the_hook_off():
     assert run_python(code) == "True"
 
 
-def lm_eval_cli(tmp_path, model_args: str, *args: str) -> dict:
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "--model",
-        "hf-taskvec",
-        "--model_args",
-        model_args,
-        "--device",
-        "cpu",
-        "--batch_size",
-        "4",
-        "--output_path",
-        str(out),
-        "--log_samples",
-        *args,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    (result,) = out.glob("*/results_*.json")
-    return json.loads(result.read_text())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["regular", "hypothesis", "baseline"])
-def test_lm_eval_command_runs_each_mode(tmp_path, tiny_model_dir, mode):
+def test_lm_eval_command_runs_each_mode(tmp_path, saved_model, mode):
     data = lm_eval_cli(
-        tmp_path, f"pretrained={tiny_model_dir},mode={mode},layer=-1", "--tasks", "tv_letter_to_upper", "--limit", "5"
+        tmp_path, f"pretrained={saved_model()},mode={mode},layer=-1", "--tasks", "tv_letter_to_upper", "--limit", "5"
     )
     assert data["config"]["model_args"]["mode"] == mode
     assert data["config"]["taskvec"]["mode"] == mode and ("layer" in data["config"]["taskvec"]) == (
@@ -77,7 +54,7 @@ def test_lm_eval_command_runs_each_mode(tmp_path, tiny_model_dir, mode):
 
 
 @pytest.mark.slow
-def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_model_dir):
+def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, saved_model):
     """A loglikelihood task in lm-eval's own style ("\\n\\n" between demos, several choices)."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -105,7 +82,7 @@ def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_mod
     for mode in ("hypothesis", "baseline"):
         data = lm_eval_cli(
             tmp_path / mode,
-            f"pretrained={tiny_model_dir},mode={mode},layer=1",
+            f"pretrained={saved_model()},mode={mode},layer=1",
             "--tasks",
             "tiny_mc",
             "--include_path",
@@ -122,7 +99,7 @@ def test_multiple_choice_task_with_lm_evals_default_delimiter(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir, monkeypatch):
+def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, saved_model, monkeypatch):
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     cmd = [
@@ -131,7 +108,7 @@ def test_taskvec_sweep_prints_a_table_and_writes_a_plot(tmp_path, tiny_model_dir
         "lm_eval_taskvec.cli",
         "sweep",
         "--model_args",
-        f"pretrained={tiny_model_dir},num_dev=5",
+        f"pretrained={saved_model()},num_dev=5",
         "--tasks",
         "tv_letter_to_upper,tv_list_first",
         "--output_path",

@@ -552,8 +552,9 @@ def test_cli_prints_and_writes_the_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_model_dir, monkeypatch):
+def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, saved_model, monkeypatch):
     """One loaded model, three modes: each mode's results and samples equal a fresh model's run of that mode."""
+    model_dir = saved_model()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -564,7 +565,7 @@ def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_m
     tasks = ["tv_letter_to_upper", "tv_list_first"]
     out = tmp_path / "out"
     table = compare(
-        model_args=f"pretrained={tiny_model_dir},layer=1",
+        model_args=f"pretrained={model_dir},layer=1",
         tasks=",".join(tasks),
         output_path=out,
         limit=6,
@@ -585,7 +586,7 @@ def test_running_the_modes_writes_what_each_separate_run_writes(tmp_path, tiny_m
         )
         assert data["config"]["taskvec"]["mode"] == mode
         assert {data["configs"][t]["metadata"]["mode"] for t in tasks} == {mode}
-        lm = TaskVectorLM(pretrained=str(tiny_model_dir), mode=mode, layer=1, batch_size=4, device="cpu")
+        lm = TaskVectorLM(pretrained=str(model_dir), mode=mode, layer=1, batch_size=4, device="cpu")
         alone = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=6, task_manager=manager, log_samples=True)
         for task in tasks:
             assert data["results"][task] == alone["results"][task]

@@ -8,6 +8,7 @@ from lm_eval.api.instance import Instance
 
 from lm_eval_taskvec.contexts import choose_dummies, split_at_delimiter, split_for_task
 from lm_eval_taskvec.settings import read_escapes
+from tests.helpers import gen_requests
 from tests.tasks import make_task, requests_of
 
 FIRST_TWO = {"sampler": "first_n"}  # demonstrations: the first two train rows, a and b
@@ -79,21 +80,17 @@ def test_empty_query_is_refused(make_lm):
         make_lm(mode="hypothesis", layer=1).generate_until(requests_of(task, limit=2))
 
 
-def test_chat_template_is_refused_with_the_fix(make_lm, tokenizer):
+def test_chat_template_is_refused_with_the_fix(make_lm, monkeypatch):
     lm = make_lm(mode="hypothesis", layer=1)
-    lm.tokenizer.chat_template = "{% for m in messages %}<{{m.role}}>{{m.content}}{% endfor %}<assistant>"
-    try:
-        task = make_task()
-        requests = requests_of(task, limit=2, apply_chat_template=True, chat_template=lm.apply_chat_template)
-        with pytest.raises(ValueError, match="chat template.*Run without --apply_chat_template"):
-            lm.generate_until(requests)
-    finally:
-        lm.tokenizer.chat_template = None
+    template = "{% for m in messages %}<{{m.role}}>{{m.content}}{% endfor %}<assistant>"
+    monkeypatch.setattr(lm.tokenizer, "chat_template", template)  # the session's tokenizer: put back afterwards
+    task = make_task()
+    requests = requests_of(task, limit=2, apply_chat_template=True, chat_template=lm.apply_chat_template)
+    with pytest.raises(ValueError, match="chat template.*Run without --apply_chat_template"):
+        lm.generate_until(requests)
 
 
 def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
-    from tests.test_patching import gen_requests
-
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):
         lm.generate_until(gen_requests("never_loaded"))

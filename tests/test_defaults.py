@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -11,16 +12,13 @@ import torch
 import lm_eval_taskvec.model as model_module
 from lm_eval_taskvec import embedded
 from lm_eval_taskvec.model import TaskVectorLM
-from tests.conftest import make_model
-from tests.test_patching import GEN, gen_requests, ll_requests
+from tests.helpers import GEN, gen_requests, ll_requests, run_task
+from tests.tasks import make_task, requests_of
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def model_dir(saved_model):
+    return str(saved_model())
 
 
 @pytest.mark.parametrize(
@@ -127,11 +125,11 @@ def test_the_probe_on_an_accelerator_keeps_the_requests_patches_and_hflms_own_pr
 
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory, tokenizer):
-    """A model folder as embedded.py leaves it: weights plus the record of where they came from."""
+def embedded_dir(tmp_path_factory, saved_model):
+    """A model folder as embedded.py leaves it: weights plus the record of where they came from (a copy of the
+    session's saved model: the record must not reach other tests' folder)."""
     path = tmp_path_factory.mktemp("embedded")
-    make_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    shutil.copytree(saved_model(), path, dirs_exist_ok=True)
     record = embedded.SOURCE | {"gguf_sha256": "ab" * 32}
     (path / embedded.RECORD).write_text(json.dumps(record))
     return str(path)
@@ -172,8 +170,6 @@ def test_embedded_instruct_model_gets_lm_evals_chat_template_warning_once(embedd
 
 
 def test_no_instruct_warning_with_a_chat_template_or_for_other_models(embedded_dir, model_dir, caplog):
-    from tests.tasks import make_task, requests_of
-
     templated = TaskVectorLM(pretrained=embedded_dir, mode="regular", batch_size=4)
     templated.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     chat = requests_of(make_task(), limit=2, apply_chat_template=True, chat_template=templated.apply_chat_template)
@@ -197,10 +193,8 @@ def test_tv_tasks_load_without_lm_evals_metadata_warning(caplog):
 
 
 def test_progress_bars_name_the_task_and_the_phase(make_lm, tmp_path, monkeypatch, capfd):
-    from tests.test_selection import run
-
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
-    run(make_lm(mode="hypothesis", num_dev=6, batch_size=2), limit=4)
+    run_task(make_lm(mode="hypothesis", num_dev=6, batch_size=2), limit=4)
     bars = {
         line.split("|")[0].rsplit(":", 1)[0].strip() for line in capfd.readouterr().err.replace("\r", "\n").splitlines()
     }
@@ -212,12 +206,10 @@ def test_progress_bars_name_the_task_and_the_phase(make_lm, tmp_path, monkeypatc
 
 
 def test_layer_cache_on_reads_and_writes_refresh_overwrites_off_does_neither(make_lm, tmp_path, monkeypatch):
-    from tests.test_selection import run
-
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path))
 
     def choice(cache):
-        return run(make_lm(mode="hypothesis", num_dev=6, layer_cache=cache), limit=2)["config"]["taskvec"][
+        return run_task(make_lm(mode="hypothesis", num_dev=6, layer_cache=cache), limit=2)["config"]["taskvec"][
             "layer_selection"
         ]["tv_list_first"]
 

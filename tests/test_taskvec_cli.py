@@ -89,7 +89,8 @@ def test_bad_arguments_say_what_to_do(monkeypatch, argv, message):
 
 
 @pytest.mark.slow  # lm-eval indexes its ~14,700 built-in tasks (~20 s)
-def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(saved_model, tmp_path, monkeypatch, capsys):
+    model_dir = saved_model()
     monkeypatch.setattr("lm_eval.utils.setup_logging", lambda *a, **k: None)  # keeps caplog working for others
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
     titles = []
@@ -99,7 +100,7 @@ def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp
         [
             "sweep",
             "--model_args",
-            f"pretrained={tiny_model_dir}",
+            f"pretrained={model_dir}",
             "--tasks",
             "tv_list_first,tv_list_last",
             "--limit",
@@ -118,7 +119,7 @@ def test_sweep_writes_rounded_json_a_table_and_a_titled_plot(tiny_model_dir, tmp
     printed = capsys.readouterr().out
     assert "block | tv_list_first | tv_list_last | mean" in printed
     assert titles == [
-        f"{tiny_model_dir}\ntv_list_first, tv_list_last: n = 7 dev prompts per task, 3-shot, 2 dummy queries per θ"
+        f"{model_dir}\ntv_list_first, tv_list_last: n = 7 dev prompts per task, 3-shot, 2 dummy queries per θ"
     ]
 
 
