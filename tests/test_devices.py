@@ -15,7 +15,7 @@ from lm_eval_taskvec import extraction
 from lm_eval_taskvec.identity import weights_fingerprint
 from lm_eval_taskvec.layers import Intervention, intervene, read_last_states, write_states
 from lm_eval_taskvec.model import TaskVectorLM
-from tests.conftest import make_model
+from tests.helpers import make_model
 from tests.tasks import make_task, requests_of
 
 
