@@ -187,7 +187,7 @@ def build_model(config, dtype, attention: str, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
-    return model.eval()
+    return model.to(device).eval()  # initialised there already, unless from_config picks its own device
 
 
 class Variant:
@@ -735,6 +735,9 @@ def imported_distributions() -> list[str]:
         top = module.partition(".")[0]
         if not top.isidentifier() or top in sys.stdlib_module_names or top.startswith("_") or top == "cython_runtime":
             continue  # lm-eval imports a task's Python file under its path; cython_runtime is Cython's, not a package
+        if top == "lm_eval_taskvec":
+            found.add("lm-eval-taskvec")  # this checkout, on PYTHONPATH: no distribution there
+            continue
         found |= {canonical(d) for d in owners.get(top, [f"?{top}"])}
     return sorted(found)
 
