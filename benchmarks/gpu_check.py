@@ -199,7 +199,6 @@ class Variant:
         self.arch, self.dtype_name, self.attention, self.tokenizer = arch, dtype_name, attention, tokenizer
         self.dtype = getattr(torch, dtype_name)
         self.model = build_model(config, self.dtype, attention, device)
-        self.blocks = None
         self.tol = TOLERANCE[dtype_name]
         self.exact = dtype_name == "float32"
 
@@ -216,10 +215,7 @@ class Variant:
         if not stock:  # hand-made requests come from no loaded task: split them at the paper's delimiter
             kwargs.setdefault("fewshot_delimiter", "\n")
         cls = HFLM if stock else TaskVectorLM
-        lm = cls(pretrained=self.model, tokenizer=self.tokenizer, device=str(self.model.device), **kwargs)
-        if not stock:
-            self.blocks = lm.blocks
-        return lm
+        return cls(pretrained=self.model, tokenizer=self.tokenizer, device=str(self.model.device), **kwargs)
 
     @property
     def middle(self) -> int:
