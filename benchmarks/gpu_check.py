@@ -776,7 +776,7 @@ def run_invariants(report: Report, arch: str, config, dtype: str, attention: str
     report.data["sections"].append(section)
     memory = f", peak {peak:.1f} GiB" if peak is not None else ""
     report.say(
-        f"== invariants: {v.name}: {params / 1e9:.2f} B parameters, {config.num_hidden_layers} blocks, "
+        f"== invariants: {v.name}: {params / 1e6:.1f} M parameters, {config.num_hidden_layers} blocks, "
         f"vocab {config.vocab_size}, sliding window {section['sliding_window']}; {seconds:.0f} s{memory}"
     )
     for c in checks:
