@@ -16,7 +16,7 @@ from lm_eval_taskvec.selection import cache, sweep
 from lm_eval_taskvec.selection.dev import DevExample, dev_sets, fold_members
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, ThetaStore
-from tests.helpers import ARCHITECTURES, run_task
+from tests.helpers import ARCHITECTURES, make_model, run_task
 from tests.tasks import letter_rows, make_task, requests_of
 
 
@@ -1010,3 +1010,43 @@ def test_a_cross_fitted_task_scores_each_document_at_its_own_halfs_layer(make_lm
     layers = {doc: lm.layer_for(Instance("generate_until", {}, ("x", {}), doc, ("t", doc, 1))) for doc in range(10)}
     assert layers == {doc: 1 if doc in folds[0] else 2 for doc in range(10)}
     assert set(layers.values()) == {1, 2}
+
+
+@pytest.mark.parametrize("kind", ["generate_until", "multiple_choice"])
+def test_the_sweep_under_a_sliding_window_shorter_than_its_prompts_equals_the_evaluation_paths(
+    make_lm, tokenizer, layer_cache, kind
+):
+    """Mistral with a 4-token window, prompts of 20-40 tokens: the sweep may neither widen the window with a
+    4D mask nor shift it with left padding or holes; each block's dev scores, baseline's and regular's equal
+    the evaluation paths run one request at a time (no padding at all)."""
+    model = make_model("mistral", len(tokenizer), sliding_window=4)
+    if kind == "generate_until":
+        run_task(make_lm(pretrained=model, mode="hypothesis", layer=1), limit=1)  # loads tv_list_first
+        name = "tv_list_first"
+    else:
+        task = make_task(output_type="multiple_choice", doc_to_choice="{{[answers[0], input, 'zz']}}", doc_to_target=0)
+        requests_of(task, limit=1)
+        name = "tiny"
+    lm = make_lm(pretrained=model, mode="hypothesis", num_dev=6)
+    (dev,) = dev_sets(lm.settings, name)
+    ((per_block, baseline, regular),) = sweep.score(lm, name, [dev])
+    requests = [r for ex in dev.examples for r in ex.requests]
+
+    def evaluated(mode, layer=0):
+        alone = make_lm(pretrained=model, mode=mode, layer=layer, batch_size=1)
+        if kind == "generate_until":
+            one = [
+                Instance(kind, r.doc, (r.args[0], {**r.args[1], "max_gen_toks": 1}), r.idx, r.metadata)
+                for r in requests
+            ]
+            targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in dev.examples]
+            return [
+                alone.tok_encode(g, add_special_tokens=False)[:1] == t
+                for g, t in zip(alone.generate_until(one), targets)
+            ]
+        scores = [lp for lp, _ in alone.loglikelihood(requests)]
+        return [max(range(3), key=lambda c: scores[3 * i + c]) == ex.gold for i, ex in enumerate(dev.examples)]
+
+    for layer in range(len(lm.blocks)):
+        assert per_block[layer].tolist() == evaluated("hypothesis", layer), layer
+    assert baseline.tolist() == evaluated("baseline") and regular.tolist() == evaluated("regular")

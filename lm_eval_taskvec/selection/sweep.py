@@ -19,7 +19,14 @@ import torch
 from tqdm import tqdm
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
-from lm_eval_taskvec.extraction import Prefix, branch_mask_kind, common_prefix_length, prefill, states_after
+from lm_eval_taskvec.extraction import (
+    Prefix,
+    branch_mask_kind,
+    common_prefix_length,
+    prefill,
+    states_after,
+    within_window,
+)
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
 from lm_eval_taskvec.selection.dev import DevExample, DevSet
 from lm_eval_taskvec.selection.interface import SweepModel
@@ -123,13 +130,17 @@ def regular_and_thetas(
     """Regular mode's per-row scores (as ``fork_scores``) of the full prompts ``fulls``, and θ at every listed
     block for each plan's key, with the demonstrations S run once for both: per θ key, the tokens its θ
     prompts [S, x'] share with its full prompts fill one KV cache, from which the dummies' suffixes give θ (one
-    pass through the deepest block), and each full prompt's rest and continuation give regular's scores."""
+    pass through the deepest block), and each full prompt's rest and continuation give regular's scores. Under
+    a sliding window shorter than the prompts, nothing may widen or shift the window (no 4D mask, no padding
+    or holes before a real token): one S, one context and one row per sequence."""
     rows_of: dict = {}
     for i, plan in enumerate(plans):
         rows_of.setdefault(plan.theta_key, []).append(i)
     families = {key: lm.thetas.prompts(key) for key in rows_of}
     keys = sorted(rows_of, key=lambda key: common_prefix_length(families[key]))  # similar S lengths share a batch
-    size, mask_kind = lm.extract_batch_size, branch_mask_kind(lm.model)
+    widest = max(len(t) for tokens in [*families.values(), [c + t for c, t in fulls]] for t in tokens)
+    windowed = not within_window(lm.model, widest)
+    size, mask_kind = (1, None) if windowed else (lm.extract_batch_size, branch_mask_kind(lm.model))
     out = torch.empty(len(fulls), 2)
     for start in tqdm(range(0, len(keys), size), desc=desc, disable=lm.rank != 0):
         batch = keys[start : start + size]
@@ -147,7 +158,12 @@ def regular_and_thetas(
             found = _states_after_prefix(lm, prefix, members, layers)
             # Queries differ in length: contexts of similar length grow together, then their rows run.
             rest = [list(ctx[cuts[b] : -1]) for (_, ctx), b in zip(contexts, owner)]
-            for part in length_chunks(range(len(contexts)), [len(r) for r in rest].__getitem__, SUFFIX_FLOOR):
+            parts = (
+                [[c] for c in range(len(contexts))]
+                if windowed
+                else length_chunks(range(len(contexts)), [len(r) for r in rest].__getitem__, SUFFIX_FLOOR)
+            )
+            for part in parts:
                 grown = prefix.take([owner[c] for c in part])
                 grown.grow(lm.model, [rest[c] for c in part], lm.blocks[-1])
                 context_of = {i: part.index(c) for i, c in zip(rows, which) if c in part}
@@ -238,17 +254,19 @@ def fork_scores(
     and whether its first token is the argmax. Distinct contexts minus their last token run once into a KV
     cache (ROW_CHUNK contexts at a time). Rows sharing a context and its plans (a question's choices) run as
     branches of one sequence (``_units``), so its last token runs once, and so do tokens the choices begin
-    with alike; units run in chunks of similar length (``length_chunks``), each scored by ``_score_chunk``."""
+    with alike; units run in chunks of similar length (``length_chunks``), each scored by ``_score_chunk``.
+    Under a sliding window shorter than the rows, each context runs alone and each row as its own sequence."""
     out = torch.empty(len(patches), len(rows), 2)
     contexts = sorted(dict.fromkeys(tuple(ctx) for ctx, _ in rows), key=len)  # a group's prefill pads less
     index = {ctx: c for c, ctx in enumerate(contexts)}
     context_of = [index[tuple(ctx)] for ctx, _ in rows]
-    mask_kind = branch_mask_kind(lm.model)
+    windowed = not within_window(lm.model, max(len(ctx) + len(cont) for ctx, cont in rows))
+    mask_kind, group_size = (None, 1) if windowed else (branch_mask_kind(lm.model), ROW_CHUNK)
     groups = []  # up to ROW_CHUNK distinct contexts share one KV cache
-    for first in range(0, len(contexts), ROW_CHUNK):
-        group = contexts[first : first + ROW_CHUNK]
+    for first in range(0, len(contexts), group_size):
+        group = contexts[first : first + group_size]
         cached = [list(c[:-1]) for c in group] if min(map(len, group)) > 1 else [[] for _ in group]
-        members = [i for i in range(len(rows)) if first <= context_of[i] < first + ROW_CHUNK]
+        members = [i for i in range(len(rows)) if first <= context_of[i] < first + group_size]
         units = _units(members, rows, patches, cached, [c - first for c in context_of], mask_kind is not None)
         groups.append((cached, length_chunks(units, lambda unit: _unit_length(unit, rows))))
     bar = tqdm(
