@@ -106,9 +106,9 @@ class Prefix:
             cache.layers = [copy.copy(layer) for layer in cache.layers]
         else:
             cache.key_cache, cache.value_cache = list(cache.key_cache), list(cache.value_cache)
-        index = torch.tensor(rows, device=self.mask.device)
-        cache.batch_select_indices(index)  # rebinds each layer's tensors to new ones, the original's stay
-        return Prefix(cache, self.mask[index])
+        # A CPU index serves every layer's device (a model spread over GPUs keeps each layer's cache on its own).
+        cache.batch_select_indices(torch.tensor(rows))  # rebinds each layer's tensors to new ones, the original's stay
+        return Prefix(cache, self.mask[torch.tensor(rows, device=self.mask.device)])
 
 
 def input_device(model: nn.Module) -> torch.device:

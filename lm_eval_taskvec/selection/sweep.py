@@ -234,16 +234,18 @@ def _unit_length(unit: _Unit, rows) -> int:
 
 def _unit_scores(logits, columns: list[list[list[int]]], chunk: list[_Unit], rows) -> dict[int, torch.Tensor]:
     """Per row of the units in ``chunk``: the continuation's summed log-probability, and whether its first
-    token is the argmax (from the head's last token, then from the columns of the row's branch)."""
-    scores = {}
+    token is the argmax (from the head's last token, then from the columns of the row's branch). Computed where
+    the logits are, moved to the CPU once per chunk."""
+    found, order = [], []
     for u, unit in enumerate(chunk):
-        first = logits[u, len(unit.head) - 1].float().cpu().log_softmax(-1)
+        first = logits[u, len(unit.head) - 1].float().log_softmax(-1)
         for own, i in zip(columns[u], unit.rows):
             cont = rows[i][1]
-            rest = logits[u, own].float().cpu().log_softmax(-1)
-            total = first[cont[0]] + rest.gather(1, torch.tensor(cont[1:], dtype=torch.long)[:, None]).sum()
-            scores[i] = torch.stack([total, (first.argmax() == cont[0]).float()])
-    return scores
+            rest = logits[u, own].float().log_softmax(-1)
+            later = rest.gather(1, torch.tensor(cont[1:], dtype=torch.long, device=rest.device)[:, None]).sum()
+            found.append(torch.stack([first[cont[0]] + later, (first.argmax() == cont[0]).float()]))
+            order.append(i)
+    return dict(zip(order, torch.stack(found).cpu())) if found else {}
 
 
 def fork_scores(
