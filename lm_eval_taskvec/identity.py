@@ -7,18 +7,21 @@ import hashlib
 import torch
 from accelerate.utils import align_module_device
 from torch import nn
+from tqdm import tqdm
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, progress: bool = False) -> str:
     """Changes when any weight changes: every tensor's sum and norm (in float64) and a strided sample of it.
-    Remembered per model until a parameter is replaced or modified in place (torch's version counters)."""
+    Remembered per model until a parameter is replaced or modified in place (torch's version counters). Reading
+    every weight takes seconds on a large model: ``progress`` shows it."""
     state = tuple((name, param.data_ptr(), param._version) for name, param in model.named_parameters())
     remembered = getattr(model, "_taskvec_fingerprint", None)
     if remembered is not None and remembered[0] == state:
         return remembered[1]
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        named = list(model.named_parameters())
+        for name, param in tqdm(named, desc="weights fingerprint (layer cache key)", disable=not progress):
             flat = _loaded(model, name, param).detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
             summary = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])

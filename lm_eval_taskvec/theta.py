@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lm_eval_taskvec.extraction import Prefix, common_prefix_length, last_token_states, states_after, within_window
 
@@ -135,13 +136,16 @@ class ThetaStore:
             self._thetas[rows[r]] = states.float().mean(0).to(states.dtype)
 
 
-def few_shot_requests(task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int) -> list[list]:
+def few_shot_requests(
+    task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int, desc: str | None = None
+) -> list[list]:
     """lm-eval's own requests for each ``(doc_id, doc)``: its few-shot context (with the run's system
-    instruction) built with demonstrations drawn from ``seed`` that never include the document itself."""
+    instruction) built with demonstrations drawn from ``seed`` that never include the document itself;
+    ``desc`` names a progress bar (lm-eval takes tens of milliseconds per context)."""
     settings = getattr(task, "taskvec_prompt_settings", None) or {}
     out = []
     with _seeded_demos_without(task, seed) as exclude:
-        for doc_id, doc in docs:
+        for doc_id, doc in tqdm(docs, desc=desc, disable=desc is None):
             exclude(doc)
             context = task.fewshot_context(
                 doc,

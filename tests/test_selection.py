@@ -1050,3 +1050,20 @@ def test_the_sweep_under_a_sliding_window_shorter_than_its_prompts_equals_the_ev
     for layer in range(len(lm.blocks)):
         assert per_block[layer].tolist() == evaluated("hypothesis", layer), layer
     assert baseline.tolist() == evaluated("baseline") and regular.tolist() == evaluated("regular")
+
+
+def test_dev_prompts_render_once_per_task_and_shots_in_a_process(make_lm, layer_cache, monkeypatch):
+    """The cache key is built from the dev prompts, which lm-eval renders slowly: a model asking again (the
+    regular run preparing θ, then the hypothesis run) renders them once; other shots render them again."""
+    from lm_eval_taskvec.selection import dev
+
+    task = make_task()
+    requests = requests_of(task, limit=4)
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=6)
+    rendered, render = [], dev.few_shot_requests
+    monkeypatch.setattr(dev, "few_shot_requests", lambda *a, **k: rendered.append(a[2]) or render(*a, **k))
+    first = lm.plan(requests)
+    assert lm.plan(requests) == first and rendered == [3]
+    task.set_config(key="num_fewshot", value=2)
+    lm.plan(requests_of(task, limit=4))
+    assert rendered == [3, 2]

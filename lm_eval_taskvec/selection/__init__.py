@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.selection import sweep
 from lm_eval_taskvec.selection.cache import cache_key
 from lm_eval_taskvec.selection.dev import dev_sets, fold_members
@@ -25,8 +26,10 @@ __all__ = ["SweepModel", "layer_of_document", "select_layer"]
 
 def select_layer(lm: SweepModel, task_name: str) -> dict:
     """The chosen layer(s) and dev curves of ``task_name``: from memory, the disk cache, or a sweep."""
-    sets = dev_sets(lm.settings, task_name)
-    key = cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, task_name, sets)
+    progress = lm.rank == 0
+    task = LOADED_TASKS.get(task_name)
+    sets = lm.choice_cache.dev_sets(task_name, task, lm.settings, lambda: dev_sets(lm.settings, task_name, progress))
+    key = cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, task_name, sets, progress)
     remembered = lm.choice_cache.remembered(key)
     if remembered is not None:
         return remembered

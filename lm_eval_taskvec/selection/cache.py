@@ -32,6 +32,21 @@ class LayerCache:
     def __init__(self, setting: str, warn_once: Callable[[str], None]):
         self.setting, self.warn_once = setting, warn_once
         self._memory: dict[str, dict] = {}
+        self._dev_sets: dict[str, tuple[object, tuple, list[DevSet]]] = {}  # task -> (task object, what shapes, sets)
+
+    def dev_sets(self, task_name: str, task, settings: Settings, render: Callable[[], list[DevSet]]) -> list[DevSet]:
+        """``task_name``'s dev prompts, rendered once per task object and prompt settings in this process: the
+        cache key is built from them, and lm-eval takes seconds to render them (a run asks at every batch of
+        requests). Shots and prompt settings can change on one task object between runs: they are compared."""
+        shape = (
+            settings,
+            task.get_config("num_fewshot") if task is not None else None,
+            json.dumps(getattr(task, "taskvec_prompt_settings", None), sort_keys=True, default=str),
+        )
+        known = self._dev_sets.get(task_name)
+        if known is None or known[0] is not task or known[1] != shape:
+            known = self._dev_sets[task_name] = (task, shape, render())
+        return known[2]
 
     def path(self, key: str) -> Path:
         return cache_dir() / "layers" / f"{key}.json"
@@ -54,7 +69,13 @@ class LayerCache:
 
 
 def cache_key(
-    model: nn.Module, revision, num_blocks: int, settings: Settings, task_name: str, sets: list[DevSet]
+    model: nn.Module,
+    revision,
+    num_blocks: int,
+    settings: Settings,
+    task_name: str,
+    sets: list[DevSet],
+    progress: bool = False,
 ) -> str:
     config = model.config.to_dict()
     parts = [
@@ -64,7 +85,7 @@ def cache_key(
         revision,
         str(model.dtype),
         json.dumps(config, sort_keys=True, default=str),
-        weights_fingerprint(model),
+        weights_fingerprint(model, progress),
         num_blocks,
         task_name,
         settings.num_dummy,

@@ -36,7 +36,7 @@ class DevSet:
     scored: frozenset[int] | None = None  # cross-fit: the evaluated documents scored at this set's layer
 
 
-def dev_sets(settings: Settings, task_name: str) -> list[DevSet]:
+def dev_sets(settings: Settings, task_name: str, progress: bool = False) -> list[DevSet]:
     """One dev set, or two for a cross-fitted task: each a list of dev prompts as lm-eval's requests."""
     task = LOADED_TASKS.get(task_name)
     if task is None:
@@ -55,12 +55,12 @@ def dev_sets(settings: Settings, task_name: str) -> list[DevSet]:
     if task.has_validation_docs() and task.has_test_docs():
         docs = disjoint(task.validation_docs())
         if len(docs) >= MIN_DEV_DOCS:
-            return [DevSet(task.config.validation_split, examples(settings, task, docs))]
+            return [DevSet(task.config.validation_split, examples(settings, task, progress, docs))]
     fewshot_split = task.fewshot_cfg.split if hasattr(task, "fewshot_cfg") else None
     if fewshot_split:
         docs = disjoint(task.fewshot_docs())
         if len(docs) >= MIN_DEV_DOCS + task.get_config("num_fewshot"):
-            return [DevSet(f"{fewshot_split} (leave-one-out)", examples(settings, task, docs))]
+            return [DevSet(f"{fewshot_split} (leave-one-out)", examples(settings, task, progress, docs))]
     halves = fold_members(len(evaluated), settings.seed)
     if min(map(len, halves)) < MIN_DEV_DOCS // 2:
         raise ValueError(
@@ -71,7 +71,7 @@ def dev_sets(settings: Settings, task_name: str) -> list[DevSet]:
     return [
         DevSet(
             f"{split} (cross-fit: scored on the other half)",
-            examples(settings, task, [(i, evaluated[i]) for i in sorted(halves[1 - fold])]),
+            examples(settings, task, progress, [(i, evaluated[i]) for i in sorted(halves[1 - fold])]),
             halves[fold],
         )
         for fold in (0, 1)
@@ -86,11 +86,12 @@ def fold_members(num_docs: int, seed: int) -> tuple[frozenset[int], frozenset[in
     return frozenset(order[: num_docs // 2]), frozenset(order[num_docs // 2 :])
 
 
-def examples(settings: Settings, task, docs: list[tuple[int, dict]]) -> list[DevExample]:
+def examples(settings: Settings, task, progress: bool, docs: list[tuple[int, dict]]) -> list[DevExample]:
     """``num_dev`` dev prompts over ``docs`` (cycled with fresh demonstrations when there are fewer docs)."""
     picked = random.Random(settings.seed).sample(docs, min(settings.num_dev, len(docs)))
     picked = [picked[i % len(picked)] for i in range(settings.num_dev)]
-    requests = few_shot_requests(task, picked, task.get_config("num_fewshot"), settings.seed)
+    desc = f"{task.config.task}: rendering layer=auto's dev prompts" if progress else None
+    requests = few_shot_requests(task, picked, task.get_config("num_fewshot"), settings.seed, desc)
     return [DevExample(doc_id, reqs, gold(task, doc)) for (doc_id, doc), reqs in zip(picked, requests)]
 
 
