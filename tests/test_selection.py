@@ -861,7 +861,7 @@ def test_an_unwritable_cache_keeps_the_choice_in_memory(make_lm, layer_cache, ca
     choice = selection.select_layer(lm, "tv_list_first")
     assert choice["source"] == "sweep" and "not writable" in caplog.text
     assert selection.select_layer(lm, "tv_list_first") is choice  # remembered, not swept again
-    assert not list(layer_cache.glob("*"))  # no temporary file left behind
+    assert [p.name for p in layer_cache.glob("*")] == [".lock"]  # the folder's lock, no temporary file left behind
 
 
 def test_the_cache_file_is_written_in_its_own_folder_without_the_system_temp_folder(layer_cache, monkeypatch):
@@ -1067,3 +1067,38 @@ def test_dev_prompts_render_once_per_task_and_shots_in_a_process(make_lm, layer_
     task.set_config(key="num_fewshot", value=2)
     lm.plan(requests_of(task, limit=4))
     assert rendered == [3, 2]
+
+
+def _sweep_once_in_a_process(folder: str, setting: str, log: str) -> None:
+    import os
+    import time as clock
+
+    os.environ["LM_EVAL_TASKVEC_CACHE"] = folder
+
+    def swept():
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        clock.sleep(0.5)  # long enough for the other process to arrive while this one sweeps
+        return complete_choice()
+
+    choice = cache.LayerCache(setting, print).read_or_sweep("key", 3, swept)
+    with open(log + ".got", "a") as file:
+        file.write(f"{choice['source'] == 'sweep'}\n")
+
+
+@pytest.mark.parametrize("setting", ["on", "refresh"])
+def test_processes_sharing_the_cache_folder_sweep_a_key_once(tmp_path, setting):
+    """Two processes of one run (accelerate launch) arriving at the same choice: the first sweeps, the other
+    waits for it and reads its file; refresh too (a file written by this run is fresh)."""
+    import multiprocessing
+
+    log = str(tmp_path / "sweeps")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_sweep_once_in_a_process, args=(str(tmp_path), setting, log)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert len(open(log).read().split()) == 1  # one sweep
+    assert sorted(open(log + ".got").read().split()) == ["False", "True"]  # one swept, one read the file

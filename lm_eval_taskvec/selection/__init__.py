@@ -33,13 +33,14 @@ def select_layer(lm: SweepModel, task_name: str) -> dict:
     remembered = lm.choice_cache.remembered(key)
     if remembered is not None:
         return remembered
-    choice = lm.choice_cache.read(key, len(lm.blocks))
-    swept = choice is None
-    if swept:
+
+    def swept() -> dict:
         _announce(lm, task_name, sets)
-        choice = sweep.choose(lm, task_name, sets) | {"source": "sweep"}
-    lm.choice_cache.keep(key, choice, swept)
-    log_choice(task_name, choice, len(lm.blocks))
+        return sweep.choose(lm, task_name, sets)
+
+    choice = lm.choice_cache.read_or_sweep(key, len(lm.blocks), swept)
+    if lm.rank == 0:  # the other processes of a run read the same choice
+        log_choice(task_name, choice, len(lm.blocks))
     return choice
 
 

@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from filelock import FileLock
 from torch import nn
 
 from lm_eval_taskvec.embedded import cache_dir
@@ -27,11 +29,13 @@ CACHE_VERSION = 3  # bump when the sweep or the meaning of a cached choice chang
 
 class LayerCache:
     """Choices by cache key: remembered for the process; read from and written to ``cache_dir()/layers`` as
-    ``setting`` says (``on``: both, ``refresh``: write only, ``off``: neither)."""
+    ``setting`` says (``on``: both, ``refresh``: sweep again and write, ``off``: neither). Processes sharing the
+    folder (``accelerate launch``) sweep a key one at a time: the first sweeps, the others read its file."""
 
     def __init__(self, setting: str, warn_once: Callable[[str], None]):
         self.setting, self.warn_once = setting, warn_once
         self._memory: dict[str, dict] = {}
+        self._started = time.time()  # refresh: a file written after this was swept again by this run
         self._dev_sets: dict[str, tuple[object, tuple, list[DevSet]]] = {}  # task -> (task object, what shapes, sets)
 
     def dev_sets(self, task_name: str, task, settings: Settings, render: Callable[[], list[DevSet]]) -> list[DevSet]:
@@ -54,18 +58,46 @@ class LayerCache:
     def remembered(self, key: str) -> dict | None:
         return self._memory.get(key)
 
-    def read(self, key: str, num_blocks: int) -> dict | None:
-        """A choice from disk (with its file as ``source``), or None when reading is off or nothing valid is there."""
-        if self.setting != "on":
-            return None
-        choice = read_choice(self.path(key), num_blocks)
-        return None if choice is None else choice | {"source": str(self.path(key))}
-
-    def keep(self, key: str, choice: dict, swept: bool) -> None:
-        """Remember ``choice``; write it too when it was ``swept`` here and writing is on."""
+    def read_or_sweep(self, key: str, num_blocks: int, sweep: Callable[[], dict]) -> dict:
+        """The choice of ``key`` from disk (with its file as ``source``) or from ``sweep()``, written then; under
+        the folder's lock, so that of several processes only the first sweeps (``off``: every process sweeps)."""
+        path = self.path(key)
+        with self._lock(path):
+            choice = None
+            if self.setting == "on" or (self.setting == "refresh" and _written_since(path, self._started)):
+                choice = read_choice(path, num_blocks)
+            if choice is not None:
+                choice |= {"source": str(path)}
+            else:
+                choice = sweep() | {"source": "sweep"}
+                if self.setting != "off":
+                    write_choice(path, choice, self.warn_once)
         self._memory[key] = choice
-        if swept and self.setting != "off":
-            write_choice(self.path(key), choice, self.warn_once)
+        return choice
+
+    @contextmanager
+    def _lock(self, path: Path):
+        if self.setting == "off":
+            yield
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(path.parent / ".lock")  # one for the folder: the processes of a run sweep in one order
+            lock.acquire()
+        except OSError:  # an unwritable folder: write_choice says so; nothing to share then
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def _written_since(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime >= when
+    except OSError:
+        return False
 
 
 def cache_key(
