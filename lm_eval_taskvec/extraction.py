@@ -218,7 +218,9 @@ def last_token_states(
     progress: bool = True,
     desc: str = "Extracting task vectors",
 ) -> torch.Tensor:
-    """Tensor[len(layers), len(families), k, hidden]: each listed block's output at each prompt's last token."""
+    """Tensor[len(layers), len(families), k, hidden]: each listed block's output at each prompt's last token.
+    Under a sliding window shorter than the prompts, no 4D mask (it would widen the window): S into a KV cache,
+    left-padded (transformers' window masks count positions, so padding does not move it), then the suffixes."""
     k = len(families[0])
     if any(len(f) != k for f in families):
         raise ValueError("every family needs the same number of prompts")

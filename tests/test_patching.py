@@ -16,7 +16,7 @@ import lm_eval_taskvec.model as model_module
 import lm_eval_taskvec.theta as theta_module
 from lm_eval_taskvec.extraction import prefill
 from lm_eval_taskvec.layers import write_states
-from tests.helpers import ARCHITECTURES, GEN, context, gen_requests, ll_requests, logits, query_of
+from tests.helpers import ARCHITECTURES, GEN, context, gen_requests, ll_requests, logits, make_model, query_of
 
 
 @pytest.fixture
@@ -115,6 +115,20 @@ def test_prefix_shared_extraction_equals_a_full_forward_per_prompt(make_lm, monk
     for layer in layers:  # the last block, against an unshared run of the same reader
         alone = lm.thetas.last_token_states([[lm.tok_encode(families[1][0])]], [layer])[0, 0, 0]
         torch.testing.assert_close(shared[layer, 1, 0], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_extraction_under_a_real_sliding_window_equals_a_full_forward_per_prompt(make_lm, tokenizer):
+    """Mistral with a 4-token window, families whose S lengths differ by ten windows in one batch: the window
+    must neither widen (a 4D mask) nor move (left padding): θ at every block is one plain pass's output."""
+    lm = make_lm(pretrained=make_model("mistral", len(tokenizer), sliding_window=4), mode="hypothesis", layer=1)
+    families = [[context(d, q) for q in queries] for d, queries in [("abcdefgh", ("k", "mno")), ("a", ("bc", "d"))]]
+    layers = list(range(len(lm.blocks) - 1))  # hidden_states of the last block come after the final norm
+    shared = lm.thetas.last_token_states([[lm.tok_encode(p) for p in f] for f in families], layers)
+    for f, family in enumerate(families):
+        for j, prompt in enumerate(family):
+            full = lm.model(torch.tensor([lm.tok_encode(prompt)]), output_hidden_states=True).hidden_states
+            for layer in layers:
+                torch.testing.assert_close(shared[layer, f, j], full[layer + 1][0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_hook_replaces_only_the_given_position_of_each_row(make_lm):
