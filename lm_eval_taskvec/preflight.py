@@ -40,11 +40,20 @@ def beam_refusal(request) -> str | None:
     return None
 
 
+def patched_mode(lm) -> str | None:
+    """The patched mode whose refusals apply: the model's, or in a regular run that prepares the modes to come
+    (``taskvec compare``), the first patched one of them, so that its refusals come before the regular run."""
+    if lm.mode != "regular":
+        return lm.mode
+    return next((m for m in ("hypothesis", "baseline") if m in (getattr(lm.shared, "modes", None) or ())), None)
+
+
 def check_run(lm, requests) -> None:
-    """Once per lm-eval run and model: refuse the run if any of its tasks cannot run in ``lm.mode`` (naming
-    them all), then print what ``--write_out`` asked for. A no-op outside a run and in regular mode."""
-    tasks = CURRENT_RUN.get("tasks")
-    if lm.mode == "regular" or not tasks or id(lm) in CURRENT_RUN["checked"]:
+    """Once per lm-eval run and model: refuse the run if any of its tasks cannot run in its patched mode
+    (naming them all), then print what ``--write_out`` asked for. A no-op outside a run and in a plain regular
+    run."""
+    tasks, mode = CURRENT_RUN.get("tasks"), patched_mode(lm)
+    if mode is None or not tasks or id(lm) in CURRENT_RUN["checked"]:
         return
     CURRENT_RUN["checked"].add(id(lm))
     by_task = defaultdict(list)
@@ -55,26 +64,26 @@ def check_run(lm, requests) -> None:
             by_task[request.task_name].append(request)
     problems = {}
     for name, task_requests in by_task.items():
-        if task_requests and (problem := task_problem(lm, name, task_requests)):
+        if task_requests and (problem := task_problem(lm, name, task_requests, mode)):
             problems[name] = problem
     if problems:
         listed = "\n".join(f"  - {name}: {problem}" for name, problem in sorted(problems.items()))
         raise ValueError(
-            f"hf-taskvec mode={lm.mode} cannot run {len(problems)} of the {len(by_task)} tasks of this run, so none "
+            f"hf-taskvec mode={mode} cannot run {len(problems)} of the {len(by_task)} tasks of this run, so none "
             f"was run:\n{listed}\nLeave those out of --tasks (or run them with mode=regular); the others can run."
         )
     for name in sorted(CURRENT_RUN.get("written_out", ())):
-        if by_task.get(name):
+        if by_task.get(name) and lm.mode != "regular":
             write_out(lm, name, by_task[name])
 
 
-def task_problem(lm, task_name: str, requests) -> str | None:
-    """Why ``lm`` cannot run this task's requests in its mode, or None."""
+def task_problem(lm, task_name: str, requests, mode: str) -> str | None:
+    """Why ``lm`` cannot run this task's requests in ``mode``, or None."""
     if any(r.request_type == "loglikelihood_rolling" for r in requests):
-        return rolling_refusal(lm.mode)
+        return rolling_refusal(mode)
     try:
         lm.planner.plan(requests, with_theta=False)  # S and x of every request, and the query lengths
-        if lm.mode == "hypothesis":
+        if mode == "hypothesis":
             for request in requests:
                 if request.request_type == "generate_until" and (problem := beam_refusal(request)):
                     return problem

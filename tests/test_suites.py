@@ -532,3 +532,14 @@ def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
             expected = [hand_written_hypothesis(lms["hypothesis"], model, r, SMOLLM2_LAYER) for r in requests]
             got = [resp[0] for resp in run["hypothesis"][doc_id]["resps"]]
             assert all(same_loglikelihoods(g, e, 1e-3) for g, e in zip(got, expected)), (name, doc_id, got, expected)
+
+
+def test_a_regular_run_is_refused_only_when_patched_modes_follow_it(suite_tasks, tokenizer, long_model):
+    """Stock behaviour in plain regular mode; when the model will run hypothesis next (``taskvec compare``),
+    the regular run already refuses what hypothesis could not run, before doing any work."""
+    lm = TaskVectorLM(pretrained=long_model(tokenizer), tokenizer=tokenizer, device="cpu", mode="regular", layer=LAYER)
+    name = task_name("arc/arc_easy.yaml")
+    assert len(by_document(evaluate(lm, [name], suite_tasks, 0), name)) == LIMIT  # 0-shot: stock, as --model hf
+    lm.set_mode("regular", shared_modes=("regular", "hypothesis"))
+    with pytest.raises(ValueError, match=f"(?s)mode=hypothesis cannot run 1 of the 1 tasks.*{name}.*--num_fewshot k"):
+        evaluate(lm, [name], suite_tasks, 0)
