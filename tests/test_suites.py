@@ -498,7 +498,7 @@ def smollm2_tasks(tmp_path_factory) -> TaskManager:
 @pytest.mark.parametrize("prompt_format", list(PROMPT_FORMATS))
 def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
     """SmolLM2-135M-Instruct (embedded): regular is stock HFLM bit for bit, baseline stock 0-shot, hypothesis the
-    hand-written re-implementation, on 3 documents of each suite."""
+    hand-written re-implementation, on 2 documents of each suite."""
     pytest.importorskip("gguf")
     from lm_eval_taskvec.embedded import embedded_model_path
 
@@ -513,7 +513,7 @@ def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
         pretrained=model, tokenizer=stock.tokenizer, device="cpu", batch_size=4, mode="hypothesis", layer=SMOLLM2_LAYER
     )
     for name, shots in SMOLLM2_SUITES.items():
-        kwargs = dict(limit=3, log_samples=True, bootstrap_iters=0, gen_kwargs="max_gen_toks=16")
+        kwargs = dict(limit=2, log_samples=True, bootstrap_iters=0, gen_kwargs="max_gen_toks=16")
         kwargs |= PROMPT_FORMATS[prompt_format]
         run = {}
         for key, lm, task, k in [
@@ -543,3 +543,23 @@ def test_a_regular_run_is_refused_only_when_patched_modes_follow_it(suite_tasks,
     lm.set_mode("regular", shared_modes=("regular", "hypothesis"))
     with pytest.raises(ValueError, match=f"(?s)mode=hypothesis cannot run 1 of the 1 tasks.*{name}.*--num_fewshot k"):
         evaluate(lm, [name], suite_tasks, 0)
+
+
+def test_the_18_tv_tasks_keep_the_first_token_criterion_and_their_cache_keys(make_lm, monkeypatch):
+    """Their answers are a word or two: scored by the first token as before, with the cache key it had (the
+    criterion enters the key only where it is not the old default)."""
+    from lm_eval_taskvec.selection import cache
+    from lm_eval_taskvec.selection.criterion import FIRST_TOKEN, criterion_for
+    from lm_eval_taskvec.tasks import task_dir
+
+    tasks = TaskManager(include_path=str(task_dir()), include_defaults=False).load(["task_vectors"])["tasks"]
+    assert len(tasks) == 18
+    lm = make_lm("gpt2", mode="hypothesis", num_dev=8)
+    for name, task in tasks.items():
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+        sets = dev_sets(lm.settings, name)
+        criterion = criterion_for(name, [ex.gold for ex in sets[0].examples])
+        args = (lm.model, lm.revision, len(lm.blocks), lm.settings, name, sets)
+        assert criterion == FIRST_TOKEN and cache.cache_key(*args, criterion) == cache.cache_key(*args), name
+        assert cache.cache_key(*args, REFERENCE_LOGLIKELIHOOD) != cache.cache_key(*args)
