@@ -12,6 +12,8 @@ The layers of the package, each importing only those listed before it (and never
 - ``planning`` (``Plan``: a request's query, θ key and block; plans -> interventions);
 - ``selection`` (``layer=auto``: dev documents, the sweep, the layer cache), which talks to the model only
   through ``selection.interface.SweepModel``;
+- ``preflight`` (every task of a run checked at the model's first call: refusals before anything runs, and what
+  ``--write_out`` shows of the patched modes);
 - ``model`` (``TaskVectorLM``: HFLM overrides, each owning no state but what it hands to the next callback);
 - above the model: ``comparison`` (``taskvec compare``), ``analyses``, ``cli``, ``sweep_report``, ``figures``.
 

@@ -19,6 +19,9 @@ MODEL_TARGET = "lm_eval_taskvec.model:TaskVectorLM"
 # task objects of the run (with its --num_fewshot and few-shot settings).
 LOADED_TASKS: dict = {}
 PROMPT_SETTINGS = ("system_instruction", "apply_chat_template", "fewshot_as_multiturn")
+# While lm-eval's evaluate() runs: its tasks by name ("tasks"), those whose first prompt --write_out printed
+# ("written_out"), and the models that checked them all before running any ("checked"); empty between runs.
+CURRENT_RUN: dict = {}
 
 
 def register_model() -> None:
@@ -53,6 +56,12 @@ def add_task_path() -> None:
     def load(self, *args, **kwargs):
         loaded = original_load(self, *args, **kwargs)
         LOADED_TASKS.update(loaded.get("tasks", {}))
+        for name, task in loaded.get("tasks", {}).items():
+            # What the task's own config says, before the evaluator applies --num_fewshot (which lm-eval ignores
+            # for a config that pins num_fewshot: 0), and where that config is: refusals name the fix.
+            task.taskvec_config_shots = task.get_config("num_fewshot")
+            entry = getattr(self, "_index", {}).get(name)
+            task.taskvec_yaml = str(entry.yaml_path) if getattr(entry, "yaml_path", None) else None
         return loaded
 
     def build_all_requests(self, *args, **kwargs):
@@ -64,6 +73,35 @@ def add_task_path() -> None:
 
     __init__._taskvec = True
     TaskManager.__init__, TaskManager.load, Task.build_all_requests = __init__, load, build_all_requests
+
+
+def watch_runs() -> None:
+    """Make lm-eval's ``evaluate`` say which tasks a run holds (``CURRENT_RUN``) for as long as it runs, so that
+    the model can check every task before it runs any, and ``--write_out`` say which tasks it printed."""
+    import lm_eval.evaluator as evaluator
+
+    if getattr(evaluator.evaluate, "_taskvec", False):
+        return
+    original_evaluate, original_writeout = evaluator.evaluate, evaluator.print_writeout
+
+    def evaluate(*args, **kwargs):
+        task_dict = kwargs.get("task_dict", args[1] if len(args) > 1 else None)
+        tasks = task_dict.get("tasks") if isinstance(task_dict, dict) else None
+        saved = dict(CURRENT_RUN)
+        CURRENT_RUN.clear()
+        CURRENT_RUN.update(tasks=dict(tasks or {}), written_out=set(), checked=set())
+        try:
+            return original_evaluate(*args, **kwargs)
+        finally:
+            CURRENT_RUN.clear()
+            CURRENT_RUN.update(saved)
+
+    def print_writeout(task):
+        CURRENT_RUN.setdefault("written_out", set()).add(task.config.task)
+        return original_writeout(task)
+
+    evaluate.__doc__, evaluate.__wrapped__, evaluate._taskvec = original_evaluate.__doc__, original_evaluate, True
+    evaluator.evaluate, evaluator.print_writeout = evaluate, print_writeout
 
 
 def _guarded(callback):
@@ -86,7 +124,11 @@ def _guarded(callback):
     return guarded
 
 
-_AFTER_IMPORT = {"lm_eval.models": _guarded(register_model), "lm_eval.tasks.manager": _guarded(add_task_path)}
+_AFTER_IMPORT = {
+    "lm_eval.models": _guarded(register_model),
+    "lm_eval.tasks.manager": _guarded(add_task_path),
+    "lm_eval.evaluator": _guarded(watch_runs),
+}
 
 
 class _Loader:  # duck-typed: importing importlib.abc would cost ~40 ms at every start-up

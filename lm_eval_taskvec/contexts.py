@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from lm_eval_taskvec._autoload import LOADED_TASKS
+
 
 @dataclass(frozen=True)
 class Split:
@@ -76,9 +78,23 @@ def split_for_task(
     if need_demos and (num_fewshot < 1 or not demos.strip()):
         raise ValueError(
             f"task {task_name!r} runs {num_fewshot}-shot: its context has no demonstrations to compress into θ "
-            "(a description or system instruction alone is not a demonstration). Run it with --num_fewshot k >= 1."
+            f"(a description or system instruction alone is not a demonstration). {shots_fix(task_name)}"
         )
     return Split(demos, query)
+
+
+def shots_fix(task_name: str) -> str:
+    """How to give a task demonstrations: --num_fewshot, unless its config pins ``num_fewshot: 0`` (lm-eval then
+    ignores --num_fewshot for it, saying so only in its log)."""
+    task = LOADED_TASKS.get(task_name)
+    if getattr(task, "taskvec_config_shots", None) != 0:
+        return "Run it with --num_fewshot k >= 1."
+    where = getattr(task, "taskvec_yaml", None)
+    return (
+        "Its config pins num_fewshot: 0, for which lm-eval ignores --num_fewshot; to run it k-shot, write a task "
+        f"YAML of your own with `include: {where or '<its YAML>'}`, `task: <a new name>` and `num_fewshot: k` "
+        "(the task must have a few-shot split or samples) and pass its folder with --include_path."
+    )
 
 
 def split_at_delimiter(context: str, delimiter: str) -> Split:

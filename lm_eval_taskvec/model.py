@@ -27,6 +27,7 @@ from lm_eval_taskvec.extraction import cache_argument, prefill_columns
 from lm_eval_taskvec.handoff import Handoff, SharedModes, batch_key, in_parts, row_key
 from lm_eval_taskvec.layers import find_blocks, intervene, resolve_layer
 from lm_eval_taskvec.planning import Plan, Planner, document_index
+from lm_eval_taskvec.preflight import beam_refusal, check_run, rolling_refusal
 from lm_eval_taskvec.selection import layer_of_document, select_layer
 from lm_eval_taskvec.selection.cache import LayerCache
 from lm_eval_taskvec.settings import AUTO, Settings, check_mode
@@ -138,7 +139,7 @@ class TaskVectorLM(HFLM):
             return self.planner.plan(requests, with_theta=False)
         plans = self.planner.plan(requests, layer_of=self._layer_of(requests, layer))
         tasks = ", ".join(sorted({str(r.task_name) for r in requests}))
-        self.thetas.ensure({(p.layer, p.theta_key) for p in plans}, f"{tasks}: extracting θ")
+        self.thetas.ensure({(p.layer, p.theta_key) for p in plans if p.theta_key is not None}, f"{tasks}: extracting θ")
         return plans
 
     def _layer_of(self, requests, layer: int | None):
@@ -183,6 +184,7 @@ class TaskVectorLM(HFLM):
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self._warn_instruct(requests)
+        check_run(self, requests)
         if self.mode == "regular" and "hypothesis" in self.shared.modes:
             # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
             plans = self.planner.plan(requests, layer_of=self._layer_of(requests, None))
@@ -198,12 +200,8 @@ class TaskVectorLM(HFLM):
         if self.mode == "hypothesis":
             self.shared.forked_baseline.clear()
             for request in requests:
-                kwargs = request.args[1] or {}
-                if max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1)) > 1:
-                    raise ValueError(
-                        f"task {request.task_name!r} asks for num_beams/num_return_sequences > 1: "
-                        "hypothesis mode patches one θ per prompt row; use greedy or sampled decoding"
-                    )
+                if problem := beam_refusal(request):
+                    raise ValueError(problem)
         return self.generate_planned(requests, self.plan(requests), disable_tqdm)
 
     def generate_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False) -> list[str]:
@@ -270,6 +268,7 @@ class TaskVectorLM(HFLM):
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._warn_instruct(requests)
+        check_run(self, requests)
         if self.mode == "regular":
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         return self.loglikelihood_planned(requests, self.plan(requests), disable_tqdm)
@@ -277,7 +276,7 @@ class TaskVectorLM(HFLM):
     def loglikelihood_planned(self, requests, plans: list[Plan], disable_tqdm: bool = False):
         """Score each request's continuation after its plan's query, with its plan's θ (if any) patched at the
         query's last token."""
-        encoded = [(req.args, *self.encode_pair(plan.query, req.args[1])) for req, plan in zip(requests, plans)]
+        encoded = [(req.args, *self._encode_planned(plan.query, req.args[1])) for req, plan in zip(requests, plans)]
         full = self._longest(r.args[0] for r in requests) + max(len(e[2]) for e in encoded)
         with self._grown_batches(full, max(len(e[1]) + len(e[2]) for e in encoded)):
             if all(p.theta_key is None for p in plans):
@@ -290,6 +289,16 @@ class TaskVectorLM(HFLM):
 
             # Each part maps a row's tokens to one (θ, layer, position), so _model_call can tell rows apart exactly.
             return in_parts(len(encoded), lambda i: rows[i][0], lambda i: rows[i][1], score_part)
+
+    def _encode_planned(self, query: str, continuation: str) -> tuple[list[int], list[int]]:
+        """A request's tokens as HFLM.loglikelihood makes them: an empty context (acc_mutual_info's unconditional
+        requests, which hold no query and run unpatched) is the prefix token alone."""
+        if query:
+            return self.encode_pair(query, continuation)
+        continuation_enc = self.tok_encode(continuation, add_special_tokens=False)
+        if self.prefix_token_id != continuation_enc[0]:
+            return [self.prefix_token_id], continuation_enc
+        return continuation_enc[:1], continuation_enc[1:]
 
     def _row_patch(self, context_enc: list[int], continuation_enc: list[int], plan: Plan):
         """The row HFLM will build for this request (trailing zeros stripped: padding is zeros), and where θ goes."""
@@ -309,11 +318,9 @@ class TaskVectorLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._warn_instruct(requests)
+        check_run(self, requests)
         if self.mode != "regular":
-            raise ValueError(
-                f"mode={self.mode} needs few-shot demonstrations; loglikelihood_rolling (perplexity) tasks "
-                "have none: run them with mode=regular"
-            )
+            raise ValueError(rolling_refusal(self.mode))
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     # ------------------------------------------------------------------ batching
@@ -324,6 +331,17 @@ class TaskVectorLM(HFLM):
         saved = self.batch_size_per_gpu
         if isinstance(saved, int):
             self.batch_size_per_gpu = saved * max(1, min(MAX_BATCH_GROWTH, full_tokens // max(1, short_tokens)))
+            if self.batch_size_per_gpu > saved and "grown batches" not in self._warned:
+                self._warned.add("grown batches")
+                log.info(
+                    "hf-taskvec mode=%s: query-only rows are shorter than the few-shot rows batch_size=%d was chosen "
+                    "for, so their batches hold up to %d times as many rows (here %d) for the same tokens per batch: "
+                    "batch_size is not the number of rows per batch in this mode",
+                    self.mode,
+                    saved,
+                    MAX_BATCH_GROWTH,
+                    self.batch_size_per_gpu,
+                )
         try:
             yield
         finally:

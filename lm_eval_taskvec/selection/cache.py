@@ -19,6 +19,7 @@ from torch import nn
 
 from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.identity import weights_fingerprint
+from lm_eval_taskvec.selection.criterion import DEFAULTS, REFERENCE_LOGLIKELIHOOD, REFERENCE_TOKENS
 from lm_eval_taskvec.selection.dev import DevSet
 from lm_eval_taskvec.settings import Settings
 
@@ -107,8 +108,11 @@ def cache_key(
     settings: Settings,
     task_name: str,
     sets: list[DevSet],
+    criterion: str | None = None,
     progress: bool = False,
 ) -> str:
+    """The key of a choice: what decides it. The criterion counts only where it is not the old default for the
+    request type, so that choices cached before it was recorded stay valid."""
     config = model.config.to_dict()
     parts = [
         CACHE_VERSION,
@@ -131,6 +135,8 @@ def cache_key(
             for dev in sets
         ],
     ]
+    if criterion is not None and criterion not in DEFAULTS:
+        parts.append({"criterion": criterion, "reference_tokens": REFERENCE_TOKENS})
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -172,13 +178,25 @@ def valid_choice(choice, num_blocks: int) -> bool:
             and type(part.get("num_dev")) is int
         )
 
-    if not valid_part(choice) or not isinstance(choice.get("dev_split"), str):
+    def valid_scores(part) -> bool:  # a choice made by the references' log-likelihood has its scores too
+        if part.get("criterion") != REFERENCE_LOGLIKELIHOOD:
+            return True
+        curve = part.get("dev_score")
+        return (
+            isinstance(curve, list)
+            and len(curve) == num_blocks
+            and all(map(number, curve))
+            and all(number(part.get(k)) for k in ("baseline_score", "regular_score"))
+        )
+
+    if not valid_part(choice) or not valid_scores(choice) or not isinstance(choice.get("dev_split"), str):
         return False
     folds = choice.get("folds")
     return folds is None or (
         isinstance(folds, list)
         and len(folds) == 2
         and all(map(valid_part, folds))
+        and all(map(valid_scores, folds))
         and [type(f.get("scored_fold")) for f in folds] == [int, int]
         and sorted(f["scored_fold"] for f in folds) == [0, 1]
         and type(choice.get("num_docs")) is int

@@ -15,7 +15,7 @@ from functools import lru_cache
 from lm_eval.api.instance import Instance
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
-from lm_eval_taskvec.contexts import rendered_answer, rendered_queries
+from lm_eval_taskvec.contexts import rendered_answer, rendered_queries, shots_fix
 from lm_eval_taskvec.settings import Settings
 from lm_eval_taskvec.theta import few_shot_requests
 
@@ -45,7 +45,7 @@ def dev_sets(settings: Settings, task_name: str, progress: bool = False) -> list
             "lm_eval or lm_eval.simple_evaluate provide: pass layer=<block index or fraction> instead"
         )
     if (task.get_config("num_fewshot") or 0) < 1:
-        raise ValueError(f"layer=auto needs demonstrations: run {task_name!r} with --num_fewshot k >= 1")
+        raise ValueError(f"layer=auto needs demonstrations, and task {task_name!r} runs 0-shot. {shots_fix(task_name)}")
     evaluated = list(task.eval_docs)
     scored_queries = {q for doc in evaluated for q in rendered_queries(task, doc)}
 
@@ -96,8 +96,17 @@ def examples(settings: Settings, task, progress: bool, docs: list[tuple[int, dic
 
 
 def gold(task, doc) -> int | str:
-    """What a dev document is right with: the index of its right choice, or the text its answer starts with."""
+    """What a dev document is right with: the index of its right choice, or the text its answer starts with.
+    The index is read as lm-eval's ``process_results`` reads it: a multiple-input task (e.g. Winogrande, whose
+    choices are the contexts and whose target is the continuation they share) gives it as ``doc_to_text``."""
     if task.get_config("output_type") == "generate_until":
         return rendered_answer(task, doc)
-    target, choices = task.doc_to_target(doc), task.doc_to_choice(doc)
-    return target if isinstance(target, int) else choices.index(target)
+    target, choices = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc), task.doc_to_choice(doc)
+    if isinstance(target, int):
+        return target
+    if target not in choices:
+        raise ValueError(
+            f"task {task.config.task!r}: layer=auto needs each dev document's right choice, but its target "
+            f"{target!r} is none of its choices {choices!r}: pass layer=<block index or fraction of depth>"
+        )
+    return choices.index(target)

@@ -4,10 +4,12 @@
 One pass over each dev prompt's demonstrations S gives θ at every block and the full prompt's (regular)
 score. Each block is then scored from a shared KV cache of every dev query minus its last token: only the
 last token (patched) and the continuation run again, and only through the blocks above the patched one
-(those below replay the unpatched pass, which is the baseline's). Generation tasks are scored as the paper
-does (first generated token against the target's first token), multiple-choice tasks by accuracy over the
-choices. The best block wins, ties to the lower block; a best block no better than the baseline by an exact
-McNemar test is reported as ``no_effect``.
+(those below replay the unpatched pass, which is the baseline's). What a block is scored by is the task's
+``criterion``: generation tasks with short answers as the paper does (first generated token against the
+target's first token), generation tasks with long answers by the mean log-likelihood per token of the
+reference continuation, multiple-choice tasks by accuracy over the choices. The best block wins, ties to the
+lower block; a best block no better than the baseline (an exact McNemar test for accuracies, the paired
+bootstrap for log-likelihoods) is reported as ``no_effect``.
 """
 
 from __future__ import annotations
@@ -28,35 +30,43 @@ from lm_eval_taskvec.extraction import (
     within_window,
 )
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
+from lm_eval_taskvec.selection.criterion import REFERENCE_LOGLIKELIHOOD, REFERENCE_TOKENS
 from lm_eval_taskvec.selection.dev import DevExample, DevSet
 from lm_eval_taskvec.selection.interface import SweepModel
-from lm_eval_taskvec.stats import mcnemar_exact
+from lm_eval_taskvec.stats import mcnemar_exact, paired_bootstrap
 
 ROW_CHUNK = 64  # dev rows scored per batch
 SUFFIX_FLOOR = 256  # tokens a batch of suffixes after S may pad to before it is cut by length
 STACK_TOKENS = 256  # a pass of the sweep scores several blocks' patches at once, up to this many tokens
 
 
-def choose(lm: SweepModel, task_name: str, sets: list[DevSet]) -> dict:
-    """The choice for ``task_name``: its block, dev curve, baseline and regular dev accuracy and p-value; a
-    cross-fitted task pools its two halves and has one such entry per half under ``folds``."""
-    results = score(lm, task_name, sets)
+def choose(lm: SweepModel, task_name: str, sets: list[DevSet], criterion: str | None = None) -> dict:
+    """The choice for ``task_name``: its block, dev curve, baseline and regular dev accuracy and p-value (and,
+    scored by the reference's log-likelihood, those scores too); a cross-fitted task pools its two halves and
+    has one such entry per half under ``folds``. ``criterion`` defaults to the old one for the request type."""
+    long_answers = criterion == REFERENCE_LOGLIKELIHOOD
+    results = score(lm, task_name, sets, criterion) if long_answers else score(lm, task_name, sets)
+
+    def summarize(*scores) -> dict:
+        found = (reference_summary if long_answers else summary)(*scores)
+        return found | ({"criterion": criterion} if criterion else {})
+
     if len(results) == 1:
         return {
             "task": task_name,
-            **summary(*results[0]),
+            **summarize(*results[0]),
             "dev_split": sets[0].split,
             "dev_docs": sorted({ex.doc_id for ex in sets[0].examples}),
         }
     pooled = [torch.cat(parts, -1) for parts in zip(*results)]
     folds = [
-        summary(*result) | {"scored_fold": fold, "dev_docs": sorted({ex.doc_id for ex in dev.examples})}
+        summarize(*result) | {"scored_fold": fold, "dev_docs": sorted({ex.doc_id for ex in dev.examples})}
         for fold, (dev, result) in enumerate(zip(sets, results))
     ]
     n = len(LOADED_TASKS[task_name].eval_docs)
     return {
         "task": task_name,
-        **summary(*pooled),
+        **summarize(*pooled),
         "dev_split": sets[0].split,
         "folds": folds,
         "num_docs": n,
@@ -82,16 +92,47 @@ def summary(layer_hits: torch.Tensor, baseline: torch.Tensor, regular: torch.Ten
     }
 
 
-def score(lm: SweepModel, task_name: str, sets: list[DevSet]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def reference_summary(layer_scores: torch.Tensor, baseline: torch.Tensor, regular: torch.Tensor) -> dict:
+    """The block whose patch makes the references likeliest (ties to the lower), from ``score``'s
+    [2, ..., prompts] tensors (mean log-likelihood per reference token; first token right), and whether it
+    beats the query alone (paired bootstrap over the dev prompts, p < 0.05). The first-token accuracies are
+    kept under their old names, for the record."""
+    curve = layer_scores[0].mean(-1)
+    best = max(range(len(curve)), key=lambda layer: (curve[layer].item(), -layer))
+    gain = (curve[best] - baseline[0].mean()).item()
+    p_value = paired_bootstrap(layer_scores[0, best].tolist(), baseline[0].tolist())
+    return {
+        "layer": best,
+        "dev_score": [round(v, 4) for v in curve.tolist()],
+        "baseline_score": round(baseline[0].mean().item(), 4),
+        "regular_score": round(regular[0].mean().item(), 4),
+        "dev_accuracy": [round(v, 4) for v in layer_scores[1].mean(-1).tolist()],
+        "baseline_accuracy": round(baseline[1].mean().item(), 4),
+        "regular_accuracy": round(regular[1].mean().item(), 4),
+        "no_effect": not (gain > 0 and p_value < 0.05),
+        "p_value": round(p_value, 4),
+        "num_dev": layer_scores.shape[-1],
+    }
+
+
+def score(
+    lm: SweepModel, task_name: str, sets: list[DevSet], criterion: str | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per dev set, per dev prompt: right at each block (Tensor[blocks, prompts]), right in baseline, right in
-    regular. The sets run together: cross-fitted halves draw the same demonstrations for most of their prompts,
-    and a shared S runs once."""
+    regular; by ``reference_loglikelihood``, Tensor[2, ..., prompts] each: the reference's mean log-likelihood
+    per token, and whether its first token is the argmax. The sets run together: cross-fitted halves draw the
+    same demonstrations for most of their prompts, and a shared S runs once."""
     examples = [ex for dev in sets for ex in dev.examples]
     requests = [r for ex in examples for r in ex.requests]
     plans = lm.planner.plan(requests)
     layers = list(range(len(lm.blocks)))
     generation = requests[0].request_type == "generate_until"
-    if generation:
+    if generation and criterion == REFERENCE_LOGLIKELIHOOD:
+        queries = [reference_row(lm, p.query, ex.gold, task_name) for p, ex in zip(plans, examples)]
+        fulls = [
+            (lm.tok_encode(r.args[0])[-(lm.max_length - len(ref)) :], ref) for r, (_, ref) in zip(requests, queries)
+        ]
+    elif generation:
         targets = [lm.tok_encode(ex.gold, add_special_tokens=False)[:1] for ex in examples]
         if not all(targets):
             raise ValueError(f"task {task_name!r} has a dev document with an empty target: nothing to score")
@@ -104,11 +145,25 @@ def score(lm: SweepModel, task_name: str, sets: list[DevSet]) -> list[tuple[torc
     desc = f"{task_name}: dev accuracy by block"
     scores = fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
-    hits = [
-        _hits(examples, scores, generation).split([len(dev.examples) for dev in sets], -1)
-        for scores in (per_block, baseline, regular)
-    ]
+    sizes = [len(dev.examples) for dev in sets]
+    if generation and criterion == REFERENCE_LOGLIKELIHOOD:
+        lengths = torch.tensor([float(len(ref)) for _, ref in queries])
+        found = [torch.stack([s[..., 0] / lengths, s[..., 1]]).split(sizes, -1) for s in (per_block, baseline, regular)]
+        return list(zip(*found))
+    hits = [_hits(examples, scores, generation).split(sizes, -1) for scores in (per_block, baseline, regular)]
     return list(zip(*hits))
+
+
+def reference_row(lm: SweepModel, query: str, reference: str, task_name: str) -> tuple[list[int], list[int]]:
+    """The query's tokens as generation sees them, and the reference's first REFERENCE_TOKENS tokens as they
+    follow the query (tokenized together, unless that changes the query's own tokens)."""
+    context = lm.tok_encode(query)
+    whole = lm.tok_encode(query + reference)
+    continuation = whole[len(context) :] if whole[: len(context)] == context else []
+    continuation = (continuation or lm.tok_encode(reference, add_special_tokens=False))[:REFERENCE_TOKENS]
+    if not continuation:
+        raise ValueError(f"task {task_name!r} has a dev document with an empty target: nothing to score")
+    return context, continuation
 
 
 def _hits(examples: list[DevExample], scores: torch.Tensor, generation: bool) -> torch.Tensor:
