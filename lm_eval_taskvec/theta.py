@@ -85,9 +85,11 @@ class ThetaStore:
     def ensure(self, wanted, desc: str = "Extracting task vectors") -> None:
         """Compute every missing θ of ``wanted`` ((layer, key) pairs): one extraction pass per set of layers
         (a sweep needs all blocks of each [S, x'] prompt; an evaluation needs one layer per task, and stops
-        there). θ is the mean over the dummies, accumulated in float32 and kept in the model's dtype."""
+        there). θ is the mean over the dummies, accumulated in float32 and kept in the model's dtype. The passes
+        are laid out in an order of their own, not ``wanted``'s (a set's order changes with Python's string hashing
+        from process to process, and with it which prompts share a batch, and so θ's last bits)."""
         layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
-        for layer, key in wanted:
+        for layer, key in sorted(wanted, key=_order):
             if (layer, key) not in self._thetas:
                 layers_of[key].add(layer)
         passes: dict[tuple[int, ...], list[ThetaKey]] = defaultdict(list)
@@ -134,6 +136,11 @@ class ThetaStore:
             k = len(families[r])
             states = found[rows[r][0]][i * k : (i + 1) * k]
             self._thetas[rows[r]] = states.float().mean(0).to(states.dtype)
+
+
+def _order(item: tuple[int, ThetaKey]) -> tuple:
+    layer, key = item
+    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or ""
 
 
 def few_shot_requests(
