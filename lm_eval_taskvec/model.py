@@ -246,22 +246,26 @@ class TaskVectorLM(HFLM):
             return answers
         if self.mode == "hypothesis" and "baseline" in self.shared.modes and context.shape[1] > 1:
             # Baseline and hypothesis run the same query tokens and differ from the last one on: prefill the
-            # rest once, then generate both in one batch, each row twice, its first copy unpatched; baseline's
-            # answers wait for the baseline run.
+            # rest once, then generate each from a copy of that cache; baseline's answers wait for the baseline
+            # run. Two calls, not one of twice the rows: each stops when its own rows reach `until` (patched
+            # rows often stop after a word where the query alone keeps talking).
             with torch.no_grad(), self.autocast():
                 prefix = prefill_columns(
                     self.model, context[:, :-1], generation_kwargs["attention_mask"][:, :-1], stop_block=self.blocks[-1]
                 )
-            rows = context.shape[0]
-            both = dict(
-                generation_kwargs,
-                attention_mask=generation_kwargs["attention_mask"].repeat(2, 1),
-                **{cache_argument(self.model): prefix.take(list(range(rows)) * 2).cache},
+            rows = list(range(context.shape[0]))
+            with self.patched(plans, -1, first_call_only=True):
+                answers = super()._model_generate(
+                    context,
+                    max_length,
+                    stop,
+                    **generation_kwargs,
+                    **{cache_argument(self.model): prefix.take(rows).cache},
+                )
+            self.shared.forked_baseline[key] = super()._model_generate(
+                context, max_length, stop, **generation_kwargs, **{cache_argument(self.model): prefix.take(rows).cache}
             )
-            with self.patched([replace(p, theta_key=None) for p in plans] + plans, -1, first_call_only=True):
-                answers = super()._model_generate(context.repeat(2, 1), max_length, stop, **both)
-            self.shared.forked_baseline[key] = answers[:rows]
-            return answers[rows:]
+            return answers
         with self.patched(plans, -1, first_call_only=True):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
