@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lm_eval_taskvec.settings import OPS
+
 
 def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
     """The decoder blocks of ``model``; ``path`` (e.g. ``"model.layers"``) overrides discovery."""
@@ -140,9 +142,6 @@ class Intervention:
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"op={self.op!r} is unknown: use one of {', '.join(OPS)}")
-
-
-OPS = ("replace", "add")
 
 
 @dataclass

@@ -28,9 +28,9 @@ from lm_eval_taskvec.handoff import Handoff, SharedModes, batch_key, in_parts, r
 from lm_eval_taskvec.layers import find_blocks, intervene, resolve_layer
 from lm_eval_taskvec.planning import Plan, Planner, document_index
 from lm_eval_taskvec.preflight import beam_refusal, check_run, rolling_refusal
-from lm_eval_taskvec.selection import layer_of_document, select_layer
+from lm_eval_taskvec.selection import layer_of_document, select_layer, task_mean_key
 from lm_eval_taskvec.selection.cache import LayerCache
-from lm_eval_taskvec.settings import AUTO, Settings, check_mode
+from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode
 from lm_eval_taskvec.theta import ThetaStore
 from lm_eval_taskvec.thetafile import load_thetas
 
@@ -60,6 +60,10 @@ class TaskVectorLM(HFLM):
         fewshot_delimiter: splits S and x of requests from tasks lm-eval did not load (direct API calls).
         theta_path: a ``taskvec export`` file: hypothesis patches its stored θ instead of extracting θ.
         layers_path: dotted path to the ModuleList of decoder blocks, for exotic architectures.
+        method: hypothesis mode's method (docs/methods.md): ``hendel`` (default: each prompt's θ replaces block L's
+            output), ``elicit`` (h + 2·θ) or ``task_mean`` (one θ per task, the mean over its dev prompts').
+        vector, op, scale: the method's parts, each overriding its preset: ``prompt`` or ``task_mean``; ``replace``
+            or ``add``; the factor of an added θ.
         device: as for HFLM, but defaults to CUDA when available, else the CPU.
     """
 
@@ -75,6 +79,10 @@ class TaskVectorLM(HFLM):
         fewshot_delimiter: str | None = None,
         theta_path: str | None = None,
         layers_path: str | None = None,
+        method: str = "hendel",
+        vector: str | None = None,
+        op: str | None = None,
+        scale=None,
         device: str | None = None,
         **kwargs,
     ) -> None:
@@ -88,7 +96,16 @@ class TaskVectorLM(HFLM):
             fewshot_delimiter=fewshot_delimiter,
             layers_path=layers_path,
             theta_path=theta_path,
+            method=method,
+            vector=vector,
+            op=op,
+            scale=scale,
         )
+        if settings.theta_path and settings.vector != "prompt":
+            raise ValueError(
+                f"theta_path= patches the stored task vectors, so vector={settings.vector} has nothing to average: "
+                "leave vector (and method=task_mean) out with theta_path="
+            )
         if settings.theta_path and self.mode != "hypothesis":
             raise ValueError(
                 f"theta_path= patches stored task vectors, which only mode=hypothesis does (got mode={mode})"
@@ -138,6 +155,12 @@ class TaskVectorLM(HFLM):
         if self.mode == "baseline":
             return self.planner.plan(requests, with_theta=False)
         plans = self.planner.plan(requests, layer_of=self._layer_of(requests, layer))
+        if self.settings.vector == "task_mean":
+            means = {name: task_mean_key(self, name) for name in sorted({str(r.task_name) for r in requests})}
+            plans = [
+                replace(p, theta_key=means[str(r.task_name)]) if p.theta_key is not None else p
+                for r, p in zip(requests, plans)
+            ]
         tasks = ", ".join(sorted({str(r.task_name) for r in requests}))
         self.thetas.ensure({(p.layer, p.theta_key) for p in plans if p.theta_key is not None}, f"{tasks}: extracting θ")
         return plans
@@ -185,7 +208,7 @@ class TaskVectorLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self._warn_instruct(requests)
         check_run(self, requests)
-        if self.mode == "regular" and "hypothesis" in self.shared.modes:
+        if self.mode == "regular" and "hypothesis" in self.shared.modes and self.settings.vector == "prompt":
             # The full prompts [S, x] and θ's prompts [S, x'] share S: run it once for both.
             plans = self.planner.plan(requests, layer_of=self._layer_of(requests, None))
             return self.generate_planned(
@@ -417,6 +440,8 @@ class TaskVectorLM(HFLM):
                 "num_dev": self.settings.num_dev,
                 "theta_path": stored and stored.path,
             }
+            if self.settings.parts != METHODS["hendel"]:  # Hendel's databases keep their marks
+                settings |= dict(zip(("vector", "op", "scale"), self.settings.parts))
         return settings
 
     def get_model_info(self) -> dict:
@@ -425,6 +450,9 @@ class TaskVectorLM(HFLM):
         info["model_device"] = str(self.device)  # lm-eval's "device" records the CLI's string, e.g. "cuda:0" on a CPU
         info["taskvec"] = {"mode": self.mode}
         stored, settings = self.planner.stored, self.settings
+        if self.mode == "hypothesis":
+            info["taskvec"] |= {"method": settings.method, "vector": settings.vector, "op": settings.op}
+            info["taskvec"] |= {"scale": settings.scale} if settings.op == "add" else {}
         if self.mode == "hypothesis" and stored is not None:
             info["taskvec"] |= {"layer": settings.layer, "theta_path": stored.path, "theta_source": stored.model}
         elif self.mode == "hypothesis":

@@ -96,9 +96,11 @@ class Planner:
         return plans
 
     def interventions(self, plans: list[Plan]) -> list[Intervention | None]:
-        """What each plan writes into the model: its θ at its block (None for a plan without θ)."""
+        """What each plan writes into the model: its θ at its block, replaced or added as the method says (None for
+        a plan without θ)."""
+        _, op, scale = self.settings.parts
         return [
-            Intervention(self.thetas.get(p.layer, p.theta_key), p.layer) if p.theta_key is not None else None
+            Intervention(self.thetas.get(p.layer, p.theta_key), p.layer, op, scale) if p.theta_key is not None else None
             for p in plans
         ]
 

@@ -7,10 +7,19 @@ gets a message naming the argument and the fix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
+VECTORS = ("prompt", "task_mean")
+OPS = ("replace", "add")
+# method -> (vector, op, scale): each part a model argument of its own, which overrides the preset's
+METHODS = {
+    "hendel": ("prompt", "replace", 1.0),  # Hendel et al. 2023: θ of each prompt replaces block L's output
+    "elicit": ("prompt", "add", 2.0),  # ELICIT (Wang et al. 2025): h <- h + 2·θ
+    "task_mean": ("task_mean", "replace", 1.0),  # one θ per task: the mean over the dev prompts' θ
+}
 LAYER_CACHE = {"on": ("on", "true", "yes", "1"), "refresh": ("refresh",), "off": ("off", "false", "no", "0")}
 
 
@@ -27,6 +36,15 @@ class Settings:
     fewshot_delimiter: str | None = None
     layers_path: str | None = None
     theta_path: str | None = None
+    method: str = "hendel"
+    vector: str = "prompt"  # θ of each prompt (Hendel's), or one per task: the mean of the dev prompts' θ
+    op: str = "replace"
+    scale: float = 1.0  # op=add only: h <- h + scale·θ
+
+    @property
+    def parts(self) -> tuple[str, str, float]:
+        """What decides a patch besides θ's prompts: (vector, op, scale); Hendel's is METHODS["hendel"]."""
+        return self.vector, self.op, self.scale
 
     @classmethod
     def read(
@@ -39,6 +57,10 @@ class Settings:
         fewshot_delimiter=None,
         layers_path=None,
         theta_path=None,
+        method="hendel",
+        vector=None,
+        op=None,
+        scale=None,
     ) -> Settings:
         """Settings from model arguments as lm-eval passes them; raises ValueError naming a bad one."""
         return cls(
@@ -50,7 +72,37 @@ class Settings:
             fewshot_delimiter=read_escapes(fewshot_delimiter) if fewshot_delimiter else None,
             layers_path=layers_path or None,
             theta_path=theta_path or None,
+            **read_method(method, vector, op, scale),
         )
+
+
+def read_method(method, vector=None, op=None, scale=None) -> dict:
+    """The method's preset, with each part the user gives in its place; a combination that means nothing (a
+    scale on a replaced state) is refused, naming the valid ones."""
+    name = str(method).strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"method={method!r} is unknown: use one of {', '.join(METHODS)}")
+    preset = dict(zip(("vector", "op", "scale"), METHODS[name]))
+    for key, value, valid in (("vector", vector, VECTORS), ("op", op, OPS)):
+        if value is not None:
+            preset[key] = str(value).strip().lower()
+            if preset[key] not in valid:
+                raise ValueError(f"{key}={value!r} is unknown: use one of {', '.join(valid)}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, str)):
+            raise ValueError(f"scale={scale!r} must be a finite number")
+        try:
+            preset["scale"] = float(scale)
+        except ValueError:
+            preset["scale"] = math.nan
+        if not math.isfinite(preset["scale"]):
+            raise ValueError(f"scale={scale!r} must be a finite number")
+    if preset["op"] == "replace" and preset["scale"] != 1.0:
+        raise ValueError(
+            f"scale={preset['scale']:g} with op=replace: a replaced state is θ itself, so scale applies to op=add "
+            "only; use op=add (h <- h + scale·θ) or leave scale out"
+        )
+    return {"method": name, **preset}
 
 
 def parse_layer(value, name: str = "layer") -> int | float | str:

@@ -28,6 +28,15 @@ class ThetaKey:
     strip: bool  # likelihood requests: trailing whitespace of the context moves onto the continuation
     max_tokens: int | None = None  # left-truncate each prompt to this many tokens, as regular mode does
     stored: str | None = None  # θ read from a theta_path file ("path#task@layer"), not extracted
+    mean_of: tuple[ThetaKey, ...] = ()  # a task's θ (vector=task_mean): the mean of these keys' θ
+
+    @classmethod
+    def task_mean(cls, keys) -> ThetaKey:
+        """The key of the mean θ over ``keys`` (one task's prompts), in an order of its own."""
+        members = tuple(sorted(set(keys), key=lambda key: _order((0, key))))
+        if not members or any(m.mean_of or m.stored for m in members):
+            raise ValueError("a task-mean θ is the mean of extracted prompts' θ: give at least one such key")
+        return cls("", (), members[0].strip, mean_of=members)
 
 
 class ThetaStore:
@@ -87,7 +96,12 @@ class ThetaStore:
         (a sweep needs all blocks of each [S, x'] prompt; an evaluation needs one layer per task, and stops
         there). θ is the mean over the dummies, accumulated in float32 and kept in the model's dtype. The passes
         are laid out in an order of their own, not ``wanted``'s (a set's order changes with Python's string hashing
-        from process to process, and with it which prompts share a batch, and so θ's last bits)."""
+        from process to process, and with it which prompts share a batch, and so θ's last bits). A task-mean key's
+        θ is the float32 mean of its members' θ, extracted first."""
+        task_means = {item for item in wanted if item[1].mean_of and item not in self._thetas}
+        wanted = {item for item in wanted if not item[1].mean_of} | {
+            (layer, member) for layer, key in task_means for member in key.mean_of
+        }
         layers_of: dict[ThetaKey, set[int]] = defaultdict(set)
         for layer, key in sorted(wanted, key=_order):
             if (layer, key) not in self._thetas:
@@ -101,6 +115,9 @@ class ThetaStore:
             for li, layer in enumerate(layers):
                 for ki, key in enumerate(keys):
                     self._thetas[(layer, key)] = means[li, ki]
+        for layer, key in sorted(task_means, key=_order):
+            members = torch.stack([self._thetas[(layer, member)] for member in key.mean_of])
+            self._thetas[(layer, key)] = members.float().mean(0).to(members.dtype)
 
     def last_token_states(
         self, families: list[list[list[int]]], layers: list[int], desc: str = "Extracting task vectors"
@@ -140,7 +157,8 @@ class ThetaStore:
 
 def _order(item: tuple[int, ThetaKey]) -> tuple:
     layer, key = item
-    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or ""
+    members = tuple(_order((0, member))[1:] for member in key.mean_of)
+    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or "", members
 
 
 def few_shot_requests(

@@ -160,6 +160,18 @@ def test_generate_batched_equals_one_by_one_and_decode_steps_are_not_patched(mak
     assert batched == single
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+def test_an_added_theta_patches_the_prompt_pass_once_and_no_decode_step(make_lm, records, monkeypatch, arch):
+    reqs = gen_requests()
+    batched = make_lm(arch, mode="hypothesis", layer=1, op="add", scale=2.0, batch_size=4).generate_until(reqs)
+    assert records and all(rec.patched == 1 for *_, rec in records)
+    assert any(rec.calls > 1 for *_, rec in records)  # decode steps ran through the block, unpatched
+    assert all(bool(args[5].all()) for args, _, _ in records)  # every row's θ added, none replaced
+    monkeypatch.setattr(model_module, "MAX_BATCH_GROWTH", 1)  # really one row per batch
+    single = make_lm(arch, mode="hypothesis", layer=1, op="add", scale=2.0, batch_size=1).generate_until(reqs)
+    assert batched == single
+
+
 def test_generate_patches_the_prompts_last_token_with_its_own_theta(make_lm, monkeypatch):
     """Each row's first generated token (one token, no stop string) is the argmax of a forward pass of its query
     alone with its own θ (the mean over its dummies of block 1's output after [S, x'], read here from

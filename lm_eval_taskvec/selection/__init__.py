@@ -20,10 +20,11 @@ from lm_eval_taskvec.selection.criterion import DEFAULTS, REFERENCE_LOGLIKELIHOO
 from lm_eval_taskvec.selection.dev import dev_sets, fold_members
 from lm_eval_taskvec.selection.interface import SweepModel
 from lm_eval_taskvec.stats import fewest_for_significance
+from lm_eval_taskvec.theta import ThetaKey
 
 log = logging.getLogger("lm_eval.taskvec")
 
-__all__ = ["SweepModel", "layer_of_document", "select_layer"]
+__all__ = ["SweepModel", "layer_of_document", "select_layer", "task_mean_key"]
 
 
 def select_layer(lm: SweepModel, task_name: str) -> dict:
@@ -47,6 +48,21 @@ def select_layer(lm: SweepModel, task_name: str) -> dict:
         log_choice(task_name, choice, len(lm.blocks))
         _warn_if_unmeetable(lm, task_name, choice)
     return choice
+
+
+def task_mean_key(lm: SweepModel, task_name: str) -> ThetaKey:
+    """vector=task_mean: the key of ``task_name``'s one θ, the mean of θ over its dev prompts (the sets
+    layer=auto sweeps on, both halves of a cross-fitted task: θ's prompts hold no answer of a scored document)."""
+    if task_name not in LOADED_TASKS:
+        raise ValueError(
+            f"vector=task_mean averages θ over dev prompts of task {task_name!r}, which only runs made through "
+            "lm_eval or lm_eval.simple_evaluate provide: use vector=prompt (method=hendel) for this task"
+        )
+    task = LOADED_TASKS[task_name]
+    sets = lm.choice_cache.dev_sets(
+        task_name, task, lm.settings, lambda: dev_sets(lm.settings, task_name, lm.rank == 0)
+    )
+    return sweep.task_mean_of(lm, [r for dev in sets for ex in dev.examples for r in ex.requests])
 
 
 def _announce(lm: SweepModel, task_name: str, sets, criterion: str) -> None:

@@ -1,6 +1,7 @@
 """The layer cache: ``layer=auto``'s choices in this process's memory and on disk, keyed by everything that
-decides them (the model's name, revision, dtype, config and every weight, the task, its dev prompts, ``seed``
-and ``num_dummy``). Writes are atomic; a file that is not a valid choice for this model is swept again."""
+decides them (the model's name, revision, dtype, config and every weight, the task, its dev prompts, ``seed``,
+``num_dummy`` and, for any method but Hendel's, the vector, operation and scale). Writes are atomic; a file
+that is not a valid choice for this model is swept again."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.identity import weights_fingerprint
 from lm_eval_taskvec.selection.criterion import DEFAULTS, REFERENCE_LOGLIKELIHOOD, REFERENCE_TOKENS
 from lm_eval_taskvec.selection.dev import DevSet
-from lm_eval_taskvec.settings import Settings
+from lm_eval_taskvec.settings import METHODS, Settings
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -137,6 +138,8 @@ def cache_key(
     ]
     if criterion is not None and criterion not in DEFAULTS:
         parts.append({"criterion": criterion, "reference_tokens": REFERENCE_TOKENS})
+    if settings.parts != METHODS["hendel"]:  # Hendel's keys stay as they were before methods existed
+        parts.append(dict(zip(("vector", "op", "scale"), settings.parts)))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 

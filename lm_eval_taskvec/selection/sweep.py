@@ -34,6 +34,7 @@ from lm_eval_taskvec.selection.criterion import REFERENCE_LOGLIKELIHOOD, REFEREN
 from lm_eval_taskvec.selection.dev import DevExample, DevSet
 from lm_eval_taskvec.selection.interface import SweepModel
 from lm_eval_taskvec.stats import mcnemar_exact, paired_bootstrap
+from lm_eval_taskvec.theta import ThetaKey
 
 ROW_CHUNK = 64  # dev rows scored per batch
 SUFFIX_FLOOR = 256  # tokens a batch of suffixes after S may pad to before it is cut by length
@@ -142,6 +143,10 @@ def score(
         queries = [lm.encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
         fulls = [lm.encode_pair(*r.args) for r in requests]
     regular = regular_and_thetas(lm, plans, fulls, layers, f"{task_name}: layer sweep, θ at {len(layers)} blocks")
+    if lm.settings.vector == "task_mean":  # every dev prompt is patched with the task's one θ
+        mean = task_mean_of(lm, requests, plans)
+        lm.thetas.ensure({(layer, mean) for layer in layers})
+        plans = [replace(p, theta_key=mean) for p in plans]
     desc = f"{task_name}: dev accuracy by block"
     scores = fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
@@ -152,6 +157,11 @@ def score(
         return list(zip(*found))
     hits = [_hits(examples, scores, generation).split(sizes, -1) for scores in (per_block, baseline, regular)]
     return list(zip(*hits))
+
+
+def task_mean_of(lm: SweepModel, requests: list, plans: list | None = None) -> ThetaKey:
+    """The key of the mean θ over the dev prompts ``requests`` (their ``plans``, if made already)."""
+    return ThetaKey.task_mean(p.theta_key for p in plans or lm.planner.plan(requests))
 
 
 def reference_row(lm: SweepModel, query: str, reference: str, task_name: str) -> tuple[list[int], list[int]]:
