@@ -30,7 +30,7 @@ from lm_eval_taskvec.planning import Plan, Planner, document_index
 from lm_eval_taskvec.preflight import beam_refusal, check_run, rolling_refusal
 from lm_eval_taskvec.selection import layer_of_document, select_layer, task_mean_key
 from lm_eval_taskvec.selection.cache import LayerCache
-from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode
+from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode, read_method
 from lm_eval_taskvec.theta import ThetaStore
 from lm_eval_taskvec.thetafile import load_thetas
 
@@ -143,6 +143,14 @@ class TaskVectorLM(HFLM):
         if self.mode != "baseline":
             self.shared.forked_baseline.clear()
         self.handoff = Handoff()
+
+    def set_method(self, method: str) -> None:
+        """Patch as ``method`` (its preset parts) from now on: ``taskvec compare --methods`` runs each method's
+        hypothesis with one model, whose θ of each prompt serve every method that patches them."""
+        settings = replace(self.settings, **read_method(method))
+        if settings.theta_path and settings.vector != "prompt":
+            raise ValueError(f"method={method} averages θ, and theta_path= patches stored ones: run it without")
+        self.settings = self.planner.settings = settings
 
     def warn_once(self, message: str, logger: logging.Logger = log) -> None:
         if message not in self._warned:

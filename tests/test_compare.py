@@ -635,3 +635,79 @@ def test_the_layer_column_shows_every_block_a_cross_fitted_task_was_patched_at(t
     rows = {row.name: row for row in build(load_runs([path])).rows}
     assert rows["tv_a"].layers == {"hypothesis": "9, 10"} and rows["tv_b"].layers == {"hypothesis": "4"}
     assert rows["tv_g"].layers == {"hypothesis": "4-10"}
+
+
+def test_stored_runs_of_several_methods_get_a_column_each_tested_against_regular_and_baseline(tmp_path):
+    runs = three_modes(tmp_path)
+    elicit = json.loads(runs["hypothesis"].read_text())
+    elicit["config"]["model_args"]["method"] = "elicit"
+    elicit["config"]["taskvec"] |= {"method": "elicit", "vector": "prompt", "op": "add", "scale": 2.0}
+    elicit["config"]["taskvec"]["layer_selection"]["tv_a"]["layer"] = 9
+    (tmp_path / "elicit").mkdir()
+    (tmp_path / "elicit" / runs["hypothesis"].name).write_text(json.dumps(elicit))
+    for samples in runs["hypothesis"].parent.glob("samples_*.jsonl"):
+        (tmp_path / "elicit" / samples.name).write_text(samples.read_text())
+    table = build(load_runs([runs["regular"], runs["hypothesis"], tmp_path / "elicit", runs["baseline"]]))
+    labels = ["baseline", "hypothesis hendel", "hypothesis elicit", "regular"]
+    assert [c.label for c in table.columns] == labels
+    assert [p.name for p in table.pairs] == [f"{h}: {p}" for h in labels[1:3] for p in ("H/R", "H−B")]
+    (row,) = table.rows
+    assert row.layers == {"hypothesis hendel": "7", "hypothesis elicit": "9"}
+    assert row.derived["hypothesis elicit: H−B"]["value"] == pytest.approx(0.7)
+
+
+def test_compare_with_methods_runs_each_methods_hypothesis_as_a_separate_run_would(tmp_path, saved_model, monkeypatch):
+    """One loaded model: regular and baseline once, hypothesis per method; each method's results and samples
+    equal a fresh model's run of that method alone."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_taskvec.model import TaskVectorLM
+
+    model_dir = saved_model()
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
+    tasks, out, methods = ["tv_list_first"], tmp_path / "out", ("hendel", "elicit", "task_mean")
+    table = compare(
+        model_args=f"pretrained={model_dir},layer=1,num_dev=6",
+        tasks=",".join(tasks),
+        output_path=out,
+        methods=",".join(methods),
+        limit=4,
+        batch_size=4,
+        device="cpu",
+        log_samples=True,
+    )
+    hypotheses = [f"hypothesis {m} L1" for m in methods]
+    assert [c.label for c in table.columns] == ["baseline", *hypotheses, "regular"]
+    assert sorted(p.name for p in table.pairs) == sorted(f"{h}: {p}" for h in hypotheses for p in ("H/R", "H−B"))
+    assert sorted(f.name for f in out.iterdir() if f.is_dir()) == sorted(
+        ["baseline", "regular", *(f"hypothesis-{m}" for m in methods)]
+    )
+    for method in methods:
+        (path,) = (out / f"hypothesis-{method}").glob("*/results_*.json")
+        data = json.loads(path.read_text())
+        assert data["config"]["taskvec"]["method"] == method
+        lm = TaskVectorLM(
+            pretrained=str(model_dir), mode="hypothesis", method=method, layer=1, num_dev=6, batch_size=4, device="cpu"
+        )
+        alone = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=4, task_manager=TaskManager(), log_samples=True)
+        assert data["results"][tasks[0]] == alone["results"][tasks[0]]
+        (samples,) = path.parent.glob(f"samples_{tasks[0]}_*.jsonl")
+        logged = [json.loads(line) for line in samples.read_text().split("\n") if line]
+        assert [s["resps"] for s in logged] == [
+            s["resps"] for s in sorted(alone["samples"][tasks[0]], key=lambda s: s["doc_id"])
+        ]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"methods": "hendel,pca"}, "^methods: hendel,pca is not a list of distinct methods from hendel,"),
+        ({"methods": "elicit", "modes": "regular,baseline"}, "^methods: each method is a hypothesis run"),
+        ({"methods": "elicit", "model_args": "pretrained=/nowhere,op=add"}, "^model_args: leave out op; methods"),
+    ],
+)
+def test_methods_are_checked_before_the_model_loads(tmp_path, options, message):
+    options = {"model_args": "pretrained=/nowhere"} | options
+    with pytest.raises(UsageError, match=message):
+        compare(tasks="tv_letter_to_upper", output_path=tmp_path, **options)

@@ -47,6 +47,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     run.add_argument("--tasks", default=None, help="comma-separated tasks or groups")
     run.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
+    run.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated hypothesis methods, a column each (hendel, elicit, task_mean; docs/methods.md)",
+    )
     run.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per prompt (default: the task's)")
     run.add_argument(
         "--limit",
@@ -108,6 +113,7 @@ def compare_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
             include_path=args.include_path,
             seed=args.seed,
             log_samples=args.log_samples,
+            methods=args.methods,
         )
         if running
         else {}

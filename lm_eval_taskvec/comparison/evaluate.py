@@ -25,8 +25,11 @@ def run_modes(
     include_path: str | None = None,
     seed=None,
     log_samples: bool = False,
+    methods=None,
 ) -> list[Path]:
     """Evaluate ``tasks`` in each of ``modes`` with one loaded ``TaskVectorLM``; returns the results files.
+    With ``methods`` (e.g. "hendel,elicit"), hypothesis runs once per method, written under
+    ``<output_path>/hypothesis-<method>``; regular and baseline run once.
 
     The options mean what lm_eval's do; ``seed`` is lm_eval's ``--seed`` (one integer, or four separated by
     commas: python, numpy, torch, few-shot). ``model_args`` must not hold ``mode``: ``modes`` chooses them.
@@ -43,24 +46,29 @@ def run_modes(
     args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
     if "mode" in args:
         raise UsageError(f"model_args: leave out mode={args['mode']}; modes (--modes) chooses the modes to run")
+    methods = _check_methods(methods, modes, args)
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     seeds = _seeds(seed)
     extra = {"device": device} if device else {}
     modes = tuple(sorted(modes, key=lambda m: m != "regular"))  # regular first: it prepares θ from the same S
     lm = TaskVectorLM(**args, mode=modes[0], batch_size=batch_size, **extra)
     lm.set_mode(modes[0], shared_modes=modes)
+    runs = [(mode, method) for mode in modes for method in (methods if mode == "hypothesis" else [None])]
     # Tasks carry the model args in their metadata, as in an lm_eval run; TaskManager indexes every task
     # folder once, and reads this dict when it loads tasks, so each mode's configs name that mode.
     metadata = dict(args)
     manager = TaskManager(include_path=include_path, metadata=metadata)
     written = []
-    for mode in modes:
+    for mode, method in runs:
         lm.set_mode(mode)
+        if method:
+            lm.set_method(method)
         metadata["mode"] = mode
-        tracker = EvaluationTracker(output_path=str(Path(output_path) / mode))
+        folder = f"{mode}-{method}" if method else mode
+        tracker = EvaluationTracker(output_path=str(Path(output_path) / folder))
         results = lm_eval.simple_evaluate(
             model=lm,
-            model_args=args | {"mode": mode},
+            model_args=args | {"mode": mode} | ({"method": method} if method else {}),
             tasks=task_list,
             num_fewshot=num_fewshot,
             batch_size=batch_size,
@@ -89,6 +97,25 @@ def _save(tracker, results: dict, log_samples: bool) -> Path:
     if not path.is_file():  # lm-eval logs a failed save as a warning only
         raise OSError(f"lm-eval did not write {path}; check that --output_path is writable")
     return path
+
+
+def _check_methods(methods, modes: tuple[str, ...], args: dict) -> list[str]:
+    """The methods whose hypothesis runs each get a column (none given: the model args' own method)."""
+    from lm_eval_taskvec.settings import METHODS
+
+    if methods is None:
+        return [None]
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if not methods or len(set(methods)) != len(methods) or any(m not in METHODS for m in methods):
+        raise UsageError(
+            f"methods: {','.join(methods) or 'nothing'} is not a list of distinct methods from {','.join(METHODS)}"
+        )
+    if "hypothesis" not in modes:
+        raise UsageError("methods: each method is a hypothesis run; include hypothesis in modes")
+    given = sorted(k for k in ("method", "vector", "op", "scale") if k in args)
+    if given:
+        raise UsageError(f"model_args: leave out {', '.join(given)}; methods (--methods) chooses each run's method")
+    return methods
 
 
 def _check_modes(modes) -> tuple[str, ...]:

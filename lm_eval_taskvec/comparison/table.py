@@ -13,6 +13,7 @@ from lm_eval_taskvec.stats import ALPHA, paired_scores, paired_test
 MODE_ORDER = {"baseline": 0, "hypothesis": 1, "regular": 2}  # the paper's B, H, R
 PAPER_METRIC, STRICT_METRIC = "paper_match", "exact_match"
 MODEL_KEYS = ("pretrained", "model", "path", "engine")
+FAMILY_FREE = ("mode", "layer", "method", "vector", "op", "scale")  # what hf-taskvec runs of one family differ in
 CHECKED = ("version", "n-shot", "n", "generation_kwargs")  # per-task settings that must agree across columns
 
 
@@ -135,7 +136,7 @@ def make_columns(runs: list[Run]) -> list[Column]:
 def _family(run: Run) -> str:
     """hf-taskvec runs of one model and settings, whatever their mode: the columns H/R and H−B relate."""
     settings = dict(run.settings)
-    settings["model_args"] = {k: v for k, v in settings["model_args"].items() if k not in ("mode", "layer")}
+    settings["model_args"] = {k: v for k, v in settings["model_args"].items() if k not in FAMILY_FREE}
     return json.dumps(settings, sort_keys=True, default=str)
 
 
@@ -148,11 +149,13 @@ def _column_order(column: Column, columns: list[Column]) -> tuple:
     return (first, MODE_ORDER.get(run.mode, 3))
 
 
-def _method(run: Run) -> str:
-    """The mode (and fixed layer) of hf-taskvec runs, the steering file of steered runs, else the model type."""
+def _method(run: Run, named: bool = False) -> str:
+    """The mode (``named``: and the method, as ``config.taskvec`` records it) and fixed layer of hf-taskvec runs,
+    the steering file of steered runs, else the model type."""
     if run.mode:
         layer = run.taskvec.get("layer", run.model_args.get("layer"))
-        return run.mode + (f" L{layer}" if run.mode == "hypothesis" and layer not in (None, "auto") else "")
+        method = f" {run.taskvec.get('method', 'hendel')}" if named and run.mode == "hypothesis" else ""
+        return run.mode + method + (f" L{layer}" if run.mode == "hypothesis" and layer not in (None, "auto") else "")
     if run.model_type == "steered" and "steer_path" in run.model_args:
         return f"steered {Path(str(run.model_args['steer_path'])).name}"
     return run.model_type
@@ -161,7 +164,8 @@ def _method(run: Run) -> str:
 def _labels(columns: list[Column]) -> list[str]:
     """Model name (when the columns hold several) and method; then whatever setting tells equal labels apart."""
     models = {c.run.model_name for c in columns}
-    labels = [(f"{_short(c.run.model_name)} " if len(models) > 1 else "") + _method(c.run) for c in columns]
+    named = len({_hypothesis_method(c.run) for c in columns} - {None}) > 1  # columns of several methods
+    labels = [(f"{_short(c.run.model_name)} " if len(models) > 1 else "") + _method(c.run, named) for c in columns]
     for label in set(labels):
         same = [i for i, text in enumerate(labels) if text == label]
         if len(same) < 2:
@@ -176,6 +180,10 @@ def _labels(columns: list[Column]) -> list[str]:
             for number, i in enumerate(same, 1):
                 labels[i] = f"{label} #{number}"
     return labels
+
+
+def _hypothesis_method(run: Run) -> str | None:
+    return run.taskvec.get("method", "hendel") if run.mode == "hypothesis" else None
 
 
 def whole(limit):

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from filelock import FileLock
@@ -22,7 +23,7 @@ from lm_eval_taskvec.embedded import cache_dir
 from lm_eval_taskvec.identity import weights_fingerprint
 from lm_eval_taskvec.selection.criterion import DEFAULTS, REFERENCE_LOGLIKELIHOOD, REFERENCE_TOKENS
 from lm_eval_taskvec.selection.dev import DevSet
-from lm_eval_taskvec.settings import METHODS, Settings
+from lm_eval_taskvec.settings import METHODS, Settings, read_method
 
 log = logging.getLogger("lm_eval.taskvec")
 
@@ -45,7 +46,7 @@ class LayerCache:
         cache key is built from them, and lm-eval takes seconds to render them (a run asks at every batch of
         requests). Shots and prompt settings can change on one task object between runs: they are compared."""
         shape = (
-            settings,
+            replace(settings, **read_method("hendel")),  # a method changes the patch, not the dev prompts
             task.get_config("num_fewshot") if task is not None else None,
             json.dumps(getattr(task, "taskvec_prompt_settings", None), sort_keys=True, default=str),
         )
