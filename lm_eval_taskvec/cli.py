@@ -194,6 +194,12 @@ def add_analysis_commands(commands) -> None:
         parser.add_argument("--include_path", default=None)
         parser.add_argument("--output_path", default=f"taskvec_{name}", help="folder for the table, JSON and PNG")
         parser.add_argument("--seed", type=int, default=1234, help="seed for documents and demonstrations")
+        parser.add_argument(
+            "--method",
+            default=None,
+            help="hypothesis method whose layer=auto choice --layer auto reads (hendel, elicit, task_mean; "
+            "export: also how theta_path= applies θ). Default: --model_args' method, else hendel",
+        )
         return parser
 
     geometry = command("geometry", "θ of many demonstration sets per task: t-SNE, distances within and between tasks")

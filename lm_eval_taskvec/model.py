@@ -32,7 +32,7 @@ from lm_eval_taskvec.selection import layer_of_document, select_layer, task_mean
 from lm_eval_taskvec.selection.cache import LayerCache
 from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode, read_method
 from lm_eval_taskvec.theta import ThetaStore
-from lm_eval_taskvec.thetafile import load_thetas
+from lm_eval_taskvec.thetafile import load_thetas, made_with
 
 log = logging.getLogger("lm_eval.taskvec")  # under lm_eval, so its console handler shows our lines
 
@@ -101,10 +101,12 @@ class TaskVectorLM(HFLM):
             op=op,
             scale=scale,
         )
-        if settings.theta_path and settings.vector != "prompt":
+        given = [f"{k}={v}" for k, v in (("method", method), ("vector", vector), ("op", op), ("scale", scale))]
+        given = [g for g in given if not g.endswith("=None") and g != "method=hendel"]
+        if settings.theta_path and given:
             raise ValueError(
-                f"theta_path= patches the stored task vectors, so vector={settings.vector} has nothing to average: "
-                "leave vector (and method=task_mean) out with theta_path="
+                f"theta_path= applies each stored θ the way it was exported (its file records method, op and scale): "
+                f"leave out {', '.join(given)}"
             )
         if settings.theta_path and self.mode != "hypothesis":
             raise ValueError(
@@ -125,6 +127,8 @@ class TaskVectorLM(HFLM):
             self.model, self.blocks, self.tok_encode, lambda: self.extract_batch_size, self.autocast, self.rank == 0
         )
         stored = load_thetas(settings.theta_path, self) if settings.theta_path else None
+        if stored is not None:
+            self.settings = settings = replace(settings, **made_with(stored))
         self.planner = Planner(settings, self, self.thetas, stored, self.warn_once)
         self.choice_cache = LayerCache(settings.layer_cache, self.warn_once)
         self.layer_choices: dict[str, dict] = {}  # task -> layer=auto's choice, for the results JSON
@@ -147,9 +151,9 @@ class TaskVectorLM(HFLM):
     def set_method(self, method: str) -> None:
         """Patch as ``method`` (its preset parts) from now on: ``taskvec compare --methods`` runs each method's
         hypothesis with one model, whose θ of each prompt serve every method that patches them."""
+        if self.settings.theta_path:
+            raise ValueError(f"method={method}: theta_path= applies each stored θ the way it was exported")
         settings = replace(self.settings, **read_method(method))
-        if settings.theta_path and settings.vector != "prompt":
-            raise ValueError(f"method={method} averages θ, and theta_path= patches stored ones: run it without")
         self.settings = self.planner.settings = settings
 
     def warn_once(self, message: str, logger: logging.Logger = log) -> None:

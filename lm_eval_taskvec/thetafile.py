@@ -3,7 +3,7 @@
 A safetensors file with one float32 tensor [hidden] per (task, layer), named ``{task}@{layer}``. Its header
 metadata (all strings) holds ``format``, ``model`` (JSON: the exporting model's name, architecture, sizes,
 dtype and weights fingerprint) and ``thetas`` (JSON: per tensor its task, layer, prompt format, number of
-demonstrations and dummies, seed and number of sets averaged).
+demonstrations and dummies, seed, number of sets averaged, and the method, op and scale it is applied with).
 """
 
 from __future__ import annotations
@@ -54,6 +54,19 @@ class ThetaFile:
                 f"pass layer=<one of them>, or export block {layer}"
             )
         return self.thetas[(task, layer)]
+
+
+def made_with(file: ThetaFile) -> dict:
+    """How ``theta_path=`` applies the file's θ: the method, op and scale they were exported with (files written
+    before methods existed hold Hendel's θ, replaced)."""
+    found = {
+        (e.info.get("method", "hendel"), e.info.get("op", "replace"), float(e.info.get("scale", 1.0)))
+        for e in file.thetas.values()
+    }
+    if len(found) != 1:
+        raise ValueError(f"theta_path={file.path} mixes θ of several methods {sorted(found)}: export one per file")
+    method, op, scale = found.pop()
+    return {"method": method, "op": op, "scale": scale}
 
 
 def save_thetas(path, lm, entries: list[StoredTheta]) -> ThetaFile:

@@ -441,7 +441,7 @@ def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypat
 
     lm = make_lm("gpt2")
     module = {"geometry": geometry, "conflict": conflict, "vocab": vocab, "export": export}[command]
-    monkeypatch.setattr(module, "open_model", lambda model_args, batch_size, device: lm)
+    monkeypatch.setattr(module, "open_model", lambda model_args, batch_size, device, method: lm)
     monkeypatch.setattr(
         module,
         "load_tasks",
@@ -500,3 +500,37 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, saved_model
     )
     assert stored.get("tv_list_first").info["num_fewshot"] == 5  # the task's own, by default
     assert "example:" in stored.get("tv_list_first").info["prompt_format"]["example_context"]
+
+
+def test_an_exported_elicit_theta_is_added_at_scale_two_when_loaded_back(make_lm, tasks, tmp_path):
+    """The file records the method, op and scale; theta_path= applies θ that way: the first generated token is
+    the argmax with block 1's output at the query's last token shifted by 2·θ (a hook written here)."""
+    lm = make_lm("llama", num_dummy=2)
+    export.export_thetas(lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=3, seed=5, method="elicit")
+    path = tmp_path / "out" / thetafile.FILE_NAME
+    entry = thetafile.load_thetas(path, lm).get("upper")
+    assert (entry.info["method"], entry.info["op"], entry.info["scale"]) == ("elicit", "add", 2.0)
+    zero_shot = make_task("upper", splits={"train": letter_rows(24), "test": letter_rows(12, 24)}, num_fewshot=0)
+    requests = [
+        Instance("generate_until", {}, (r.args[0], {"until": [], "max_gen_toks": 1}), r.idx, r.metadata)
+        for r in requests_of(zero_shot, limit=6)
+    ]
+    stored = make_lm("llama", mode="hypothesis", theta_path=str(path), fewshot_delimiter=None)
+    assert stored.settings.parts == ("prompt", "add", 2.0)
+    outputs = stored.generate_until(requests)
+
+    def shift(module, args, output):
+        hidden = (output if isinstance(output, torch.Tensor) else output[0]).clone()
+        hidden[:, -1] += 2 * entry.theta
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+    for request, output in zip(requests, outputs):
+        handle = stored.blocks[1].register_forward_hook(shift)
+        try:
+            with torch.no_grad():
+                token = stored.model(torch.tensor([stored.tok_encode(request.args[0])])).logits[0, -1].argmax()
+        finally:
+            handle.remove()
+        assert output == stored.tok_decode([token.item()])
+    with pytest.raises(ValueError, match="theta_path= applies each stored θ the way it was exported.*leave out op=add"):
+        make_lm("llama", mode="hypothesis", theta_path=str(path), op="add")

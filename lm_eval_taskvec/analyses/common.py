@@ -32,9 +32,12 @@ def require(module: str, extra: str = "analyses"):
         ) from None
 
 
-def open_model(model_args: str = "pretrained=embedded", batch_size="8", device: str | None = None):
-    """An hf-taskvec model in hypothesis mode (θ needs it) from lm_eval-style ``--model_args``."""
+def open_model(model_args: str = "pretrained=embedded", batch_size="8", device: str | None = None, method=None):
+    """An hf-taskvec model in hypothesis mode (θ needs it) from lm_eval-style ``--model_args`` (and ``--method``)."""
     args = simple_parse_args_string(model_args)
+    if method and "method" in args:
+        raise ValueError(f"--method {method} and --model_args method={args['method']}: give the method once")
+    args |= {"method": method} if method else {}
     for name in ("mode", "layer"):
         if name in args:
             raise ValueError(

@@ -36,7 +36,7 @@ RUNS = ("regular", "patched")
 def main(args) -> dict:
     """``taskvec conflict``, from its parsed command-line options."""
     pairs = parse_pairs(args.pairs) if args.pairs else list(PAPER_PAIRS)
-    lm = open_model(args.model_args, args.batch_size, args.device)
+    lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
     tasks = load_tasks(sorted({name for pair in pairs for name in pair}), args.include_path)
     return conflicting_tasks(
         lm,

@@ -21,7 +21,7 @@ from lm_eval_taskvec.thetafile import FILE_NAME, StoredTheta, ThetaFile, save_th
 
 def main(args) -> ThetaFile:
     """``taskvec export``, from its parsed command-line options."""
-    lm = open_model(args.model_args, args.batch_size, args.device)
+    lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
     return export_thetas(
         lm,
@@ -35,10 +35,20 @@ def main(args) -> ThetaFile:
 
 
 def export_thetas(
-    lm, tasks: dict, output_path, layers=("auto",), num_sets: int = 50, num_fewshot: int | None = None, seed: int = 1234
+    lm,
+    tasks: dict,
+    output_path,
+    layers=("auto",),
+    num_sets: int = 50,
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+    method: str | None = None,
 ) -> ThetaFile:
     """Mean θ over ``num_sets`` demonstration sets per task at each of ``layers``, written to
-    ``output_path``/thetas.safetensors with a listing thetas.{md,csv}; returns what was written."""
+    ``output_path``/thetas.safetensors with a listing thetas.{md,csv}; returns what was written. ``method``
+    (else the model's own) decides layer=auto's choice and how ``theta_path=`` applies θ (its op and scale)."""
+    if method:
+        lm.set_method(method)
     entries = []
     for name in tqdm(list(tasks), desc="export: θ per task"):
         task = tasks[name]
@@ -52,6 +62,9 @@ def export_thetas(
             "num_dummy": lm.settings.num_dummy,
             "seed": seed,
             "num_sets": num_sets,
+            "method": lm.settings.method,
+            "op": lm.settings.op,
+            "scale": lm.settings.scale,
         }
         entries += [
             StoredTheta(name, block, mean.float().cpu().contiguous(), info) for block, mean in zip(blocks, means)

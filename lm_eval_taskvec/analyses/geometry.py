@@ -35,7 +35,7 @@ HISTOGRAM_BINS = 40
 
 def main(args) -> dict:
     """``taskvec geometry``, from its parsed command-line options."""
-    lm = open_model(args.model_args, args.batch_size, args.device)
+    lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
     return theta_geometry(
         lm,
         load_tasks(args.tasks, args.include_path),

@@ -35,7 +35,7 @@ from lm_eval_taskvec.layers import write_states
 
 def main(args) -> dict:
     """``taskvec vocab``, from its parsed command-line options."""
-    lm = open_model(args.model_args, args.batch_size, args.device)
+    lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
     return vocab_projection(
         lm,
