@@ -107,6 +107,7 @@ DEV_PROMPTS = 5  # num_dev for layer=auto's sweeps, which --limit does not cap
 BENCHMARKS = {
     "bench_modes.py": {"--limit": LIMIT, "--repeats": 1},
     "bench_sweep_mc.py": {"--num_dev": DEV_PROMPTS, "--repeats": 1},
+    "bench_methods.py": {"--limit": LIMIT, "--num_dev": DEV_PROMPTS},
 }
 
 
