@@ -65,8 +65,9 @@ def add_task_path() -> None:
         return loaded
 
     def build_all_requests(self, *args, **kwargs):
-        # The same settings shape the dev prompts of layer=auto; chat templates are refused by patched modes.
+        # The same settings (and chat template: the model's apply_chat_template) shape the dev prompts of layer=auto.
         self.taskvec_prompt_settings = {key: kwargs.get(key) for key in PROMPT_SETTINGS}
+        self.taskvec_chat_template = kwargs.get("chat_template")
         self.taskvec_samples = kwargs.get("samples")  # --samples renumbers Instance.doc_id (planning.document_index)
         LOADED_TASKS[self.config.task] = self
         return original_build(self, *args, **kwargs)

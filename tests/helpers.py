@@ -7,6 +7,7 @@ fixtures live in ``tests/conftest.py`` and are built from what is here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -344,3 +345,45 @@ def _package_globals() -> dict:
         classes = {k: dict(vars(v)) for k, v in names.items() if isinstance(v, type) and v.__module__ == module_name}
         found[module_name] = {"module": names, "classes": classes}
     return found
+
+
+# ---------------------------------------------------------------------------------------------- hand-written θ
+def block_output_hook(block, record=None, write=None):
+    """A forward hook on a decoder block that records its output at (row 0, ``record``) or writes ``write`` =
+    (position, vector) over it, whether the block returns a tensor or a tuple."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if record is not None:
+            record.append(hidden[0, -1].detach().clone())
+        if write is not None:
+            hidden = hidden.clone()
+            hidden[0, write[0]] = write[1].to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return None
+
+    return block.register_forward_hook(hook)
+
+
+def greedy_answer(lm, model, block, ids, theta, kwargs) -> str:
+    """Greedy decoding with θ written at the prompt's last token in the prompt's pass only, cut as HFLM cuts."""
+    steps = int(kwargs.get("max_gen_toks") or lm.max_gen_toks)
+    handle = block_output_hook(block, write=(len(ids) - 1, theta))
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+    handle.remove()
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    generated, past = [], getattr(out, name, None) or out.past_key_values
+    for _ in range(steps):
+        token = int(out.logits[0, -1].argmax())
+        generated.append(token)
+        if token == lm.eot_token_id:
+            break
+        with torch.no_grad():
+            out = model(torch.tensor([[token]]), use_cache=True, **{name: past})
+        past = getattr(out, name, None) or out.past_key_values
+    text = lm.tok_decode(generated)
+    for stop in [*(kwargs.get("until") or []), lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)]:
+        if stop:
+            text = text.split(stop)[0]
+    return text

@@ -19,7 +19,6 @@ entry: ``simple_evaluate``'s arguments for it).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from lm_eval_taskvec.offline_tasks import lm_eval_config
 from lm_eval_taskvec.selection import select_layer, sweep
 from lm_eval_taskvec.selection.criterion import CHOICE_ACCURACY, REFERENCE_LOGLIKELIHOOD
 from lm_eval_taskvec.selection.dev import dev_sets
+from tests.helpers import block_output_hook, greedy_answer
 
 DATA = Path(__file__).resolve().parent / "data" / "suites"
 LAYER = 1  # the fixed block of the tiny models' 3 (0-based)
@@ -223,23 +223,6 @@ def lm_eval_task(name: str):
     return LOADED_TASKS[name]
 
 
-def block_output_hook(block, record=None, write=None):
-    """A forward hook on a decoder block that records its output at (row 0, ``record``) or writes ``write`` =
-    (position, vector) over it, whether the block returns a tensor or a tuple."""
-
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if record is not None:
-            record.append(hidden[0, -1].detach().clone())
-        if write is not None:
-            hidden = hidden.clone()
-            hidden[0, write[0]] = write[1].to(hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-        return None
-
-    return block.register_forward_hook(hook)
-
-
 def hand_written_hypothesis(lm, model, request, layer=LAYER):
     """Hypothesis mode's answer to one request, by transformers alone: θ from [S, x'] for the plan's dummies."""
     (plan,) = lm.planner.plan([request])
@@ -268,30 +251,6 @@ def hand_written_hypothesis(lm, model, request, layer=LAYER):
         target = torch.tensor(continuation_enc)
         return rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
     return greedy_answer(lm, model, block, lm.tok_encode(query), theta, request.args[1])
-
-
-def greedy_answer(lm, model, block, ids, theta, kwargs) -> str:
-    """Greedy decoding with θ written at the prompt's last token in the prompt's pass only, cut as HFLM cuts."""
-    steps = int(kwargs.get("max_gen_toks") or lm.max_gen_toks)
-    handle = block_output_hook(block, write=(len(ids) - 1, theta))
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
-    handle.remove()
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    generated, past = [], getattr(out, name, None) or out.past_key_values
-    for _ in range(steps):
-        token = int(out.logits[0, -1].argmax())
-        generated.append(token)
-        if token == lm.eot_token_id:
-            break
-        with torch.no_grad():
-            out = model(torch.tensor([[token]]), use_cache=True, **{name: past})
-        past = getattr(out, name, None) or out.past_key_values
-    text = lm.tok_decode(generated)
-    for stop in [*(kwargs.get("until") or []), lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)]:
-        if stop:
-            text = text.split(stop)[0]
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- layer=auto

@@ -1,0 +1,244 @@
+"""Chat templates (``--apply_chat_template``), multi-turn and single-turn, generation and multiple choice: the
+oracles come from stock HFLM and from the tokenizer's own ``apply_chat_template``, document by document.
+
+- ``regular`` is stock ``HFLM`` with the same chat flags and shots, bit for bit;
+- ``baseline`` is stock ``HFLM`` with the same chat flags 0-shot: both see the one-turn chat of the query alone;
+- ``hypothesis`` is a re-implementation written here: the turns lm-eval handed the tokenizer (recorded at the
+  tokenizer), split before the query's user turn (single-turn: the query's text cut off the end of the one user
+  turn), θ = block L's output at the last token of the tokenizer's rendering of [S turns, dummy's user turn]
+  with the generation prompt, written at the last token of the rendering of the query's turns alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_taskvec._autoload import LOADED_TASKS
+from lm_eval_taskvec.model import TaskVectorLM
+from tests.helpers import block_output_hook, greedy_answer, make_model
+from tests.tasks import make_task
+
+LAYER = 1
+LIMIT = 4
+# A template of the ChatML kind that, like SmolLM2's, adds a default system turn when none is given, and ends
+# its generation prompt with whitespace (which HFLM moves onto a likelihood request's continuation).
+TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}s>Be brief.</s>\n{% endif %}"
+    "{% for m in messages %}{{ m['role'][0] }}>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}a>\n{% endif %}"
+)
+TASKS = {
+    "generation": {},
+    "gen_prefix": {"gen_prefix": "Out:"},  # the query's chat ends in an assistant turn that is continued
+    "multiple_choice": {
+        "output_type": "multiple_choice",
+        "doc_to_choice": "{{[answers[0], input, 'zz']}}",
+        "doc_to_target": 0,
+        "generation_kwargs": None,
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    },
+}
+SHAPES = {"multiturn": True, "singleturn": False}
+
+
+class RecordingTokenizer:
+    """Wraps a tokenizer copy's ``apply_chat_template`` to remember which turns gave which chat string."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.turns, original = tokenizer, {}, tokenizer.apply_chat_template
+
+        def apply_chat_template(conversation, **kwargs):
+            rendered = original(conversation, **kwargs)
+            if kwargs.get("tokenize") is False:
+                self.turns[rendered] = copy.deepcopy(conversation)
+            return rendered
+
+        tokenizer.apply_chat_template = apply_chat_template
+        self.render = original
+
+
+@pytest.fixture
+def chat(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TEMPLATE
+    return RecordingTokenizer(tok)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model("llama", len(tokenizer), max_position_embeddings=1024)
+
+
+def evaluate(lm, kind: str, shots: int, multiturn: bool, **kwargs) -> dict:
+    results = simple_evaluate(
+        model=lm,
+        tasks=[make_task(f"chat_{kind}", **TASKS[kind])],
+        num_fewshot=shots,
+        limit=LIMIT,
+        log_samples=True,
+        bootstrap_iters=0,
+        apply_chat_template=True,
+        fewshot_as_multiturn=multiturn,
+        **kwargs,
+    )
+    return results
+
+
+def by_document(results: dict, kind: str) -> dict:
+    return {s["doc_id"]: s["resps"] for s in results["samples"][f"chat_{kind}"]}
+
+
+def close(a, b, tol=1e-4) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a[1] == b[1] and abs(a[0] - b[0]) <= tol
+
+
+def chat_string(chat: RecordingTokenizer, turns: list[dict]) -> str:
+    last_is_assistant = turns[-1]["role"] == "assistant"
+    return chat.render(
+        turns, tokenize=False, add_generation_prompt=not last_is_assistant, continue_final_message=last_is_assistant
+    )
+
+
+def hand_written_hypothesis(lm, chat: RecordingTokenizer, model, request):
+    """Hypothesis mode's answer to one request, from the turns lm-eval gave the tokenizer and transformers alone."""
+    turns = chat.turns[request.args[0]]
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    head, text, tail = turns[:last], turns[last]["content"], turns[last + 1 :]
+    query_text = LOADED_TASKS[request.task_name].doc_to_text(request.doc)
+    assert text.endswith(query_text)
+    prefix = text[: len(text) - len(query_text)]
+    query = chat_string(chat, [{"role": "user", "content": query_text}, *tail])
+    (plan,) = lm.planner.plan([request])
+    assert plan.query == query
+    likelihood = request.request_type == "loglikelihood"
+    block, states = model.model.layers[LAYER], []
+    for dummy in plan.theta_key.dummies:  # which dummies is the plugin's seeded draw; their prompts are built here
+        (_, dummy_text), *dummy_tail = json.loads(dummy)
+        dummy_turns = [
+            {"role": "user", "content": prefix + dummy_text},
+            *({"role": r, "content": c} for r, c in dummy_tail),
+        ]
+        prompt = chat_string(chat, [*head, *dummy_turns])
+        handle = block_output_hook(block, record=states)
+        with torch.no_grad():
+            model(torch.tensor([lm.tok_encode(prompt.rstrip() if likelihood else prompt)]))
+        handle.remove()
+    theta = torch.stack(states).float().mean(0)
+    if not likelihood:
+        return greedy_answer(lm, model, block, lm.tok_encode(query), theta, request.args[1])
+    context_enc, continuation_enc = lm.encode_pair(query, request.args[1])
+    handle = block_output_hook(block, write=(len(context_enc) - 1, theta))
+    with torch.no_grad():
+        logits = model(torch.tensor([context_enc + continuation_enc[:-1]])).logits[0].float().log_softmax(-1)
+    handle.remove()
+    rows, target = logits[len(context_enc) - 1 :], torch.tensor(continuation_enc)
+    return rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", list(TASKS))
+def test_chat_prompts_meet_the_oracles_document_by_document(kind, shape, chat, model):
+    multiturn = SHAPES[shape]
+    args = dict(pretrained=model, tokenizer=chat.tokenizer, device="cpu", batch_size=4)
+    stock = by_document(evaluate(HFLM(**args), kind, 3, multiturn), kind)
+    zero_shot = by_document(evaluate(HFLM(**args), kind, 0, multiturn), kind)
+    for mode, expected in (("regular", stock), ("baseline", zero_shot)):
+        got = by_document(evaluate(TaskVectorLM(mode=mode, layer=LAYER, **args), kind, 3, multiturn), kind)
+        assert got.keys() == expected.keys() and len(got) == LIMIT
+        for doc_id, resps in expected.items():
+            assert all(close(g[0], e[0], 1e-5) for g, e in zip(got[doc_id], resps, strict=True)), (mode, doc_id)
+            if mode == "regular":
+                assert got[doc_id] == resps  # bit for bit
+    lm = TaskVectorLM(mode="hypothesis", layer=LAYER, **args)
+    results = evaluate(lm, kind, 3, multiturn)
+    hypothesis = by_document(results, kind)
+    task = LOADED_TASKS[f"chat_{kind}"]
+    assert len(hypothesis) == LIMIT
+    for doc_id, resps in hypothesis.items():
+        requests = sorted((r for r in task.instances if r.doc_id == doc_id), key=lambda r: r.idx)
+        contexts = {r.args[0] for r in requests}
+        assert len(contexts) == 1 and contexts.pop().count("u>") == (4 if multiturn else 1)  # the shape asked for
+        expected = [hand_written_hypothesis(lm, chat, model, r) for r in requests]
+        assert all(close(g[0], e) for g, e in zip(resps, expected, strict=True)), (doc_id, resps, expected)
+    # θ's token, in the results JSON: the generation prompt's last token (likelihood: before the whitespace
+    # HFLM moves onto the continuation; gen_prefix: the prefix's last token)
+    request_type = "loglikelihood" if kind == "multiple_choice" else "generate_until"
+    token = {"generation": "\n", "gen_prefix": ":", "multiple_choice": ">"}[kind]
+    assert results["config"]["taskvec"]["theta_token"] == {f"chat_{kind}": {request_type: token}}
+
+
+def test_the_system_turn_belongs_to_s_and_the_query_alone_keeps_the_templates_default(chat, model):
+    """--system_instruction is a turn of S: θ's prompts hold it, the query-only prompt does not (and gets the
+    template's own default system turn, as stock HFLM's 0-shot chat without an instruction does)."""
+    lm = TaskVectorLM(pretrained=model, tokenizer=chat.tokenizer, device="cpu", mode="hypothesis", layer=LAYER)
+    evaluate(lm, "generation", 2, True, system_instruction="Capitalize.")
+    task = LOADED_TASKS["chat_generation"]
+    request = task.instances[0]
+    (plan,) = lm.planner.plan([request])
+    assert request.args[0].startswith("s>Capitalize.</s>\nu>example:")
+    assert plan.query == f"s>Be brief.</s>\nu>{task.doc_to_text(request.doc)}</s>\na>\n"
+    assert all(p.startswith("s>Capitalize.</s>\nu>example:") for p in plan.theta_key.texts)
+    assert all(p.endswith("-></s>\na>\n") and p.count("u>") == 3 for p in plan.theta_key.texts)
+
+
+def test_hypothesis_logs_the_first_query_only_prompt_once_per_task(chat, model, caplog):
+    lm = TaskVectorLM(pretrained=model, tokenizer=chat.tokenizer, device="cpu", mode="hypothesis", layer=LAYER)
+    with caplog.at_level(logging.INFO):
+        evaluate(lm, "generation", 3, True)
+    said = [r.getMessage() for r in caplog.records if "the model runs the query alone" in r.getMessage()]
+    assert len(said) == 1 and "θ written at its last token '\\n'" in said[0]
+    assert "'s>Be brief.</s>\\nu>example:" in said[0]
+
+
+def test_cached_requests_are_refused_naming_the_flag(chat, model, tmp_path, monkeypatch):
+    """lm-eval's request cache (--cache_requests true) hands back contexts without rendering them: their turns
+    are unknown, so the patched modes refuse them before any task runs, naming the flag and the fix."""
+    monkeypatch.setenv("LM_HARNESS_CACHE_PATH", str(tmp_path))
+    monkeypatch.setattr("lm_eval.caching.cache.PATH", str(tmp_path))
+    args = dict(pretrained=model, tokenizer=chat.tokenizer, device="cpu", batch_size=4)
+    evaluate(HFLM(**args), "generation", 3, True, cache_requests=True)  # writes the cache
+    from lm_eval_taskvec import chat as chat_module
+
+    monkeypatch.setattr(chat_module, "_RENDERED", {})  # a new process: nothing rendered here yet
+    with pytest.raises(ValueError, match="--cache_requests true.*run without --cache_requests"):
+        evaluate(TaskVectorLM(mode="baseline", **args), "generation", 3, True, cache_requests=True)
+
+
+def test_layer_auto_builds_its_dev_prompts_with_the_runs_chat_settings(chat, model):
+    """The dev prompts are lm-eval's chat contexts (same template, same shape), their gold is the assistant's
+    answer after the generation prompt, and the layer cache keys on them: a chat run never reads a plain
+    run's choice."""
+    from lm_eval_taskvec.selection.cache import cache_key
+    from lm_eval_taskvec.selection.dev import dev_sets
+
+    args = dict(pretrained=model, tokenizer=chat.tokenizer, device="cpu", batch_size=4)
+    keys = {}
+    for multiturn in (True, False, None):  # None: plain
+        lm = TaskVectorLM(mode="hypothesis", num_dev=6, layer_cache="off", **args)
+        flags = {} if multiturn is None else dict(apply_chat_template=True, fewshot_as_multiturn=multiturn)
+        results = simple_evaluate(
+            model=lm, tasks=[make_task("chat_auto")], num_fewshot=3, limit=2, bootstrap_iters=0, **flags
+        )
+        choice = results["config"]["taskvec"]["layer_selection"]["chat_auto"]
+        assert 0 <= choice["layer"] < 3 and choice["num_dev"] == 6
+        sets = dev_sets(lm.settings, "chat_auto")
+        for ex in sets[0].examples:
+            (request,) = ex.requests
+            assert ex.gold == request.doc["answers"][0]
+            if multiturn is None:
+                assert request.args[0] not in chat.turns
+                continue
+            turns = chat.turns[request.args[0]]  # rendered by the tokenizer from lm-eval's turns
+            assert [t["role"] for t in turns].count("user") == (4 if multiturn else 1)
+            assert request.args[0] == chat_string(chat, turns) and request.args[0].endswith("-></s>\na>\n")
+        keys[multiturn] = cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, "chat_auto", sets)
+    assert len(set(keys.values())) == 3
