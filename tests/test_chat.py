@@ -19,6 +19,7 @@ import pytest
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.model import TaskVectorLM
@@ -46,6 +47,7 @@ TASKS = {
     },
 }
 SHAPES = {"multiturn": True, "singleturn": False}
+MANAGER = TaskManager(include_defaults=False)  # the tasks are objects: no folder of YAMLs to index at each run
 
 
 class RecordingTokenizer:
@@ -79,6 +81,7 @@ def model(tokenizer):
 def evaluate(lm, kind: str, shots: int, multiturn: bool, **kwargs) -> dict:
     results = simple_evaluate(
         model=lm,
+        task_manager=MANAGER,
         tasks=[make_task(f"chat_{kind}", **TASKS[kind])],
         num_fewshot=shots,
         limit=LIMIT,
@@ -108,7 +111,7 @@ def chat_string(chat: RecordingTokenizer, turns: list[dict]) -> str:
     )
 
 
-def hand_written_hypothesis(lm, chat: RecordingTokenizer, model, request):
+def hand_written_hypothesis(lm, chat: RecordingTokenizer, model, request, layer=LAYER):
     """Hypothesis mode's answer to one request, from the turns lm-eval gave the tokenizer and transformers alone."""
     turns = chat.turns[request.args[0]]
     last = max(i for i, t in enumerate(turns) if t["role"] == "user")
@@ -120,7 +123,7 @@ def hand_written_hypothesis(lm, chat: RecordingTokenizer, model, request):
     (plan,) = lm.planner.plan([request])
     assert plan.query == query
     likelihood = request.request_type == "loglikelihood"
-    block, states = model.model.layers[LAYER], []
+    block, states = model.model.layers[layer], []
     for dummy in plan.theta_key.dummies:  # which dummies is the plugin's seeded draw; their prompts are built here
         (_, dummy_text), *dummy_tail = json.loads(dummy)
         dummy_turns = [
@@ -226,7 +229,13 @@ def test_layer_auto_builds_its_dev_prompts_with_the_runs_chat_settings(chat, mod
         lm = TaskVectorLM(mode="hypothesis", num_dev=6, layer_cache="off", **args)
         flags = {} if multiturn is None else dict(apply_chat_template=True, fewshot_as_multiturn=multiturn)
         results = simple_evaluate(
-            model=lm, tasks=[make_task("chat_auto")], num_fewshot=3, limit=2, bootstrap_iters=0, **flags
+            model=lm,
+            tasks=[make_task("chat_auto")],
+            task_manager=MANAGER,
+            num_fewshot=3,
+            limit=2,
+            bootstrap_iters=0,
+            **flags,
         )
         choice = results["config"]["taskvec"]["layer_selection"]["chat_auto"]
         assert 0 <= choice["layer"] < 3 and choice["num_dev"] == 6
@@ -242,3 +251,145 @@ def test_layer_auto_builds_its_dev_prompts_with_the_runs_chat_settings(chat, mod
             assert request.args[0] == chat_string(chat, turns) and request.args[0].endswith("-></s>\na>\n")
         keys[multiturn] = cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, "chat_auto", sets)
     assert len(set(keys.values())) == 3
+
+
+def test_use_cache_gives_the_same_answers_under_a_chat_template(chat, model, tmp_path):
+    """--use_cache keys answers on the request, whose context is the full chat: the run that writes the
+    database and the run that reads it both answer as a run without it."""
+    args = dict(pretrained=model, tokenizer=chat.tokenizer, device="cpu", batch_size=4)
+    for kind in ("generation", "multiple_choice"):
+        fresh = by_document(evaluate(TaskVectorLM(mode="hypothesis", layer=LAYER, **args), kind, 3, True), kind)
+        for _ in ("writes", "reads"):
+            lm = TaskVectorLM(mode="hypothesis", layer=LAYER, **args)
+            assert by_document(evaluate(lm, kind, 3, True, use_cache=str(tmp_path / kind)), kind) == fresh
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+def test_the_commands_take_lm_evals_chat_options_with_its_defaults(monkeypatch):
+    from lm_eval_taskvec import cli
+    from lm_eval_taskvec.comparison.cli import chat_options
+
+    seen = []
+    monkeypatch.setattr(cli, "run_sweep", seen.append)
+    monkeypatch.setattr("lm_eval_taskvec.analyses.export.main", seen.append)
+    for argv, expected in (
+        ([], {"apply_chat_template": False, "fewshot_as_multiturn": False}),
+        (["--apply_chat_template"], {"apply_chat_template": True, "fewshot_as_multiturn": True}),
+        (["--apply_chat_template", "tool_use"], {"apply_chat_template": "tool_use", "fewshot_as_multiturn": True}),
+        (
+            ["--apply_chat_template", "--fewshot_as_multiturn", "false"],
+            {"apply_chat_template": True, "fewshot_as_multiturn": False},
+        ),
+    ):
+        for command in ("sweep", "export"):
+            cli.main([command, "--tasks", "tv_list_first", *argv])
+            assert chat_options(seen.pop()) == expected, (command, argv)
+    cli.main(["sweep", "--tasks", "tv_list_first", "--fewshot_as_multiturn"])
+    with pytest.raises(SystemExit, match="--fewshot_as_multiturn needs --apply_chat_template"):
+        chat_options(seen.pop())
+
+
+@pytest.fixture
+def chat_model_dir(tmp_path, tokenizer, model):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TEMPLATE
+    model.save_pretrained(tmp_path / "chat_model")
+    tok.save_pretrained(tmp_path / "chat_model")
+    return tmp_path / "chat_model"
+
+
+def test_compare_runs_each_mode_as_lm_eval_runs_it_under_the_chat_template(chat_model_dir, tmp_path, monkeypatch):
+    """taskvec compare --apply_chat_template --fewshot_as_multiturn false: each mode's answers are those of a
+    fresh model run by simple_evaluate with the same chat options."""
+    from lm_eval_taskvec.comparison import compare
+
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
+    out, task = tmp_path / "out", "tv_letter_to_upper"
+    common = dict(limit=4, batch_size=4, device="cpu")
+    compare(
+        model_args=f"pretrained={chat_model_dir},layer=1",
+        tasks=task,
+        output_path=out,
+        log_samples=True,
+        apply_chat_template=True,
+        fewshot_as_multiturn=False,
+        **common,
+    )
+    manager = TaskManager()  # indexes lm-eval's task folders once for the three runs
+    for mode in ("regular", "baseline", "hypothesis"):
+        (samples,) = (out / mode).glob(f"*/samples_{task}_*.jsonl")
+        logged = sorted(
+            (json.loads(line) for line in samples.read_text().split("\n") if line), key=lambda s: s["doc_id"]
+        )
+        lm = TaskVectorLM(pretrained=str(chat_model_dir), mode=mode, layer=1, batch_size=4, device="cpu")
+        alone = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            limit=4,
+            log_samples=True,
+            apply_chat_template=True,
+            fewshot_as_multiturn=False,
+        )
+        expected = sorted(alone["samples"][task], key=lambda s: s["doc_id"])
+        assert [s["resps"] for s in logged] == [s["resps"] for s in expected], mode
+        assert all(s["arguments"]["gen_args_0"]["arg_0"].count("u>") == 1 for s in logged)  # single-turn chats
+
+
+def test_export_renders_theta_with_the_chat_template(chat_model_dir, tmp_path, monkeypatch):
+    """taskvec export --apply_chat_template: θ's demonstrations are multi-turn chats (lm_eval's default) rendered
+    by the model's template, and the file says so."""
+    from lm_eval_taskvec import cli
+    from lm_eval_taskvec.thetafile import load_thetas
+
+    monkeypatch.setattr("lm_eval.utils.setup_logging", lambda *a, **k: None)
+    out = tmp_path / "export"
+    argv = ["export", "--model_args", f"pretrained={chat_model_dir}", "--tasks", "tv_letter_to_upper", "--layer", "1"]
+    cli.main(
+        [
+            *argv,
+            "--num_sets",
+            "2",
+            "--num_fewshot",
+            "3",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--apply_chat_template",
+        ]
+    )
+    lm = TaskVectorLM(pretrained=str(chat_model_dir), mode="hypothesis", layer=1, device="cpu")
+    (stored,) = load_thetas(out / "thetas.safetensors", lm).thetas.values()
+    context = stored.info["prompt_format"]["example_context"]
+    assert stored.info["prompt_format"]["chat"] == {"apply_chat_template": True, "fewshot_as_multiturn": True}
+    assert context.startswith("s>Be brief.</s>\nu>") and context.count("u>") == 4 and context.endswith("</s>\na>\n")
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_smollm2_meets_the_oracles_under_its_own_chat_template(shape):
+    """SmolLM2-135M-Instruct (embedded) with its own template (and its default system turn), θ at block 20 of
+    30, on 3 documents of tv_letter_to_upper (5-shot generation): regular is stock HFLM with the chat flags,
+    baseline stock 0-shot, hypothesis the hand-written re-implementation."""
+    pytest.importorskip("gguf")
+    from lm_eval_taskvec.embedded import embedded_model_path
+
+    stock = HFLM(pretrained=embedded_model_path(), device="cpu", batch_size=4)
+    chat = RecordingTokenizer(stock.tokenizer)
+    task, layer, manager = "tv_letter_to_upper", 20, TaskManager()
+    kwargs = dict(tasks=[task], task_manager=manager, limit=3, log_samples=True, bootstrap_iters=0)
+    kwargs |= dict(apply_chat_template=True, fewshot_as_multiturn=SHAPES[shape], gen_kwargs="max_gen_toks=8")
+
+    def run(lm, **extra):
+        return {s["doc_id"]: s["resps"] for s in simple_evaluate(model=lm, **kwargs, **extra)["samples"][task]}
+
+    args = dict(pretrained=stock.model, tokenizer=stock.tokenizer, device="cpu", batch_size=4)
+    assert run(TaskVectorLM(mode="regular", **args)) == run(stock)
+    assert run(TaskVectorLM(mode="baseline", **args)) == run(stock, num_fewshot=0)
+    lm = TaskVectorLM(mode="hypothesis", layer=layer, **args)
+    got = run(lm)
+    for doc_id, resps in got.items():
+        (request,) = [r for r in LOADED_TASKS[task].instances if r.doc_id == doc_id]
+        assert resps == [[hand_written_hypothesis(lm, chat, stock.model, request, layer)]], doc_id
