@@ -387,3 +387,56 @@ def greedy_answer(lm, model, block, ids, theta, kwargs) -> str:
         if stop:
             text = text.split(stop)[0]
     return text
+
+
+# ---------------------------------------------------------------------------------------------- chat prompts by hand
+# A template of the ChatML kind that, like SmolLM2's, adds a default system turn when none is given, and ends
+# its generation prompt with whitespace (which HFLM moves onto a likelihood request's continuation).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}s>Be brief.</s>\n{% endif %}"
+    "{% for m in messages %}{{ m['role'][0] }}>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}a>\n{% endif %}"
+)
+
+
+def record_chats(tokenizer, monkeypatch) -> dict[str, list[dict]]:
+    """Chat string -> the turns the tokenizer rendered it from, for as long as the test runs."""
+    chats, render = {}, tokenizer.apply_chat_template
+
+    def apply_chat_template(conversation, **kwargs):
+        rendered = render(conversation, **kwargs)
+        if kwargs.get("tokenize") is False:
+            chats[rendered] = json.loads(json.dumps(conversation))
+        return rendered
+
+    monkeypatch.setitem(tokenizer.__dict__, "apply_chat_template", apply_chat_template)
+    return chats
+
+
+def render_chat(tokenizer, turns: list[dict]) -> str:
+    """``turns`` through the tokenizer's own template, as HFLM renders them: the generation prompt after a user
+    turn, the assistant turn continued otherwise."""
+    last_is_assistant = turns[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(
+        turns, tokenize=False, add_generation_prompt=not last_is_assistant, continue_final_message=last_is_assistant
+    )
+
+
+def chat_prompts(tokenizer, turns: list[dict], own_texts, dummies) -> tuple[str, list[str]]:
+    """By hand: the query-only chat and θ's chats [S, x'] of a chat context's ``turns``. S is every turn before
+    the last user turn and, single-turn, that turn's text before the query's own text (the longest of
+    ``own_texts`` it ends with); ``dummies`` are JSON lists of (role, content) turns, the user's first."""
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    head, text, tail = turns[:last], turns[last]["content"], turns[last + 1 :]
+    query_text = max((q for q in own_texts if text.endswith(q)), key=len)
+    prefix = text[: len(text) - len(query_text)]
+    query = render_chat(tokenizer, [{"role": "user", "content": query_text}, *tail])
+    prompts = []
+    for dummy in dummies:
+        (_, dummy_text), *dummy_tail = json.loads(dummy)
+        dummy_turns = [
+            {"role": "user", "content": prefix + dummy_text},
+            *({"role": r, "content": c} for r, c in dummy_tail),
+        ]
+        prompts.append(render_chat(tokenizer, [*head, *dummy_turns]))
+    return query, prompts

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,18 +24,19 @@ from lm_eval.tasks import TaskManager
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.model import TaskVectorLM
-from tests.helpers import block_output_hook, greedy_answer, make_model
+from tests.helpers import (
+    CHAT_TEMPLATE,
+    block_output_hook,
+    chat_prompts,
+    greedy_answer,
+    make_model,
+    record_chats,
+    render_chat,
+)
 from tests.tasks import make_task
 
 LAYER = 1
 LIMIT = 4
-# A template of the ChatML kind that, like SmolLM2's, adds a default system turn when none is given, and ends
-# its generation prompt with whitespace (which HFLM moves onto a likelihood request's continuation).
-TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}s>Be brief.</s>\n{% endif %}"
-    "{% for m in messages %}{{ m['role'][0] }}>{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}a>\n{% endif %}"
-)
 TASKS = {
     "generation": {},
     "gen_prefix": {"gen_prefix": "Out:"},  # the query's chat ends in an assistant turn that is continued
@@ -50,27 +52,17 @@ SHAPES = {"multiturn": True, "singleturn": False}
 MANAGER = TaskManager(include_defaults=False)  # the tasks are objects: no folder of YAMLs to index at each run
 
 
-class RecordingTokenizer:
-    """Wraps a tokenizer copy's ``apply_chat_template`` to remember which turns gave which chat string."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.turns, original = tokenizer, {}, tokenizer.apply_chat_template
-
-        def apply_chat_template(conversation, **kwargs):
-            rendered = original(conversation, **kwargs)
-            if kwargs.get("tokenize") is False:
-                self.turns[rendered] = copy.deepcopy(conversation)
-            return rendered
-
-        tokenizer.apply_chat_template = apply_chat_template
-        self.render = original
+@dataclass
+class Chat:
+    tokenizer: object  # a copy of the session tokenizer, rendering CHAT_TEMPLATE
+    turns: dict  # chat string -> the turns the tokenizer rendered it from
 
 
 @pytest.fixture
-def chat(tokenizer):
+def chat(tokenizer, monkeypatch) -> Chat:
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = TEMPLATE
-    return RecordingTokenizer(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    return Chat(tok, record_chats(tok, monkeypatch))
 
 
 @pytest.fixture(scope="module")
@@ -104,33 +96,16 @@ def close(a, b, tol=1e-4) -> bool:
     return a[1] == b[1] and abs(a[0] - b[0]) <= tol
 
 
-def chat_string(chat: RecordingTokenizer, turns: list[dict]) -> str:
-    last_is_assistant = turns[-1]["role"] == "assistant"
-    return chat.render(
-        turns, tokenize=False, add_generation_prompt=not last_is_assistant, continue_final_message=last_is_assistant
-    )
-
-
-def hand_written_hypothesis(lm, chat: RecordingTokenizer, model, request, layer=LAYER):
-    """Hypothesis mode's answer to one request, from the turns lm-eval gave the tokenizer and transformers alone."""
-    turns = chat.turns[request.args[0]]
-    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
-    head, text, tail = turns[:last], turns[last]["content"], turns[last + 1 :]
-    query_text = LOADED_TASKS[request.task_name].doc_to_text(request.doc)
-    assert text.endswith(query_text)
-    prefix = text[: len(text) - len(query_text)]
-    query = chat_string(chat, [{"role": "user", "content": query_text}, *tail])
+def hand_written_hypothesis(lm, chat: Chat, model, request, layer=LAYER):
+    """Hypothesis mode's answer to one request, from the turns lm-eval gave the tokenizer and transformers alone
+    (which dummies is the plugin's seeded draw; their prompts are built here)."""
     (plan,) = lm.planner.plan([request])
-    assert plan.query == query
+    own = [LOADED_TASKS[request.task_name].doc_to_text(request.doc)]
+    query, prompts = chat_prompts(chat.tokenizer, chat.turns[request.args[0]], own, plan.theta_key.dummies)
+    assert plan.query == query and list(plan.theta_key.texts) == prompts
     likelihood = request.request_type == "loglikelihood"
     block, states = model.model.layers[layer], []
-    for dummy in plan.theta_key.dummies:  # which dummies is the plugin's seeded draw; their prompts are built here
-        (_, dummy_text), *dummy_tail = json.loads(dummy)
-        dummy_turns = [
-            {"role": "user", "content": prefix + dummy_text},
-            *({"role": r, "content": c} for r, c in dummy_tail),
-        ]
-        prompt = chat_string(chat, [*head, *dummy_turns])
+    for prompt in prompts:
         handle = block_output_hook(block, record=states)
         with torch.no_grad():
             model(torch.tensor([lm.tok_encode(prompt.rstrip() if likelihood else prompt)]))
@@ -248,7 +223,7 @@ def test_layer_auto_builds_its_dev_prompts_with_the_runs_chat_settings(chat, mod
                 continue
             turns = chat.turns[request.args[0]]  # rendered by the tokenizer from lm-eval's turns
             assert [t["role"] for t in turns].count("user") == (4 if multiturn else 1)
-            assert request.args[0] == chat_string(chat, turns) and request.args[0].endswith("-></s>\na>\n")
+            assert request.args[0] == render_chat(chat.tokenizer, turns) and request.args[0].endswith("-></s>\na>\n")
         keys[multiturn] = cache_key(lm.model, lm.revision, len(lm.blocks), lm.settings, "chat_auto", sets)
     assert len(set(keys.values())) == 3
 
@@ -292,7 +267,7 @@ def test_the_commands_take_lm_evals_chat_options_with_its_defaults(monkeypatch):
 @pytest.fixture
 def chat_model_dir(tmp_path, tokenizer, model):
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     model.save_pretrained(tmp_path / "chat_model")
     tok.save_pretrained(tmp_path / "chat_model")
     return tmp_path / "chat_model"
@@ -369,7 +344,7 @@ def test_export_renders_theta_with_the_chat_template(chat_model_dir, tmp_path, m
 # ---------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_smollm2_meets_the_oracles_under_its_own_chat_template(shape):
+def test_smollm2_meets_the_oracles_under_its_own_chat_template(shape, monkeypatch):
     """SmolLM2-135M-Instruct (embedded) with its own template (and its default system turn), θ at block 20 of
     30, on 3 documents of tv_letter_to_upper (5-shot generation): regular is stock HFLM with the chat flags,
     baseline stock 0-shot, hypothesis the hand-written re-implementation."""
@@ -377,7 +352,7 @@ def test_smollm2_meets_the_oracles_under_its_own_chat_template(shape):
     from lm_eval_taskvec.embedded import embedded_model_path
 
     stock = HFLM(pretrained=embedded_model_path(), device="cpu", batch_size=4)
-    chat = RecordingTokenizer(stock.tokenizer)
+    chat = Chat(stock.tokenizer, record_chats(stock.tokenizer, monkeypatch))
     task, layer, manager = "tv_letter_to_upper", 20, TaskManager()
     kwargs = dict(tasks=[task], task_manager=manager, limit=3, log_samples=True, bootstrap_iters=0)
     kwargs |= dict(apply_chat_template=True, fewshot_as_multiturn=SHAPES[shape], gen_kwargs="max_gen_toks=8")
