@@ -177,6 +177,13 @@ def test_hypothesis_logs_the_first_query_only_prompt_once_per_task(chat, model, 
     assert "'s>Be brief.</s>\\nu>example:" in said[0]
 
 
+def test_a_zero_shot_chat_is_refused_like_a_zero_shot_prompt(chat, model):
+    """The template's own system turn (or --system_instruction) is not a demonstration."""
+    lm = TaskVectorLM(pretrained=model, tokenizer=chat.tokenizer, device="cpu", mode="hypothesis", layer=LAYER)
+    with pytest.raises(ValueError, match="runs 0-shot: its context has no demonstrations.*--num_fewshot k >= 1"):
+        evaluate(lm, "generation", 0, True, system_instruction="Capitalize.")
+
+
 def test_cached_requests_are_refused_naming_the_flag(chat, model, tmp_path, monkeypatch):
     """lm-eval's request cache (--cache_requests true) hands back contexts without rendering them: their turns
     are unknown, so the patched modes refuse them before any task runs, naming the flag and the fix."""
