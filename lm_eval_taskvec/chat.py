@@ -113,6 +113,8 @@ def split_chat(
             "unknown and its demonstrations cannot be told from its query: run without --cache_requests, or with "
             "--cache_requests refresh"
         )
+    if not any(q[0][1] for q in own):
+        raise ValueError(f"task {task_name!r} renders an empty query for this document: nothing to patch θ onto")
     users = [i for i, (role, _) in enumerate(turns) if role == "user"]
     matches = []
     if users:

@@ -184,6 +184,17 @@ def test_a_zero_shot_chat_is_refused_like_a_zero_shot_prompt(chat, model):
         evaluate(lm, "generation", 0, True, system_instruction="Capitalize.")
 
 
+def test_an_empty_chat_query_is_refused(chat, model):
+    from tests.tasks import requests_of
+
+    rows = [{"input": "", "answers": ["x"]}] + [{"input": c, "answers": [c]} for c in "abcd"]
+    task = make_task(splits={"train": rows[1:], "test": rows}, doc_to_text="{{input}}")
+    lm = TaskVectorLM(pretrained=model, tokenizer=chat.tokenizer, device="cpu", mode="hypothesis", layer=LAYER)
+    requests = requests_of(task, limit=2, apply_chat_template=True, chat_template=lm.apply_chat_template)
+    with pytest.raises(ValueError, match="renders an empty query"):
+        lm.generate_until(requests)
+
+
 def test_cached_requests_are_refused_naming_the_flag(chat, model, tmp_path, monkeypatch):
     """lm-eval's request cache (--cache_requests true) hands back contexts without rendering them: their turns
     are unknown, so the patched modes refuse them before any task runs, naming the flag and the fix."""
