@@ -5,7 +5,8 @@
 
 The layers of the package, each importing only those listed before it (and never ``model``):
 
-- ``settings`` (model arguments, parsed; no torch), ``contexts`` (S and x of a request, dummy queries),
+- ``settings`` (model arguments, parsed; no torch), ``contexts`` (S and x of a request, dummy queries), ``chat``
+  (S and x of a chat-template context, from the turns the model rendered it from),
   ``layers`` (decoder blocks, every hook, ``Intervention``), ``extraction`` (prefix-shared forward passes),
   ``identity`` (weights fingerprint), ``handoff`` (what HFLM's callbacks hand each other);
 - ``theta`` (``ThetaKey``; ``ThetaStore``, the one owner of θ), ``thetafile`` (the θ file format);

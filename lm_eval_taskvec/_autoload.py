@@ -24,6 +24,13 @@ PROMPT_SETTINGS = ("system_instruction", "apply_chat_template", "fewshot_as_mult
 CURRENT_RUN: dict = {}
 
 
+def record_prompt_settings(task, settings: dict, chat_template=None) -> None:
+    """What shapes a task's prompts besides its config: the run's system instruction and chat settings, and the
+    model's ``apply_chat_template``. layer=auto's dev prompts and the analyses' demonstrations are built with them."""
+    task.taskvec_prompt_settings = {key: settings.get(key) for key in PROMPT_SETTINGS}
+    task.taskvec_chat_template = chat_template
+
+
 def register_model() -> None:
     from lm_eval.api.registry import model_registry
 
@@ -65,8 +72,7 @@ def add_task_path() -> None:
         return loaded
 
     def build_all_requests(self, *args, **kwargs):
-        # The same settings shape the dev prompts of layer=auto; chat templates are refused by patched modes.
-        self.taskvec_prompt_settings = {key: kwargs.get(key) for key in PROMPT_SETTINGS}
+        record_prompt_settings(self, kwargs, kwargs.get("chat_template"))
         self.taskvec_samples = kwargs.get("samples")  # --samples renumbers Instance.doc_id (planning.document_index)
         LOADED_TASKS[self.config.task] = self
         return original_build(self, *args, **kwargs)

@@ -113,6 +113,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output_path", "-o", default="taskvec_sweep", metavar="<path>", help="folder for the command's JSON and plot"
     )
+    compare_cli.add_chat_options(parser)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,6 +201,7 @@ def add_analysis_commands(commands) -> None:
             help="hypothesis method whose layer=auto choice --layer auto reads (hendel, elicit, task_mean; "
             "export: also how theta_path= applies θ). Default: --model_args' method, else hendel",
         )
+        compare_cli.add_chat_options(parser)
         return parser
 
     geometry = command("geometry", "θ of many demonstration sets per task: t-SNE, distances within and between tasks")
@@ -240,12 +242,18 @@ def load_model(args, **fixed):
     return TaskVectorLM(batch_size=args.batch_size, device=args.device, **args.model_args, **fixed)
 
 
-def load_tasks(args) -> dict:
-    """The tasks as lm_eval would run them: --num_fewshot, --gen_kwargs and the few-shot seed applied."""
+def load_tasks(args, lm) -> dict:
+    """The tasks as lm_eval would run them: --num_fewshot, --gen_kwargs, the few-shot seed and the chat
+    options (rendered by ``lm``'s template) applied."""
     from lm_eval.tasks import TaskManager
 
+    from lm_eval_taskvec._autoload import record_prompt_settings
+
     tasks = TaskManager(include_path=args.include_path).load(args.tasks)["tasks"]
+    chat = compare_cli.chat_options(args)
     for task in tasks.values():
+        if chat["apply_chat_template"]:
+            record_prompt_settings(task, chat | {"apply_chat_template": True}, lm.apply_chat_template)
         if args.gen_kwargs and task.get_config("output_type") == "generate_until":
             task.set_config(key="generation_kwargs", value=args.gen_kwargs, update=True)
         if args.num_fewshot is not None and task.get_config("num_fewshot") != 0:
@@ -277,7 +285,7 @@ def run_sweep(args) -> None:
             raise SystemExit(f"--limit {args.limit:g}: taskvec sweep counts dev prompts, give an integer >= 2")
         fixed["num_dev"] = int(args.limit)
     lm = load_model(args, **fixed)
-    tasks = load_tasks(args)
+    tasks = load_tasks(args, lm)
     lm.choose_layers(tasks)
     choices = {name: lm.layer_choices[name] for name in sorted(tasks)}
 

@@ -4,6 +4,7 @@ lm-eval renders a context as ``[system instruction + description] + demonstratio
 turn is exactly what the task renders for the document (``doc_to_text``, then the target delimiter and
 ``gen_prefix`` where one is set), so S is what precedes it: the instruction and description belong to S.
 Requests from a task lm-eval did not load (direct API calls) fall back to the ``fewshot_delimiter`` model arg.
+Contexts rendered through a chat template are split by their turns instead (``chat``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,8 @@ def split_for_task(
     matches = [q for q in queries if q and context.endswith(q)]
     if not matches:
         raise ValueError(
-            f"the context of task {task_name!r} does not end with the query the task renders ({queries[0][-60:]!r}); "
-            "chat templates (--apply_chat_template, --fewshot_as_multiturn) are not supported in hypothesis and "
-            f"baseline mode: run without them. Context ends with: {context[-80:]!r}"
+            f"the context of task {task_name!r} does not end with the query the task renders ({queries[0][-60:]!r}). "
+            f"Context ends with: {context[-80:]!r}"
         )
     query = max(matches, key=len)
     demos = context[: len(context) - len(query)]

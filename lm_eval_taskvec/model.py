@@ -22,6 +22,8 @@ from lm_eval.models.huggingface import HFLM
 from transformers import DynamicCache
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
+from lm_eval_taskvec.chat import record as record_chat
+from lm_eval_taskvec.chat import uses_chat
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, embedded_record
 from lm_eval_taskvec.extraction import cache_argument, prefill_columns
 from lm_eval_taskvec.handoff import Handoff, SharedModes, batch_key, in_parts, row_key
@@ -132,6 +134,8 @@ class TaskVectorLM(HFLM):
         self.planner = Planner(settings, self, self.thetas, stored, self.warn_once)
         self.choice_cache = LayerCache(settings.layer_cache, self.warn_once)
         self.layer_choices: dict[str, dict] = {}  # task -> layer=auto's choice, for the results JSON
+        self.theta_tokens: dict[str, dict[str, str]] = {}  # chat task -> request type -> the token θ is written at
+        self._shown: set[tuple[str, str]] = set()  # (task, request type) whose first query-only prompt was logged
         self.handoff = Handoff()
         self.shared = SharedModes()
         if self.mode != "regular" and Path(sys.argv[0]).name in ("lm_eval", "lm-eval"):
@@ -173,9 +177,37 @@ class TaskVectorLM(HFLM):
                 replace(p, theta_key=means[str(r.task_name)]) if p.theta_key is not None else p
                 for r, p in zip(requests, plans)
             ]
+        if self.mode == "hypothesis":
+            self._show_queries(requests, plans)
         tasks = ", ".join(sorted({str(r.task_name) for r in requests}))
         self.thetas.ensure({(p.layer, p.theta_key) for p in plans if p.theta_key is not None}, f"{tasks}: extracting θ")
         return plans
+
+    def _show_queries(self, requests, plans: list[Plan]) -> None:
+        """Once per task and request type: log the first query-only prompt (shortened) and the token θ is
+        written at, so that a user can check the split by eye; a chat task's token goes into the results JSON."""
+        for request, plan in zip(requests, plans):
+            seen = (request.task_name, request.request_type)
+            if not plan.query or seen in self._shown:
+                continue
+            self._shown.add(seen)
+            if request.request_type == "generate_until":
+                ids = self.tok_encode(plan.query)
+            else:
+                ids = self._encode_planned(plan.query, request.args[1])[0]
+            token = self.tok_decode(ids[-1:], skip_special_tokens=False)
+            if uses_chat(LOADED_TASKS.get(request.task_name)):
+                self.theta_tokens.setdefault(request.task_name, {})[request.request_type] = token
+            shown = plan.query if len(plan.query) <= 300 else f"{plan.query[:100]} [...] {plan.query[-180:]}"
+            log.info(
+                "hf-taskvec mode=hypothesis, task %s (%s): the model runs the query alone, θ written at its last "
+                "token %r; document %s's prompt: %r",
+                request.task_name,
+                request.request_type,
+                token,
+                request.doc_id,
+                shown,
+            )
 
     def _layer_of(self, requests, layer: int | None):
         """Block L per request: ``layer`` for all, or the task's (chosen now if need be); a stored θ has its own."""
@@ -201,6 +233,12 @@ class TaskVectorLM(HFLM):
     def patched(self, plans: list[Plan], positions, first_call_only: bool = False):
         """Apply each row's plan (its θ at its layer) at its position: see ``layers.intervene``."""
         return intervene(self.blocks, self.planner.interventions(plans), positions, first_call_only)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """HFLM's rendering, with the turns recorded: a chat context then maps back to its turns (``chat``)."""
+        rendered = super().apply_chat_template(chat_history, add_generation_prompt)
+        record_chat(rendered, chat_history)
+        return rendered
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """HFLM's tokenization of a likelihood request (a trailing space of the context moves onto the continuation)."""
@@ -412,10 +450,7 @@ class TaskVectorLM(HFLM):
     def _warn_instruct(self, requests) -> None:
         """lm-eval warns when the model args name an instruct or chat model, as --model hf does for SmolLM2's
         folder; "embedded" hides the name, so say it here, unless the requests' tasks used a chat template."""
-        chat = any(
-            (getattr(LOADED_TASKS.get(r.task_name), "taskvec_prompt_settings", None) or {}).get("apply_chat_template")
-            for r in requests
-        )
+        chat = any(uses_chat(LOADED_TASKS.get(r.task_name)) for r in requests)
         if self.embedded and not chat:
             self.warn_once(
                 f"pretrained=embedded ({self.embedded['model']}) appears to be an instruct or chat variant "
@@ -474,6 +509,8 @@ class TaskVectorLM(HFLM):
                 "seed": settings.seed,
                 "layer_selection": self.layer_choices,
             }
+        if self.mode == "hypothesis" and self.theta_tokens:  # chat prompts: the last token of the rendered prompt
+            info["taskvec"]["theta_token"] = self.theta_tokens
         if self.embedded:  # lm-eval's model_sha is a Hub commit; ours is the hash of the file we converted
             info |= {
                 "model_revision": self.embedded["package"],

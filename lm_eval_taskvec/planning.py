@@ -1,9 +1,10 @@
 """What each lm-eval request becomes: the query the model sees and, for θ, its demonstrations, dummies and layer.
 
-S and x come from lm-eval's own task object (``contexts``); the dummies x' are other documents' rendered
-queries of the same task, drawn from every evaluated document (so they depend neither on ``--limit`` nor on
-the process); a ``Plan`` is a value that names its θ by key, and ``Planner.interventions`` turns plans into
-the interventions a forward pass applies.
+S and x come from lm-eval's own task object (``contexts``; under a chat template, from its turns: ``chat``);
+the dummies x' are other documents' rendered queries of the same task (chat: their query turns), drawn from
+every evaluated document (so they depend neither on ``--limit`` nor on the process); a ``Plan`` is a value
+that names its θ by key, and ``Planner.interventions`` turns plans into the interventions a forward pass
+applies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from lm_eval_taskvec import chat
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import Split, choose_dummies, rendered_queries, split_at_delimiter, split_for_task
 from lm_eval_taskvec.layers import Intervention
@@ -49,6 +51,8 @@ class Tokens(Protocol):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]: ...
 
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str: ...
+
 
 class Planner:
     """Splits requests into S and x, draws dummies and names each request's θ; remembers each loaded task's
@@ -69,7 +73,8 @@ class Planner:
             stored,
             warn_once,
         )
-        self._query_pools: dict[str, tuple[object, set[str]]] = {}  # task -> (task object, its rendered queries)
+        # task -> (task object, whether chat, its rendered queries (chat: their turns, as text))
+        self._query_pools: dict[str, tuple[object, bool, set[str]]] = {}
 
     def plan(self, requests, with_theta: bool = True, layer_of: Callable | None = None) -> list[Plan]:
         """A plan per request: its query, and with ``with_theta`` its θ key and block (``layer_of(request)``,
@@ -86,7 +91,8 @@ class Planner:
             return [self._stored_plan(req, split) for req, (split, _) in zip(requests, splits)]
         pools: dict[str, set[str]] = defaultdict(set)
         for req, (split, _) in zip(requests, splits):
-            pools[req.task_name] |= self.query_pool(req.task_name) or {split.query}
+            own_query = chat.as_text(split.query_turns) if isinstance(split, chat.ChatSplit) else split.query
+            pools[req.task_name] |= self.query_pool(req.task_name) or {own_query}
         plans = []
         for req, (split, own) in zip(requests, splits):
             dummies = choose_dummies(
@@ -109,14 +115,14 @@ class Planner:
         task = LOADED_TASKS.get(request.task_name)
         context = request.args[0]
         if task is not None and request.doc:
-            if (getattr(task, "taskvec_prompt_settings", None) or {}).get("apply_chat_template"):
-                raise ValueError(
-                    f"task {request.task_name!r} was rendered with a chat template (--apply_chat_template), which "
-                    "hides where its demonstrations end: hypothesis and baseline modes support plain few-shot prompts "
-                    "only. Run without --apply_chat_template (and --fewshot_as_multiturn)."
-                )
-            own = rendered_queries(task, request.doc)
             shots = task.get_config("num_fewshot") or 0
+            if chat.uses_chat(task):
+                turns = chat.query_turns(task, request.doc)
+                split = chat.split_chat(
+                    context, turns, shots, request.task_name, self.tokens.apply_chat_template, self.stored is None
+                )
+                return split, tuple(map(chat.as_text, turns))
+            own = rendered_queries(task, request.doc)
             return split_for_task(context, own, shots, request.task_name, need_demos=self.stored is None), own
         delimiter = self.settings.fewshot_delimiter
         if self.stored is not None and delimiter is None:
@@ -141,12 +147,14 @@ class Planner:
         if task is None or not hasattr(task, "eval_docs"):
             return set()
         known = self._query_pools.get(task_name)
-        if known is None or known[0] is not task:
-            known = self._query_pools[task_name] = (
-                task,
-                {q for doc in task.eval_docs for q in rendered_queries(task, doc)},
+        if known is None or known[0] is not task or known[1] != chat.uses_chat(task):
+            queries = (
+                {chat.as_text(q) for doc in task.eval_docs for q in chat.query_turns(task, doc)}
+                if chat.uses_chat(task)
+                else {q for doc in task.eval_docs for q in rendered_queries(task, doc)}
             )
-        return known[1]
+            known = self._query_pools[task_name] = (task, chat.uses_chat(task), queries)
+        return known[2]
 
     def _stored_plan(self, request, split: Split) -> Plan:
         layer = self.settings.layer
@@ -179,7 +187,12 @@ class Planner:
             )
 
     def _theta_key(self, request, split: Split, dummies: tuple[str, ...]) -> ThetaKey:
-        key = ThetaKey(split.demos, dummies, strip=request.request_type != "generate_until")
+        texts = ()
+        if isinstance(split, chat.ChatSplit):  # [S, x'] rendered as turns by the model's template
+            texts = tuple(
+                chat.render(self.tokens.apply_chat_template, split.with_query(chat.from_text(d))) for d in dummies
+            )
+        key = ThetaKey(split.demos, dummies, strip=request.request_type != "generate_until", texts=texts)
         budget = self.budget(request, split.query)
         if max(map(len, self.thetas.prompts(key))) <= budget:
             return key
@@ -187,4 +200,4 @@ class Planner:
             f"task {request.task_name!r}: demonstrations longer than max_length={self.tokens.max_length}; "
             "θ's prompts are left-truncated as regular mode truncates the full prompt"
         )
-        return ThetaKey(key.demos, key.dummies, key.strip, budget)
+        return ThetaKey(key.demos, key.dummies, key.strip, budget, texts=key.texts)

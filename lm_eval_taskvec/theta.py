@@ -28,6 +28,7 @@ class ThetaKey:
     strip: bool  # likelihood requests: trailing whitespace of the context moves onto the continuation
     max_tokens: int | None = None  # left-truncate each prompt to this many tokens, as regular mode does
     stored: str | None = None  # θ read from a theta_path file ("path#task@layer"), not extracted
+    texts: tuple[str, ...] = ()  # θ's prompts in full where they are not demos + dummy (chat: rendered turns)
     mean_of: tuple[ThetaKey, ...] = ()  # a task's θ (vector=task_mean): the mean of these keys' θ
 
     @classmethod
@@ -87,7 +88,7 @@ class ThetaStore:
 
     def prompts(self, key: ThetaKey) -> list[list[int]]:
         """Tokens of [S, x'] for each dummy x', tokenized (and truncated) as the regular path does."""
-        texts = [key.demos + dummy for dummy in key.dummies]
+        texts = list(key.texts) or [key.demos + dummy for dummy in key.dummies]
         tokens = [self.encode(text.rstrip() if key.strip else text) for text in texts]
         return [t[-key.max_tokens :] for t in tokens] if key.max_tokens else tokens
 
@@ -158,27 +159,34 @@ class ThetaStore:
 def _order(item: tuple[int, ThetaKey]) -> tuple:
     layer, key = item
     members = tuple(_order((0, member))[1:] for member in key.mean_of)
-    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or "", members
+    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or "", key.texts, members
 
 
 def few_shot_requests(
     task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int, desc: str | None = None
 ) -> list[list]:
     """lm-eval's own requests for each ``(doc_id, doc)``: its few-shot context (with the run's system
-    instruction) built with demonstrations drawn from ``seed`` that never include the document itself;
-    ``desc`` names a progress bar (lm-eval takes tens of milliseconds per context)."""
+    instruction and chat template) built with demonstrations drawn from ``seed`` that never include the
+    document itself; ``desc`` names a progress bar (lm-eval takes tens of milliseconds per context)."""
     settings = getattr(task, "taskvec_prompt_settings", None) or {}
+    chat = {
+        "system_instruction": settings.get("system_instruction"),
+        "apply_chat_template": bool(settings.get("apply_chat_template")),
+        "fewshot_as_multiturn": bool(settings.get("fewshot_as_multiturn")),
+        "chat_template": getattr(task, "taskvec_chat_template", None),
+    }
     out = []
     with _seeded_demos_without(task, seed) as exclude:
         for doc_id, doc in tqdm(docs, desc=desc, disable=desc is None):
             exclude(doc)
-            context = task.fewshot_context(
-                doc,
-                num_fewshot,
-                system_instruction=settings.get("system_instruction"),
-                gen_prefix=task.doc_to_prefix(doc),
+            context = task.fewshot_context(doc, num_fewshot, gen_prefix=task.doc_to_prefix(doc), **chat)
+            requests = task.construct_requests(
+                doc=doc,
+                ctx=context,
+                metadata=(task.config.task, doc_id, 1),
+                apply_chat_template=chat["apply_chat_template"],
+                chat_template=chat["chat_template"],
             )
-            requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
             out.append([r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]])
     return out
 

@@ -7,6 +7,7 @@ fixtures live in ``tests/conftest.py`` and are built from what is here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -344,3 +345,98 @@ def _package_globals() -> dict:
         classes = {k: dict(vars(v)) for k, v in names.items() if isinstance(v, type) and v.__module__ == module_name}
         found[module_name] = {"module": names, "classes": classes}
     return found
+
+
+# ---------------------------------------------------------------------------------------------- hand-written θ
+def block_output_hook(block, record=None, write=None):
+    """A forward hook on a decoder block that records its output at (row 0, ``record``) or writes ``write`` =
+    (position, vector) over it, whether the block returns a tensor or a tuple."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if record is not None:
+            record.append(hidden[0, -1].detach().clone())
+        if write is not None:
+            hidden = hidden.clone()
+            hidden[0, write[0]] = write[1].to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return None
+
+    return block.register_forward_hook(hook)
+
+
+def greedy_answer(lm, model, block, ids, theta, kwargs) -> str:
+    """Greedy decoding with θ written at the prompt's last token in the prompt's pass only, cut as HFLM cuts."""
+    steps = int(kwargs.get("max_gen_toks") or lm.max_gen_toks)
+    handle = block_output_hook(block, write=(len(ids) - 1, theta))
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+    handle.remove()
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    generated, past = [], getattr(out, name, None) or out.past_key_values
+    for _ in range(steps):
+        token = int(out.logits[0, -1].argmax())
+        generated.append(token)
+        if token == lm.eot_token_id:
+            break
+        with torch.no_grad():
+            out = model(torch.tensor([[token]]), use_cache=True, **{name: past})
+        past = getattr(out, name, None) or out.past_key_values
+    text = lm.tok_decode(generated)
+    for stop in [*(kwargs.get("until") or []), lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)]:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- chat prompts by hand
+# A template of the ChatML kind that, like SmolLM2's, adds a default system turn when none is given, and ends
+# its generation prompt with whitespace (which HFLM moves onto a likelihood request's continuation).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}s>Be brief.</s>\n{% endif %}"
+    "{% for m in messages %}{{ m['role'][0] }}>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}a>\n{% endif %}"
+)
+
+
+def record_chats(tokenizer, monkeypatch) -> dict[str, list[dict]]:
+    """Chat string -> the turns the tokenizer rendered it from, for as long as the test runs."""
+    chats, render = {}, tokenizer.apply_chat_template
+
+    def apply_chat_template(conversation, **kwargs):
+        rendered = render(conversation, **kwargs)
+        if kwargs.get("tokenize") is False:
+            chats[rendered] = json.loads(json.dumps(conversation))
+        return rendered
+
+    monkeypatch.setitem(tokenizer.__dict__, "apply_chat_template", apply_chat_template)
+    return chats
+
+
+def render_chat(tokenizer, turns: list[dict]) -> str:
+    """``turns`` through the tokenizer's own template, as HFLM renders them: the generation prompt after a user
+    turn, the assistant turn continued otherwise."""
+    last_is_assistant = turns[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(
+        turns, tokenize=False, add_generation_prompt=not last_is_assistant, continue_final_message=last_is_assistant
+    )
+
+
+def chat_prompts(tokenizer, turns: list[dict], own_texts, dummies) -> tuple[str, list[str]]:
+    """By hand: the query-only chat and θ's chats [S, x'] of a chat context's ``turns``. S is every turn before
+    the last user turn and, single-turn, that turn's text before the query's own text (the longest of
+    ``own_texts`` it ends with); ``dummies`` are JSON lists of (role, content) turns, the user's first."""
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    head, text, tail = turns[:last], turns[last]["content"], turns[last + 1 :]
+    query_text = max((q for q in own_texts if text.endswith(q)), key=len)
+    prefix = text[: len(text) - len(query_text)]
+    query = render_chat(tokenizer, [{"role": "user", "content": query_text}, *tail])
+    prompts = []
+    for dummy in dummies:
+        (_, dummy_text), *dummy_tail = json.loads(dummy)
+        dummy_turns = [
+            {"role": "user", "content": prefix + dummy_text},
+            *({"role": r, "content": c} for r, c in dummy_tail),
+        ]
+        prompts.append(render_chat(tokenizer, [*head, *dummy_turns]))
+    return query, prompts

@@ -445,7 +445,7 @@ def test_taskvec_commands_pass_their_options(make_lm, tasks, tmp_path, monkeypat
     monkeypatch.setattr(
         module,
         "load_tasks",
-        lambda names, include_path: (
+        lambda names, include_path, lm=None, chat=None: (
             {n: tasks[n] for n in names.split(",")} if isinstance(names, str) else {n: tasks[n] for n in names}
         ),
     )

@@ -80,16 +80,6 @@ def test_empty_query_is_refused(make_lm):
         make_lm(mode="hypothesis", layer=1).generate_until(requests_of(task, limit=2))
 
 
-def test_chat_template_is_refused_with_the_fix(make_lm, monkeypatch):
-    lm = make_lm(mode="hypothesis", layer=1)
-    template = "{% for m in messages %}<{{m.role}}>{{m.content}}{% endfor %}<assistant>"
-    monkeypatch.setattr(lm.tokenizer, "chat_template", template)  # the session's tokenizer: put back afterwards
-    task = make_task()
-    requests = requests_of(task, limit=2, apply_chat_template=True, chat_template=lm.apply_chat_template)
-    with pytest.raises(ValueError, match="chat template.*Run without --apply_chat_template"):
-        lm.generate_until(requests)
-
-
 def test_unknown_task_needs_the_fewshot_delimiter_arg(make_lm):
     lm = make_lm(mode="baseline", fewshot_delimiter=None)
     with pytest.raises(ValueError, match="not loaded by lm-eval.*fewshot_delimiter="):

@@ -13,13 +13,14 @@ document by document:
   last token of [S, x'], averaged over the plan's dummies x', written over block L's output at the query's
   last token (likelihoods scored by hand, generations decoded greedily by hand from the patched prompt pass).
 
-Every test takes a prompt format; ``PROMPT_FORMATS`` holds ``plain`` only (a chat template variant is one more
-entry: ``simple_evaluate``'s arguments for it).
+Every test takes a prompt format (``PROMPT_FORMATS``: ``simple_evaluate``'s arguments for it): ``plain``, and
+under a chat template (the tiny models: ``helpers.CHAT_TEMPLATE``; SmolLM2: its own) multi-turn ``chat`` and
+``chat_singleturn``. Under a chat template the hand-written hypothesis builds its prompts from the turns the
+tokenizer rendered each context from (``helpers.chat_prompts``).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from lm_eval_taskvec.offline_tasks import lm_eval_config
 from lm_eval_taskvec.selection import select_layer, sweep
 from lm_eval_taskvec.selection.criterion import CHOICE_ACCURACY, REFERENCE_LOGLIKELIHOOD
 from lm_eval_taskvec.selection.dev import dev_sets
+from tests.helpers import CHAT_TEMPLATE, block_output_hook, chat_prompts, greedy_answer, record_chats
 
 DATA = Path(__file__).resolve().parent / "data" / "suites"
 LAYER = 1  # the fixed block of the tiny models' 3 (0-based)
@@ -93,7 +95,11 @@ SUITES = {
         num_fewshot=5,
     ),
 }
-PROMPT_FORMATS = {"plain": {}}  # simple_evaluate's arguments per prompt format
+PROMPT_FORMATS = {  # simple_evaluate's arguments per prompt format
+    "plain": {},
+    "chat": {"apply_chat_template": True, "fewshot_as_multiturn": True},
+    "chat_singleturn": {"apply_chat_template": True, "fewshot_as_multiturn": False},
+}
 
 
 def task_name(config: str) -> str:
@@ -163,10 +169,26 @@ def same_loglikelihoods(a, b, tol: float = 1e-5) -> bool:
     return greedy_a == greedy_b and math.isclose(ll_a, ll_b, rel_tol=tol, abs_tol=tol)
 
 
-def suite_ids(fast=()):
-    """Every suite in every prompt format; those not in ``fast`` run with the slow tests (CI runs both)."""
+@pytest.fixture
+def chats(prompt_format, tokenizer, monkeypatch) -> dict | None:
+    """Under a chat prompt format, the session tokenizer renders CHAT_TEMPLATE and records which turns gave
+    which chat string (both undone after the test); None in plain format."""
+    if prompt_format == "plain":
+        return None
+    monkeypatch.setattr(tokenizer, "chat_template", CHAT_TEMPLATE)
+    return record_chats(tokenizer, monkeypatch)
+
+
+def suite_ids(fast=(), fast_formats=("plain", "chat")):
+    """Every suite in every prompt format; those not in ``fast`` (or not in ``fast_formats``) run with the slow
+    tests (CI runs both)."""
     return [
-        pytest.param(name, fmt, id=f"{name}-{fmt}", marks=() if name in fast else pytest.mark.slow)
+        pytest.param(
+            name,
+            fmt,
+            id=f"{name}-{fmt}",
+            marks=() if name in fast and fmt in fast_formats else pytest.mark.slow,
+        )
         for name in SUITES
         for fmt in PROMPT_FORMATS
     ]
@@ -175,7 +197,7 @@ def suite_ids(fast=()):
 # ---------------------------------------------------------------------------------------------- the oracles
 @pytest.mark.parametrize("suite, prompt_format", suite_ids(fast=("leaderboard_bbh", "gsm8k", "winogrande")))
 def test_each_suite_meets_the_oracles_document_by_document_in_every_mode(
-    suite, prompt_format, suite_tasks, tokenizer, long_model
+    suite, prompt_format, suite_tasks, tokenizer, long_model, chats
 ):
     spec = SUITES[suite]
     if spec.needs:
@@ -212,7 +234,7 @@ def test_each_suite_meets_the_oracles_document_by_document_in_every_mode(
         task = lm_eval_task(name)
         for doc_id, sample in hypothesis.items():
             requests = sorted((r for r in task.instances if r.doc_id == doc_id), key=lambda r: r.idx)
-            expected_resps = [hand_written_hypothesis(lm, model, r) for r in requests]
+            expected_resps = [hand_written_hypothesis(lm, model, r, chats=chats) for r in requests]
             got = [resp[0] for resp in sample["resps"]]
             assert all(same_loglikelihoods(g, e, 1e-4) for g, e in zip(got, expected_resps)), (name, doc_id)
 
@@ -223,34 +245,24 @@ def lm_eval_task(name: str):
     return LOADED_TASKS[name]
 
 
-def block_output_hook(block, record=None, write=None):
-    """A forward hook on a decoder block that records its output at (row 0, ``record``) or writes ``write`` =
-    (position, vector) over it, whether the block returns a tensor or a tuple."""
-
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if record is not None:
-            record.append(hidden[0, -1].detach().clone())
-        if write is not None:
-            hidden = hidden.clone()
-            hidden[0, write[0]] = write[1].to(hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-        return None
-
-    return block.register_forward_hook(hook)
-
-
-def hand_written_hypothesis(lm, model, request, layer=LAYER):
-    """Hypothesis mode's answer to one request, by transformers alone: θ from [S, x'] for the plan's dummies."""
+def hand_written_hypothesis(lm, model, request, layer=LAYER, chats=None):
+    """Hypothesis mode's answer to one request, by transformers alone: θ from [S, x'] for the plan's dummies
+    (a chat context's prompts from the turns the tokenizer rendered it from: ``chats``)."""
     (plan,) = lm.planner.plan([request])
     context, likelihood = request.args[0], request.request_type == "loglikelihood"
-    query = plan.query
-    demos = context[: len(context) - len(query)]
-    assert context.endswith(query) and plan.theta_key.demos == demos
+    if chats is None:
+        query = plan.query
+        demos = context[: len(context) - len(query)]
+        assert context.endswith(query) and plan.theta_key.demos == demos
+        prompts = [demos + dummy for dummy in plan.theta_key.dummies]
+    else:
+        task = lm_eval_task(request.task_name)
+        own = task.doc_to_choice(request.doc) if task.multiple_input else [task.doc_to_text(request.doc)]
+        query, prompts = chat_prompts(lm.tokenizer, chats[context], own, plan.theta_key.dummies)
+        assert plan.query == query
     block = model.model.layers[layer]
     states = []
-    for dummy in plan.theta_key.dummies:
-        prompt = demos + dummy
+    for prompt in prompts:
         ids = lm.tok_encode(prompt.rstrip() if likelihood else prompt)
         handle = block_output_hook(block, record=states)
         with torch.no_grad():
@@ -270,33 +282,11 @@ def hand_written_hypothesis(lm, model, request, layer=LAYER):
     return greedy_answer(lm, model, block, lm.tok_encode(query), theta, request.args[1])
 
 
-def greedy_answer(lm, model, block, ids, theta, kwargs) -> str:
-    """Greedy decoding with θ written at the prompt's last token in the prompt's pass only, cut as HFLM cuts."""
-    steps = int(kwargs.get("max_gen_toks") or lm.max_gen_toks)
-    handle = block_output_hook(block, write=(len(ids) - 1, theta))
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
-    handle.remove()
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    generated, past = [], getattr(out, name, None) or out.past_key_values
-    for _ in range(steps):
-        token = int(out.logits[0, -1].argmax())
-        generated.append(token)
-        if token == lm.eot_token_id:
-            break
-        with torch.no_grad():
-            out = model(torch.tensor([[token]]), use_cache=True, **{name: past})
-        past = getattr(out, name, None) or out.past_key_values
-    text = lm.tok_decode(generated)
-    for stop in [*(kwargs.get("until") or []), lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)]:
-        if stop:
-            text = text.split(stop)[0]
-    return text
-
-
 # ---------------------------------------------------------------------------------------------- layer=auto
-@pytest.mark.parametrize("suite, prompt_format", suite_ids(fast=("gsm8k_cot", "winogrande")))
-def test_layer_auto_chooses_on_each_suite_by_its_criterion(suite, prompt_format, suite_tasks, tokenizer, long_model):
+@pytest.mark.parametrize("suite, prompt_format", suite_ids(fast=("gsm8k_cot", "winogrande"), fast_formats=("plain",)))
+def test_layer_auto_chooses_on_each_suite_by_its_criterion(
+    suite, prompt_format, suite_tasks, tokenizer, long_model, chats
+):
     spec = SUITES[suite]
     if spec.needs:
         pytest.importorskip(spec.needs)
@@ -496,7 +486,7 @@ def smollm2_tasks(tmp_path_factory) -> TaskManager:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt_format", list(PROMPT_FORMATS))
-def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
+def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format, monkeypatch):
     """SmolLM2-135M-Instruct (embedded): regular is stock HFLM bit for bit, baseline stock 0-shot, hypothesis the
     hand-written re-implementation, on 2 documents of each suite."""
     pytest.importorskip("gguf")
@@ -505,6 +495,7 @@ def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
     path = embedded_model_path()
     stock = HFLM(pretrained=path, device="cpu", batch_size=4)
     model = stock.model
+    chats = None if prompt_format == "plain" else record_chats(stock.tokenizer, monkeypatch)  # its own template
     lms = {
         mode: TaskVectorLM(pretrained=model, tokenizer=stock.tokenizer, device="cpu", batch_size=4, mode=mode)
         for mode in ("regular", "baseline")
@@ -529,7 +520,7 @@ def test_smollm2_meets_the_oracles_on_real_data(smollm2_tasks, prompt_format):
             base, zero = run["baseline"][doc_id]["resps"], run["zero"][doc_id]["resps"]
             assert all(same_loglikelihoods(b[0], z[0]) for b, z in zip(base, zero)), (name, doc_id, base, zero)
             requests = sorted((r for r in lm_eval_task(name).instances if r.doc_id == doc_id), key=lambda r: r.idx)
-            expected = [hand_written_hypothesis(lms["hypothesis"], model, r, SMOLLM2_LAYER) for r in requests]
+            expected = [hand_written_hypothesis(lms["hypothesis"], model, r, SMOLLM2_LAYER, chats) for r in requests]
             got = [resp[0] for resp in run["hypothesis"][doc_id]["resps"]]
             assert all(same_loglikelihoods(g, e, 1e-3) for g, e in zip(got, expected)), (name, doc_id, got, expected)
 

@@ -14,6 +14,7 @@ import torch
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
 
+from lm_eval_taskvec._autoload import record_prompt_settings
 from lm_eval_taskvec.comparison.render import csv_number
 from lm_eval_taskvec.layers import resolve_layer
 from lm_eval_taskvec.model import TaskVectorLM
@@ -47,16 +48,21 @@ def open_model(model_args: str = "pretrained=embedded", batch_size="8", device: 
     return TaskVectorLM(mode="hypothesis", batch_size=batch_size, **({"device": device} if device else {}), **args)
 
 
-def load_tasks(names, include_path: str | None = None) -> dict:
-    """lm-eval's task objects for task or group names (a comma-separated string or a list), by name."""
+def load_tasks(names, include_path: str | None = None, lm=None, chat: dict | None = None) -> dict:
+    """lm-eval's task objects for task or group names (a comma-separated string or a list), by name; with
+    ``chat`` (``apply_chat_template``, ``fewshot_as_multiturn``) their prompts are rendered by ``lm``'s template."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [n for n in names if n]
     if not names:
         raise ValueError("--tasks is empty: name tasks or groups, e.g. --tasks tv_algorithmic,tv_en_es")
     try:
-        return TaskManager(include_path=include_path).load(names)["tasks"]
+        tasks = TaskManager(include_path=include_path).load(names)["tasks"]
     except KeyError as err:
         raise ValueError(f"--tasks: {err.args[0]}; `lm-eval ls tasks` lists them") from None
+    if chat and chat.get("apply_chat_template"):
+        for task in tasks.values():
+            record_prompt_settings(task, chat | {"apply_chat_template": True}, lm.apply_chat_template)
+    return tasks
 
 
 def block_of(lm, task_name: str, layer) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lm_eval_taskvec.analyses.common import block_of, load_tasks, open_model, write_json, write_table
+from lm_eval_taskvec.comparison.cli import chat_options
 from lm_eval_taskvec.contexts import rendered_queries
 from lm_eval_taskvec.figures import new_figure, save
 from lm_eval_taskvec.identity import model_identity
@@ -37,7 +38,7 @@ def main(args) -> dict:
     """``taskvec conflict``, from its parsed command-line options."""
     pairs = parse_pairs(args.pairs) if args.pairs else list(PAPER_PAIRS)
     lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
-    tasks = load_tasks(sorted({name for pair in pairs for name in pair}), args.include_path)
+    tasks = load_tasks(sorted({name for pair in pairs for name in pair}), args.include_path, lm, chat_options(args))
     return conflicting_tasks(
         lm,
         tasks,

@@ -15,6 +15,7 @@ from lm_eval_taskvec.analyses.common import (
     open_model,
     write_table,
 )
+from lm_eval_taskvec.comparison.cli import chat_options
 from lm_eval_taskvec.theta import task_vectors
 from lm_eval_taskvec.thetafile import FILE_NAME, StoredTheta, ThetaFile, save_thetas
 
@@ -25,7 +26,7 @@ def main(args) -> ThetaFile:
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
     return export_thetas(
         lm,
-        load_tasks(args.tasks, args.include_path),
+        load_tasks(args.tasks, args.include_path, lm, chat_options(args)),
         args.output_path,
         layers=layers,
         num_sets=args.num_sets,
@@ -97,4 +98,15 @@ def prompt_format(task, request) -> dict:
         "fewshot_delimiter": config.fewshot_delimiter,
         "description": str(config.description or ""),
         "example_context": request.args[0],
+        **({"chat": chat} if (chat := _chat_settings(task)) else {}),
+    }
+
+
+def _chat_settings(task) -> dict | None:
+    settings = getattr(task, "taskvec_prompt_settings", None) or {}
+    if not settings.get("apply_chat_template"):
+        return None
+    return {
+        "apply_chat_template": settings["apply_chat_template"],
+        "fewshot_as_multiturn": settings["fewshot_as_multiturn"],
     }

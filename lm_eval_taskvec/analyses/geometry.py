@@ -27,6 +27,7 @@ from lm_eval_taskvec.analyses.common import (
     write_json,
     write_table,
 )
+from lm_eval_taskvec.comparison.cli import chat_options
 from lm_eval_taskvec.figures import new_figure, palette, save
 from lm_eval_taskvec.identity import model_identity
 
@@ -38,7 +39,7 @@ def main(args) -> dict:
     lm = open_model(args.model_args, args.batch_size, args.device, getattr(args, "method", None))
     return theta_geometry(
         lm,
-        load_tasks(args.tasks, args.include_path),
+        load_tasks(args.tasks, args.include_path, lm, chat_options(args)),
         args.output_path,
         layer=args.layer,
         num_sets=args.num_sets,

@@ -28,6 +28,7 @@ from lm_eval_taskvec.analyses.common import (
     write_json,
     write_table,
 )
+from lm_eval_taskvec.comparison.cli import chat_options
 from lm_eval_taskvec.figures import new_figure, save
 from lm_eval_taskvec.identity import model_identity
 from lm_eval_taskvec.layers import write_states
@@ -39,7 +40,7 @@ def main(args) -> dict:
     layers = [part.strip() for part in args.layers.split(",") if part.strip()] if args.layers else [args.layer]
     return vocab_projection(
         lm,
-        load_tasks(args.tasks, args.include_path),
+        load_tasks(args.tasks, args.include_path, lm, chat_options(args)),
         args.output_path,
         layers=layers,
         top_k=args.top_k,

@@ -19,6 +19,38 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+def add_chat_options(parser) -> None:
+    """lm_eval's --apply_chat_template and --fewshot_as_multiturn, with its names, parsing and defaults."""
+    parser.add_argument(
+        "--apply_chat_template",
+        type=str,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="<template>",
+        help="render prompts with the model's chat template (optionally a template's name), as lm_eval does",
+    )
+    parser.add_argument(
+        "--fewshot_as_multiturn",
+        type=lambda x: x.lower() in ("true", "1", "yes"),
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="<bool>",
+        help="demonstrations as user/assistant turns (default: on with --apply_chat_template; false: one user turn)",
+    )
+
+
+def chat_options(args) -> dict:
+    """The two options resolved as lm_eval resolves them: multi-turn by default under a chat template, and
+    never without one."""
+    multiturn = args.fewshot_as_multiturn
+    if multiturn and not args.apply_chat_template:
+        raise SystemExit("--fewshot_as_multiturn needs --apply_chat_template (as in lm_eval)")
+    apply = args.apply_chat_template
+    return {"apply_chat_template": apply, "fewshot_as_multiturn": bool(apply) if multiturn is None else multiturn}
+
+
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "compare",
@@ -77,6 +109,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="write samples files (the paired tests need them)",
     )
     run.add_argument("--verbosity", type=str.upper, default="INFO", help="log level, as for lm_eval")
+    add_chat_options(run)
     table = parser.add_argument_group("the table")
     table.add_argument(
         "--pairs",
@@ -114,6 +147,7 @@ def compare_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
             seed=args.seed,
             log_samples=args.log_samples,
             methods=args.methods,
+            **chat_options(args),
         )
         if running
         else {}

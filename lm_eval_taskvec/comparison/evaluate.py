@@ -26,13 +26,16 @@ def run_modes(
     seed=None,
     log_samples: bool = False,
     methods=None,
+    apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool | None = None,
 ) -> list[Path]:
     """Evaluate ``tasks`` in each of ``modes`` with one loaded ``TaskVectorLM``; returns the results files.
     With ``methods`` (e.g. "hendel,elicit"), hypothesis runs once per method, written under
     ``<output_path>/hypothesis-<method>``; regular and baseline run once.
 
     The options mean what lm_eval's do; ``seed`` is lm_eval's ``--seed`` (one integer, or four separated by
-    commas: python, numpy, torch, few-shot). ``model_args`` must not hold ``mode``: ``modes`` chooses them.
+    commas: python, numpy, torch, few-shot); ``fewshot_as_multiturn`` defaults to on under a chat template.
+    ``model_args`` must not hold ``mode``: ``modes`` chooses them.
     """
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -43,6 +46,12 @@ def run_modes(
     from lm_eval_taskvec.model import TaskVectorLM
 
     modes = _check_modes(modes)
+    if fewshot_as_multiturn and not apply_chat_template:
+        raise UsageError("fewshot_as_multiturn needs apply_chat_template (as in lm_eval)")
+    chat = {}  # left to simple_evaluate's defaults without a chat template, as lm_eval's CLI leaves them
+    if apply_chat_template:
+        multiturn = True if fewshot_as_multiturn is None else fewshot_as_multiturn
+        chat = {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": multiturn}
     args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
     if "mode" in args:
         raise UsageError(f"model_args: leave out mode={args['mode']}; modes (--modes) chooses the modes to run")
@@ -78,6 +87,7 @@ def run_modes(
             task_manager=manager,
             log_samples=log_samples,
             evaluation_tracker=tracker,
+            **chat,
             **seeds,
         )
         written.append(_save(tracker, results, log_samples))

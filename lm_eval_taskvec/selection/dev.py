@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from lm_eval.api.instance import Instance
 
+from lm_eval_taskvec import chat
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.contexts import rendered_answer, rendered_queries, shots_fix
 from lm_eval_taskvec.settings import Settings
@@ -96,11 +97,12 @@ def examples(settings: Settings, task, progress: bool, docs: list[tuple[int, dic
 
 
 def gold(task, doc) -> int | str:
-    """What a dev document is right with: the index of its right choice, or the text its answer starts with.
+    """What a dev document is right with: the index of its right choice, or the text its answer starts with
+    (under a chat template, the text of the assistant's answer turn after the generation prompt).
     The index is read as lm-eval's ``process_results`` reads it: a multiple-input task (e.g. Winogrande, whose
     choices are the contexts and whose target is the continuation they share) gives it as ``doc_to_text``."""
     if task.get_config("output_type") == "generate_until":
-        return rendered_answer(task, doc)
+        return chat.answer(task, doc) if chat.uses_chat(task) else rendered_answer(task, doc)
     target, choices = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc), task.doc_to_choice(doc)
     if isinstance(target, int):
         return target
