@@ -27,10 +27,11 @@ from lm_eval_taskvec.chat import uses_chat
 from lm_eval_taskvec.embedded import EMBEDDED_NAME, embedded_model_path, embedded_record
 from lm_eval_taskvec.extraction import cache_argument, prefill_columns
 from lm_eval_taskvec.handoff import Handoff, SharedModes, batch_key, in_parts, row_key
+from lm_eval_taskvec.heads import find_attention_outputs
 from lm_eval_taskvec.layers import find_blocks, intervene, resolve_layer
 from lm_eval_taskvec.planning import Plan, Planner, document_index
 from lm_eval_taskvec.preflight import beam_refusal, check_run, rolling_refusal
-from lm_eval_taskvec.selection import layer_of_document, select_layer, task_mean_key
+from lm_eval_taskvec.selection import function_vector_of, layer_of_document, select_layer, task_mean_key
 from lm_eval_taskvec.selection.cache import LayerCache
 from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode, read_method
 from lm_eval_taskvec.theta import ThetaStore
@@ -63,9 +64,13 @@ class TaskVectorLM(HFLM):
         theta_path: a ``taskvec export`` file: hypothesis patches its stored θ instead of extracting θ.
         layers_path: dotted path to the ModuleList of decoder blocks, for exotic architectures.
         method: hypothesis mode's method (docs/methods.md): ``hendel`` (default: each prompt's θ replaces block L's
-            output), ``elicit`` (h + 2·θ) or ``task_mean`` (one θ per task, the mean over its dev prompts').
-        vector, op, scale: the method's parts, each overriding its preset: ``prompt`` or ``task_mean``; ``replace``
-            or ``add``; the factor of an added θ.
+            output), ``elicit`` (h + 2·θ), ``task_mean`` (one θ per task, the mean over its dev prompts') or
+            ``function_vector`` (Todd et al. 2024: h + the sum of the top attention heads' mean outputs).
+        vector, op, scale: the method's parts, each overriding its preset: ``prompt``, ``task_mean`` or
+            ``function_vector``; ``replace`` or ``add``; the factor of an added θ.
+        top_heads: vector=function_vector: heads summed into the function vector (10).
+        attn_out_path: vector=function_vector: the attention output projection, relative to a block (e.g.
+            ``self_attn.o_proj``), for architectures where it is not found.
         device: as for HFLM, but defaults to CUDA when available, else the CPU.
     """
 
@@ -85,6 +90,8 @@ class TaskVectorLM(HFLM):
         vector: str | None = None,
         op: str | None = None,
         scale=None,
+        top_heads=10,
+        attn_out_path: str | None = None,
         device: str | None = None,
         **kwargs,
     ) -> None:
@@ -102,6 +109,8 @@ class TaskVectorLM(HFLM):
             vector=vector,
             op=op,
             scale=scale,
+            top_heads=top_heads,
+            attn_out_path=attn_out_path,
         )
         given = [f"{k}={v}" for k, v in (("method", method), ("vector", vector), ("op", op), ("scale", scale))]
         given = [g for g in given if not g.endswith("=None") and g != "method=hendel"]
@@ -124,6 +133,8 @@ class TaskVectorLM(HFLM):
         self.blocks = find_blocks(self.model, settings.layers_path)
         if settings.layer != AUTO:
             settings = replace(settings, layer=resolve_layer(settings.layer, len(self.blocks)))
+        if settings.vector == "function_vector":  # refused now, not after the first task's dev sweep
+            find_attention_outputs(self.model, self.blocks, settings.attn_out_path, settings.top_heads)
         self.settings = settings
         self.thetas = ThetaStore(
             self.model, self.blocks, self.tok_encode, lambda: self.extract_batch_size, self.autocast, self.rank == 0
@@ -134,6 +145,7 @@ class TaskVectorLM(HFLM):
         self.planner = Planner(settings, self, self.thetas, stored, self.warn_once)
         self.choice_cache = LayerCache(settings.layer_cache, self.warn_once)
         self.layer_choices: dict[str, dict] = {}  # task -> layer=auto's choice, for the results JSON
+        self.function_vectors: dict[str, dict] = {}  # task -> its function vector's top heads, for the results JSON
         self.theta_tokens: dict[str, dict[str, str]] = {}  # chat task -> request type -> the token θ is written at
         self._shown: set[tuple[str, str]] = set()  # (task, request type) whose first query-only prompt was logged
         self.handoff = Handoff()
@@ -158,6 +170,8 @@ class TaskVectorLM(HFLM):
         if self.settings.theta_path:
             raise ValueError(f"method={method}: theta_path= applies each stored θ the way it was exported")
         settings = replace(self.settings, **read_method(method))
+        if settings.vector == "function_vector":
+            find_attention_outputs(self.model, self.blocks, settings.attn_out_path, settings.top_heads)
         self.settings = self.planner.settings = settings
 
     def warn_once(self, message: str, logger: logging.Logger = log) -> None:
@@ -171,10 +185,10 @@ class TaskVectorLM(HFLM):
         if self.mode == "baseline":
             return self.planner.plan(requests, with_theta=False)
         plans = self.planner.plan(requests, layer_of=self._layer_of(requests, layer))
-        if self.settings.vector == "task_mean":
-            means = {name: task_mean_key(self, name) for name in sorted({str(r.task_name) for r in requests})}
+        if self.settings.vector != "prompt":
+            ones = {name: self._task_key(name) for name in sorted({str(r.task_name) for r in requests})}
             plans = [
-                replace(p, theta_key=means[str(r.task_name)]) if p.theta_key is not None else p
+                replace(p, theta_key=ones[str(r.task_name)]) if p.theta_key is not None else p
                 for r, p in zip(requests, plans)
             ]
         if self.mode == "hypothesis":
@@ -182,6 +196,17 @@ class TaskVectorLM(HFLM):
         tasks = ", ".join(sorted({str(r.task_name) for r in requests}))
         self.thetas.ensure({(p.layer, p.theta_key) for p in plans if p.theta_key is not None}, f"{tasks}: extracting θ")
         return plans
+
+    def _task_key(self, task_name: str):
+        """The key of a task's one θ (vector=task_mean or function_vector); a function vector's heads are kept
+        for the results JSON."""
+        if self.settings.vector == "task_mean":
+            return task_mean_key(self, task_name)
+        key, record = function_vector_of(self, task_name)
+        self.function_vectors[task_name] = {
+            k: record[k] for k in ("top_heads", "num_prompts", "dev_split", "source") if k in record
+        }
+        return key
 
     def _show_queries(self, requests, plans: list[Plan]) -> None:
         """Once per task and request type: log the first query-only prompt (shortened) and the token θ is
@@ -489,6 +514,8 @@ class TaskVectorLM(HFLM):
             }
             if self.settings.parts != METHODS["hendel"]:  # Hendel's databases keep their marks
                 settings |= dict(zip(("vector", "op", "scale"), self.settings.parts))
+            if self.settings.vector == "function_vector":
+                settings |= {"top_heads": self.settings.top_heads, "attn_out_path": self.settings.attn_out_path}
         return settings
 
     def get_model_info(self) -> dict:
@@ -500,6 +527,8 @@ class TaskVectorLM(HFLM):
         if self.mode == "hypothesis":
             info["taskvec"] |= {"method": settings.method, "vector": settings.vector, "op": settings.op}
             info["taskvec"] |= {"scale": settings.scale} if settings.op == "add" else {}
+            if settings.vector == "function_vector":
+                info["taskvec"] |= {"top_heads": settings.top_heads, "function_vector": self.function_vectors}
         if self.mode == "hypothesis" and stored is not None:
             info["taskvec"] |= {"layer": settings.layer, "theta_path": stored.path, "theta_source": stored.model}
         elif self.mode == "hypothesis":

@@ -87,8 +87,8 @@ def task_problem(lm, task_name: str, requests, mode: str) -> str | None:
             for request in requests:
                 if request.request_type == "generate_until" and (problem := beam_refusal(request)):
                     return problem
-            if (lm.settings.layer == AUTO or lm.settings.vector == "task_mean") and lm.planner.stored is None:
-                dev_sets(lm.settings, task_name)  # the dev documents layer=auto (and a task-mean θ) draw on
+            if (lm.settings.layer == AUTO or lm.settings.vector != "prompt") and lm.planner.stored is None:
+                dev_sets(lm.settings, task_name)  # the dev documents layer=auto (and a task's one θ) draw on
     except ValueError as err:
         return str(err)
     return None

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 MODES = ("regular", "hypothesis", "baseline")
 AUTO = "auto"
-VECTORS = ("prompt", "task_mean")
+VECTORS = ("prompt", "task_mean", "function_vector")
 OPS = ("replace", "add")
 # method -> (vector, op, scale): each part a model argument of its own, which overrides the preset's
 METHODS = {
     "hendel": ("prompt", "replace", 1.0),  # Hendel et al. 2023: θ of each prompt replaces block L's output
     "elicit": ("prompt", "add", 2.0),  # ELICIT (Wang et al. 2025): h <- h + 2·θ
     "task_mean": ("task_mean", "replace", 1.0),  # one θ per task: the mean over the dev prompts' θ
+    "function_vector": ("function_vector", "add", 1.0),  # Todd et al. 2024: the top heads' mean outputs, added
 }
 LAYER_CACHE = {"on": ("on", "true", "yes", "1"), "refresh": ("refresh",), "off": ("off", "false", "no", "0")}
 
@@ -40,6 +41,8 @@ class Settings:
     vector: str = "prompt"  # θ of each prompt (Hendel's), or one per task: the mean of the dev prompts' θ
     op: str = "replace"
     scale: float = 1.0  # op=add only: h <- h + scale·θ
+    top_heads: int = 10  # vector=function_vector: attention heads summed into the function vector
+    attn_out_path: str | None = None  # vector=function_vector: each block's attention output projection
 
     @property
     def parts(self) -> tuple[str, str, float]:
@@ -61,6 +64,8 @@ class Settings:
         vector=None,
         op=None,
         scale=None,
+        top_heads=10,
+        attn_out_path=None,
     ) -> Settings:
         """Settings from model arguments as lm-eval passes them; raises ValueError naming a bad one."""
         return cls(
@@ -73,6 +78,8 @@ class Settings:
             layers_path=layers_path or None,
             theta_path=theta_path or None,
             **read_method(method, vector, op, scale),
+            top_heads=as_int("top_heads", top_heads, minimum=1),
+            attn_out_path=attn_out_path or None,
         )
 
 

@@ -7,6 +7,7 @@ analyses use: few-shot requests built by lm-eval's own task objects and θ at an
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
@@ -30,6 +31,7 @@ class ThetaKey:
     stored: str | None = None  # θ read from a theta_path file ("path#task@layer"), not extracted
     texts: tuple[str, ...] = ()  # θ's prompts in full where they are not demos + dummy (chat: rendered turns)
     mean_of: tuple[ThetaKey, ...] = ()  # a task's θ (vector=task_mean): the mean of these keys' θ
+    function_vector: str | None = None  # a task's function vector, by its cache key: put, never extracted
 
     @classmethod
     def task_mean(cls, keys) -> ThetaKey:
@@ -98,7 +100,10 @@ class ThetaStore:
         there). θ is the mean over the dummies, accumulated in float32 and kept in the model's dtype. The passes
         are laid out in an order of their own, not ``wanted``'s (a set's order changes with Python's string hashing
         from process to process, and with it which prompts share a batch, and so θ's last bits). A task-mean key's
-        θ is the float32 mean of its members' θ, extracted first."""
+        θ is the float32 mean of its members' θ, extracted first. A function vector is put by
+        ``selection.function_vector`` at every block before it is asked for."""
+        if missing := sorted(key.function_vector for layer, key in self.missing(wanted) if key.function_vector):
+            raise RuntimeError(f"function vector {missing[0]} was asked for before selection.function_vector put it")
         task_means = {item for item in wanted if item[1].mean_of and item not in self._thetas}
         wanted = {item for item in wanted if not item[1].mean_of} | {
             (layer, member) for layer, key in task_means for member in key.mean_of
@@ -159,7 +164,17 @@ class ThetaStore:
 def _order(item: tuple[int, ThetaKey]) -> tuple:
     layer, key = item
     members = tuple(_order((0, member))[1:] for member in key.mean_of)
-    return layer, key.demos, key.dummies, key.strip, key.max_tokens or 0, key.stored or "", key.texts, members
+    return (
+        layer,
+        key.demos,
+        key.dummies,
+        key.strip,
+        key.max_tokens or 0,
+        key.stored or "",
+        key.texts,
+        members,
+        key.function_vector or "",
+    )
 
 
 def few_shot_requests(
@@ -188,6 +203,50 @@ def few_shot_requests(
                 chat_template=chat["chat_template"],
             )
             out.append([r for r in (requests if isinstance(requests, list) else [requests]) if r.args[0]])
+    return out
+
+
+def shuffled_label_contexts(task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int) -> list[tuple[str, str]]:
+    """Per ``(doc_id, doc)``: its few-shot context as ``few_shot_requests`` renders it (the same demonstrations,
+    drawn from ``seed`` in the same order), and that context with the demonstrations' targets shuffled among
+    them (seeded per document), rendered by lm-eval itself: the corrupted prompts function vectors rank heads on."""
+    settings = getattr(task, "taskvec_prompt_settings", None) or {}
+    chat = {
+        "system_instruction": settings.get("system_instruction"),
+        "apply_chat_template": bool(settings.get("apply_chat_template")),
+        "fewshot_as_multiturn": bool(settings.get("fewshot_as_multiturn")),
+        "chat_template": getattr(task, "taskvec_chat_template", None),
+    }
+    target_of, out = task.doc_to_target, []
+    with _seeded_demos_without(task, seed) as exclude:
+        drawn = task.sampler.sample
+        try:
+            for doc_id, doc in docs:
+                exclude(doc)
+                demos = list(drawn(num_fewshot))
+                order = list(range(len(demos)))
+                random.Random(f"{seed}|shuffled labels|{doc_id}").shuffle(order)
+                task.sampler.sample = lambda n, eval_doc=None, _demos=demos, **kwargs: _demos
+                clean = task.fewshot_context(doc, num_fewshot, gen_prefix=task.doc_to_prefix(doc), **chat)
+                targets = [target_of(d, task.fewshot_cfg.doc_to_target) for d in demos]
+                seen = []
+
+                def shuffled(d, *field, _demos=demos, _targets=targets, _order=order, _seen=seen):
+                    if not field or len(_seen) == len(_demos) or d is not _demos[len(_seen)]:
+                        return target_of(d, *field)  # the query's own target (a demonstration's has its field)
+                    _seen.append(d)
+                    return _targets[_order[len(_seen) - 1]]
+
+                task.doc_to_target = shuffled
+                try:
+                    corrupted = task.fewshot_context(doc, num_fewshot, gen_prefix=task.doc_to_prefix(doc), **chat)
+                finally:
+                    del task.doc_to_target
+                if len(seen) != len(demos):
+                    raise RuntimeError(f"task {task.config.task!r}: could not shuffle the demonstrations' targets")
+                out.append((clean, corrupted))
+        finally:
+            task.sampler.sample = drawn
     return out
 
 

@@ -3,6 +3,7 @@
 - ``dev``: where the dev documents come from (validation split, few-shot pool leave-one-out, or cross-fitted
   halves of the evaluated documents) and the dev prompts lm-eval's task object builds for them;
 - ``criterion``: what a block is scored by (choice accuracy, the first token, or the reference's log-likelihood);
+- ``function_vector``: a task's function vector (attention heads ranked on shuffled-label dev prompts);
 - ``sweep``: every block scored on those prompts, with baseline and regular on the same prompts;
 - ``cache``: choices remembered in memory and on disk, keyed by everything that decides them.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
-from lm_eval_taskvec.selection import sweep
+from lm_eval_taskvec.selection import function_vector, sweep
 from lm_eval_taskvec.selection.cache import cache_key
 from lm_eval_taskvec.selection.criterion import DEFAULTS, REFERENCE_LOGLIKELIHOOD, criterion_for, why
 from lm_eval_taskvec.selection.dev import dev_sets, fold_members
@@ -24,7 +25,7 @@ from lm_eval_taskvec.theta import ThetaKey
 
 log = logging.getLogger("lm_eval.taskvec")
 
-__all__ = ["SweepModel", "layer_of_document", "select_layer", "task_mean_key"]
+__all__ = ["SweepModel", "function_vector_of", "layer_of_document", "select_layer", "task_mean_key"]
 
 
 def select_layer(lm: SweepModel, task_name: str) -> dict:
@@ -37,6 +38,9 @@ def select_layer(lm: SweepModel, task_name: str) -> dict:
     remembered = lm.choice_cache.remembered(key)
     if remembered is not None:
         return remembered
+
+    if lm.settings.vector == "function_vector":  # the sweep patches it; made here, outside the cache's lock
+        function_vector.ensure(lm, task_name, sets)
 
     def swept() -> dict:
         _announce(lm, task_name, sets, criterion)
@@ -53,16 +57,27 @@ def select_layer(lm: SweepModel, task_name: str) -> dict:
 def task_mean_key(lm: SweepModel, task_name: str) -> ThetaKey:
     """vector=task_mean: the key of ``task_name``'s one θ, the mean of θ over its dev prompts (the sets
     layer=auto sweeps on, both halves of a cross-fitted task: θ's prompts hold no answer of a scored document)."""
+    sets = _task_dev_sets(lm, task_name, "vector=task_mean averages θ over")
+    return sweep.task_mean_of(lm, [r for dev in sets for ex in dev.examples for r in ex.requests])
+
+
+def function_vector_of(lm: SweepModel, task_name: str) -> tuple[ThetaKey, dict]:
+    """vector=function_vector: the key of ``task_name``'s function vector (put at every block) and its record,
+    from the same dev prompts as task_mean's (see ``selection.function_vector``)."""
+    sets = _task_dev_sets(lm, task_name, "vector=function_vector ranks attention heads on")
+    return function_vector.ensure(lm, task_name, sets)
+
+
+def _task_dev_sets(lm: SweepModel, task_name: str, what: str):
     if task_name not in LOADED_TASKS:
         raise ValueError(
-            f"vector=task_mean averages θ over dev prompts of task {task_name!r}, which only runs made through "
+            f"{what} dev prompts of task {task_name!r}, which only runs made through "
             "lm_eval or lm_eval.simple_evaluate provide: use vector=prompt (method=hendel) for this task"
         )
     task = LOADED_TASKS[task_name]
-    sets = lm.choice_cache.dev_sets(
+    return lm.choice_cache.dev_sets(
         task_name, task, lm.settings, lambda: dev_sets(lm.settings, task_name, lm.rank == 0)
     )
-    return sweep.task_mean_of(lm, [r for dev in sets for ex in dev.examples for r in ex.requests])
 
 
 def _announce(lm: SweepModel, task_name: str, sets, criterion: str) -> None:

@@ -46,7 +46,8 @@ class LayerCache:
         cache key is built from them, and lm-eval takes seconds to render them (a run asks at every batch of
         requests). Shots and prompt settings can change on one task object between runs: they are compared."""
         shape = (
-            replace(settings, **read_method("hendel")),  # a method changes the patch, not the dev prompts
+            # a method changes the patch, not the dev prompts
+            replace(settings, **read_method("hendel"), top_heads=Settings.top_heads, attn_out_path=None),
             task.get_config("num_fewshot") if task is not None else None,
             json.dumps(getattr(task, "taskvec_prompt_settings", None), sort_keys=True, default=str),
         )
@@ -61,14 +62,17 @@ class LayerCache:
     def remembered(self, key: str) -> dict | None:
         return self._memory.get(key)
 
-    def read_or_sweep(self, key: str, num_blocks: int, sweep: Callable[[], dict]) -> dict:
+    def read_or_sweep(
+        self, key: str, num_blocks: int, sweep: Callable[[], dict], valid: Callable[[dict], bool] | None = None
+    ) -> dict:
         """The choice of ``key`` from disk (with its file as ``source``) or from ``sweep()``, written then; under
-        the folder's lock, so that of several processes only the first sweeps (``off``: every process sweeps)."""
+        the folder's lock, so that of several processes only the first sweeps (``off``: every process sweeps).
+        ``valid`` checks an entry that is not a layer choice (a function vector's)."""
         path = self.path(key)
         with self._lock(path):
             choice = None
             if self.setting == "on" or (self.setting == "refresh" and _written_since(path, self._started)):
-                choice = read_choice(path, num_blocks)
+                choice = read_choice(path, num_blocks, valid)
             if choice is not None:
                 choice |= {"source": str(path)}
             else:
@@ -141,17 +145,25 @@ def cache_key(
         parts.append({"criterion": criterion, "reference_tokens": REFERENCE_TOKENS})
     if settings.parts != METHODS["hendel"]:  # Hendel's keys stay as they were before methods existed
         parts.append(dict(zip(("vector", "op", "scale"), settings.parts)))
+    if settings.vector == "function_vector":
+        parts.append({"top_heads": settings.top_heads, "attn_out_path": settings.attn_out_path})
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-def read_choice(path: Path, num_blocks: int) -> dict | None:
-    """A cached choice, or None (with a warning) for anything that is not one for a model of this depth."""
+def read_choice(path: Path, num_blocks: int, valid: Callable[[dict], bool] | None = None) -> dict | None:
+    """A cached choice (or what ``valid`` accepts), or None (with a warning) for anything that is not one for a
+    model of this depth."""
     try:
         choice = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
         log.warning("layer cache %s is unreadable (%s): sweeping again", path, err)
+        return None
+    if valid is not None:
+        if isinstance(choice, dict) and valid(choice):
+            return choice
+        log.warning("layer cache %s does not hold a valid entry for this model: computing it again", path)
         return None
     if not valid_choice(choice, num_blocks):
         log.warning(

@@ -28,6 +28,7 @@ class DevExample:
     doc_id: int  # index in the split the document came from
     requests: list[Instance]  # lm-eval's own requests for it: one per choice, or one generation
     gold: int | str  # index of the right choice, or the text a generation must start with
+    doc: dict | None = None  # the document itself: function vectors re-render its prompt with shuffled labels
 
 
 @dataclass
@@ -93,7 +94,7 @@ def examples(settings: Settings, task, progress: bool, docs: list[tuple[int, dic
     picked = [picked[i % len(picked)] for i in range(settings.num_dev)]
     desc = f"{task.config.task}: rendering layer=auto's dev prompts" if progress else None
     requests = few_shot_requests(task, picked, task.get_config("num_fewshot"), settings.seed, desc)
-    return [DevExample(doc_id, reqs, gold(task, doc)) for (doc_id, doc), reqs in zip(picked, requests)]
+    return [DevExample(doc_id, reqs, gold(task, doc), doc) for (doc_id, doc), reqs in zip(picked, requests)]
 
 
 def gold(task, doc) -> int | str:

@@ -30,6 +30,7 @@ from lm_eval_taskvec.extraction import (
     within_window,
 )
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
+from lm_eval_taskvec.selection import function_vector
 from lm_eval_taskvec.selection.criterion import REFERENCE_LOGLIKELIHOOD, REFERENCE_TOKENS
 from lm_eval_taskvec.selection.dev import DevExample, DevSet
 from lm_eval_taskvec.selection.interface import SweepModel
@@ -143,10 +144,13 @@ def score(
         queries = [lm.encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
         fulls = [lm.encode_pair(*r.args) for r in requests]
     regular = regular_and_thetas(lm, plans, fulls, layers, f"{task_name}: layer sweep, θ at {len(layers)} blocks")
-    if lm.settings.vector == "task_mean":  # every dev prompt is patched with the task's one θ
-        mean = task_mean_of(lm, requests, plans)
-        lm.thetas.ensure({(layer, mean) for layer in layers})
-        plans = [replace(p, theta_key=mean) for p in plans]
+    if lm.settings.vector != "prompt":  # every dev prompt is patched with the task's one θ
+        if lm.settings.vector == "task_mean":
+            one = task_mean_of(lm, requests, plans)
+        else:
+            one = function_vector.ensure(lm, task_name, sets)[0]
+        lm.thetas.ensure({(layer, one) for layer in layers})
+        plans = [replace(p, theta_key=one) for p in plans]
     desc = f"{task_name}: dev accuracy by block"
     scores = fork_scores(lm, queries, [None] + [[replace(p, layer=layer) for p in plans] for layer in layers], desc)
     baseline, per_block = scores[0], scores[1:]
