@@ -198,8 +198,9 @@ def add_analysis_commands(commands) -> None:
         parser.add_argument(
             "--method",
             default=None,
-            help="hypothesis method whose layer=auto choice --layer auto reads (hendel, elicit, task_mean; "
-            "export: also how theta_path= applies θ). Default: --model_args' method, else hendel",
+            help="hypothesis method whose layer=auto choice --layer auto reads (hendel, elicit, task_mean, "
+            "function_vector; export, but for function_vector: also how theta_path= applies θ). Default: --model_args' "
+            "method, else hendel",
         )
         compare_cli.add_chat_options(parser)
         return parser

@@ -87,6 +87,24 @@ class Prefix:
         )
         return output, [columns for _, _, _, columns in layouts]
 
+    def extend_columns(self, model: nn.Module, tokens: list[int], copies: int, mask_kind: str):
+        """Run row i's one token ``tokens[i]`` ``copies`` times after the cached prefix, as columns at the same
+        position that see the prefix and themselves only (a 4D mask of ``mask_kind``, see ``branch_mask_kind``):
+        one KV cache per row serves all copies, e.g. one per attention head patched. Mutates the cache."""
+        rows, device = len(tokens), self.mask.device
+        sees = torch.eye(copies, dtype=torch.bool, device=device).repeat(rows, 1, 1)
+        mask = torch.cat([self.mask.bool()[:, None, :].expand(rows, copies, -1), sees], 2)[:, None]
+        if mask_kind == "additive":
+            dtype = model.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return model(
+            input_ids=torch.tensor(tokens, device=device)[:, None].repeat(1, copies),
+            attention_mask=mask,
+            position_ids=self.mask.sum(-1)[:, None].repeat(1, copies),
+            use_cache=True,
+            **{cache_argument(model): self.cache},
+        )
+
     def grow(self, model: nn.Module, suffixes: list[list[int]], stop_block: nn.Module) -> None:
         """Append ``suffixes`` (one per row, any lengths, empty allowed) to the cache, through ``stop_block``;
         shorter ones leave masked holes, which later positions (counted from the mask) skip."""

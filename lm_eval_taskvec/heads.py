@@ -144,20 +144,19 @@ def read_heads(outputs: AttentionOutputs):
 
 
 @contextmanager
-def write_heads(outputs: AttentionOutputs, layer: int, heads: torch.Tensor, values: torch.Tensor):
-    """Row i's head ``heads[i]`` of block ``layer`` outputs ``values[i]`` (Tensor[rows, head_dim]) at the last
-    position, in place of its own; the hook must fire exactly once."""
+def write_heads(outputs: AttentionOutputs, layer: int, heads: list[int], values: torch.Tensor):
+    """In every row, column j of the last ``len(heads)`` columns: head ``heads[j]`` of block ``layer`` outputs
+    ``values[j]`` (Tensor[len(heads), head_dim]) in place of its own; the hook must fire exactly once."""
     calls = []
-    d = outputs.head_dim
+    d, n = outputs.head_dim, len(heads)
 
     def hook(module, args):
         x = _input(args, outputs).clone()
-        if x.shape[0] != len(heads):
-            raise RuntimeError(f"head patch expected {len(heads)} rows but the projection ran on {x.shape[0]}")
-        columns = heads.to(x.device)[:, None] * d + torch.arange(d, device=x.device)
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        last = x[:, -1]
-        last[rows, columns] = values.to(x.device, x.dtype)
+        if x.shape[1] < n:
+            raise RuntimeError(f"head patch expected {n} columns but the projection ran on {x.shape[1]}")
+        index = torch.tensor(heads, device=x.device)[:, None] * d + torch.arange(d, device=x.device)
+        columns = torch.arange(x.shape[1] - n, x.shape[1], device=x.device)[:, None]
+        x[:, columns, index] = values.to(x.device, x.dtype)
         calls.append(1)
         return (x, *args[1:])
 

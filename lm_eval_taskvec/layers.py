@@ -245,17 +245,18 @@ def record_outputs(blocks: nn.ModuleList):
 
 
 @contextmanager
-def replay_outputs(blocks: nn.ModuleList, outputs: list, copies: int = 1):
+def replay_outputs(blocks: nn.ModuleList, outputs: list, copies: int = 1, columns: int = 1):
     """Blocks 0..len(outputs)-1 return their recorded output instead of running; their forward hooks still run.
-    With ``copies`` > 1, the batch holds that many copies of the recorded one, one after another.
+    With ``copies`` > 1, the batch holds that many copies of the recorded one, one after another; with
+    ``columns`` > 1, each row holds that many copies of its recorded columns.
 
     Exact when the pass differs from the recorded one only from the last replayed block's output on (e.g. a
     patch there): a block's output depends on its inputs and its own layer's KV cache alone, so every block
     below the patch would recompute what was recorded. The replayed blocks write nothing to the KV cache.
     """
-    if copies > 1:
+    if copies > 1 or columns > 1:
         outputs = [
-            _with_hidden(output, _hidden(output).repeat(copies, *[1] * (_hidden(output).dim() - 1)))
+            _with_hidden(output, _hidden(output).repeat(copies, columns, *[1] * (_hidden(output).dim() - 2)))
             for output in outputs
         ]
     saved = [block.__dict__.get("forward") for block in blocks[: len(outputs)]]  # accelerate may wrap forward

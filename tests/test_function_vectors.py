@@ -123,9 +123,12 @@ def hand_effects(lm, outputs, means, rows) -> torch.Tensor:
     return effects / len(rows)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_kv_cached_head_trials_equal_full_passes_with_the_head_patched_by_hand(make_lm, arch):
-    lm = make_lm(arch, mode="hypothesis", layer=1)
+@pytest.mark.parametrize(("arch", "columns"), [(arch, True) for arch in ARCHITECTURES] + [("llama", False)])
+def test_kv_cached_head_trials_equal_full_passes_with_the_head_patched_by_hand(make_lm, monkeypatch, arch, columns):
+    """Heads run as columns of one row under a 4D mask, or (a model that takes none) a pass per head."""
+    if not columns:
+        monkeypatch.setattr(fv, "branch_mask_kind", lambda model: None)
+    lm = make_lm(arch, mode="hypothesis", layer=1, batch_size=2)  # two groups: one of two prompts, one of one
     outputs = find_attention_outputs(lm.model, lm.blocks)
     torch.manual_seed(1)
     means = [torch.randn(outputs.num_heads, outputs.head_dim) for _ in lm.blocks]
@@ -341,3 +344,11 @@ def test_a_projection_that_is_not_found_is_refused_naming_attn_out_path_which_th
             == (expected["config"]["taskvec"]["function_vector"][TASK][field])
         )
     assert got["results"] == expected["results"]
+
+
+def test_export_refuses_function_vectors_which_a_theta_file_does_not_hold(make_lm, tmp_path):
+    from lm_eval_taskvec.analyses import export
+
+    lm = make_lm("llama", mode="hypothesis", layer=1)
+    with pytest.raises(ValueError, match="export with --method hendel, elicit or task_mean"):
+        export.export_thetas(lm, {}, tmp_path / "out", layers=["1"], method="function_vector")

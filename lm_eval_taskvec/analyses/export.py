@@ -50,6 +50,11 @@ def export_thetas(
     (else the model's own) decides layer=auto's choice and how ``theta_path=`` applies θ (its op and scale)."""
     if method:
         lm.set_method(method)
+    if lm.settings.vector == "function_vector":
+        raise ValueError(
+            "taskvec export writes the mean θ of demonstration sets; method=function_vector's vector is a sum of "
+            "attention heads' outputs, which a θ file does not hold: export with --method hendel, elicit or task_mean"
+        )
     entries = []
     for name in tqdm(list(tasks), desc="export: θ per task"):
         task = tasks[name]

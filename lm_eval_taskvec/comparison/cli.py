@@ -82,7 +82,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     run.add_argument(
         "--methods",
         default=None,
-        help="comma-separated hypothesis methods, a column each (hendel, elicit, task_mean; docs/methods.md)",
+        help="comma-separated hypothesis methods, a column each (hendel, elicit, task_mean, function_vector; "
+        "docs/methods.md)",
     )
     run.add_argument("--num_fewshot", type=int, default=None, help="demonstrations per prompt (default: the task's)")
     run.add_argument(

@@ -7,8 +7,8 @@ with the demonstrations' targets shuffled among them: the gain in probability of
 token when that head alone outputs its clean mean there, over the unpatched shuffled run. The FV is
 Σ over the ``top_heads`` heads of highest AIE of the head's mean output times its slice of the attention
 output projection (no bias). Each shuffled prompt runs once into a KV cache minus its last token; a block's
-trials run only that token, from the patched block up (the blocks below replay the unpatched pass), with
-one row per head. Ranking and vector are cached on disk like a layer choice.
+trial runs only that token, once per head as columns sharing the prompt's cache, from the patched block up
+(the blocks below replay the unpatched pass). Ranking and vector are cached on disk like a layer choice.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lm_eval_taskvec._autoload import LOADED_TASKS
-from lm_eval_taskvec.extraction import prefill, within_window
+from lm_eval_taskvec.extraction import branch_mask_kind, prefill, within_window
 from lm_eval_taskvec.heads import AttentionOutputs, find_attention_outputs, read_heads, write_heads
 from lm_eval_taskvec.layers import record_outputs, replay_outputs
 from lm_eval_taskvec.selection.cache import cache_key
@@ -34,7 +34,6 @@ from lm_eval_taskvec.theta import ThetaKey, shuffled_label_contexts
 log = logging.getLogger("lm_eval.taskvec")
 
 FV_VERSION = 1  # bump when the ranking or the vector changes meaning
-ROWS = 64  # rows (prompt × head) per trial pass
 
 
 def ensure(lm: SweepModel, task_name: str, sets: list[DevSet]) -> tuple[ThetaKey, dict]:
@@ -89,12 +88,11 @@ def compute(lm: SweepModel, task_name: str, sets: list[DevSet], outputs: Attenti
     num_blocks = len(lm.blocks)
     log.info(
         "%s: function vector: mean outputs of %d heads over %d dev prompts, then each head's AIE on them with "
-        "shuffled labels (%d last-token passes of %d rows or fewer)",
+        "shuffled labels (per prompt, %d last-token trials, one per block, each holding the token once per head)",
         task_name,
         outputs.count,
         len(rows),
-        num_blocks * -(-len(rows) // max(1, ROWS // outputs.num_heads)),
-        max(ROWS, outputs.num_heads),
+        num_blocks,
     )
     means = mean_head_outputs(lm, outputs, [clean for clean, _, _ in rows])
     effects = indirect_effects(lm, outputs, means, [(shuffled, target) for _, shuffled, target in rows], task_name)
@@ -148,17 +146,18 @@ def indirect_effects(
     """Each head's average gain in the probability of its row's target token (``rows``: corrupted prompt
     tokens, target) when it outputs its mean at the last token: Tensor[blocks, heads]. Prompts run in groups;
     a group's prompts minus their last token fill one KV cache, and each block's trial is one pass of the last
-    token with a copy of the group per head, replaying the blocks below the patched one."""
+    token, once per head as columns of its row (see ``_Trials``), replaying the blocks below the patched one."""
     num_blocks, num_heads = len(lm.blocks), outputs.num_heads
-    windowed = not within_window(lm.model, max(len(tokens) for tokens, _ in rows))
-    group = 1 if windowed else max(1, ROWS // num_heads)
+    windowed = not within_window(lm.model, max(len(tokens) for tokens, _ in rows) + num_heads)
+    mask_kind = None if windowed else branch_mask_kind(lm.model)
+    group = 1 if windowed else lm.extract_batch_size
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # a group pads less
     effects, exact = torch.zeros(num_blocks, num_heads), None
     bar = tqdm(
         total=len(rows), desc=f"{task_name}: function vector, head effects", disable=lm.rank != 0 or not task_name
     )
     for start in range(0, len(order), group):
-        trials = _Trials(lm, outputs, means, [rows[i] for i in order[start : start + group]])
+        trials = _Trials(lm, outputs, means, [rows[i] for i in order[start : start + group]], mask_kind)
         last = num_blocks - 1
         if exact is None and num_blocks > 1:  # replaying is exact if a block reads only its inputs and cache
             exact = torch.allclose(trials.gain(last, last), trials.gain(last, 0), atol=1e-5)
@@ -176,40 +175,49 @@ def indirect_effects(
 
 class _Trials:
     """One group of corrupted prompts: their KV cache minus the last token and the unpatched last-token pass
-    (recorded block by block), from which each block's head trials run."""
+    (recorded block by block), from which each block's head trials run: under a 4D mask (``mask_kind``), one
+    pass whose row holds the last token once per head, as columns sharing the row's cache (memory O(rows ×
+    sequence) + rows × heads tokens); without one, a pass per head."""
 
-    def __init__(self, lm: SweepModel, outputs: AttentionOutputs, means: list[torch.Tensor], part: list):
-        self.lm, self.outputs, self.means, self.part = lm, outputs, means, part
-        size, heads = len(part), outputs.num_heads
+    def __init__(self, lm: SweepModel, outputs: AttentionOutputs, means, part: list, mask_kind: str | None):
+        self.lm, self.outputs, self.means, self.part, self.mask_kind = lm, outputs, means, part, mask_kind
         self.targets = torch.tensor([target for _, target in part])
-        self.last = [[tokens[-1]] for tokens, _ in part]
-        self.copies = [b for _ in range(heads) for b in range(size)]  # copy h of the group patches head h
-        self.which = torch.arange(heads).repeat_interleave(size)
+        self.last = [tokens[-1] for tokens, _ in part]
         with torch.no_grad(), lm.autocast():
             self.prefix = prefill(lm.model, [tokens[:-1] for tokens, _ in part], stop_block=lm.blocks[-1])
             with record_outputs(lm.blocks) as self.recorded:
-                plain = self.prefix.take(list(range(size))).extend(lm.model, self.last)
-        self.base = _probability(plain.logits, self.targets)
+                plain = self._take().extend(lm.model, [[token] for token in self.last])
+        self.base = _probability(plain.logits, self.targets)[:, 0]
+
+    def _take(self):
+        return self.prefix.take(list(range(len(self.part))))
 
     def gain(self, layer: int, replayed: int) -> torch.Tensor:
         """Tensor[heads, prompts]: the target's probability with head h of ``layer`` at its mean, minus the
         unpatched one; blocks 0..replayed-1 replay the unpatched pass."""
-        lm, heads = self.lm, self.outputs.num_heads
-        values = self.means[layer][self.which.to(self.means[layer].device)]
-        with (
-            torch.no_grad(),
-            lm.autocast(),
-            write_heads(self.outputs, layer, self.which, values),
-            replay_outputs(lm.blocks, self.recorded[:replayed], heads),
-        ):
-            logits = self.prefix.take(self.copies).extend(lm.model, self.last * heads).logits
-        return _probability(logits, self.targets.repeat(heads)).view(heads, len(self.part)) - self.base
+        lm, num_heads = self.lm, self.outputs.num_heads
+        passes = [list(range(num_heads))] if self.mask_kind else [[h] for h in range(num_heads)]
+        found = []
+        for heads in passes:
+            values = self.means[layer][torch.tensor(heads, device=self.means[layer].device)]
+            with (
+                torch.no_grad(),
+                lm.autocast(),
+                write_heads(self.outputs, layer, heads, values),
+                replay_outputs(lm.blocks, self.recorded[:replayed], columns=len(heads)),
+            ):
+                if self.mask_kind:
+                    logits = self._take().extend_columns(lm.model, self.last, len(heads), self.mask_kind).logits
+                else:
+                    logits = self._take().extend(lm.model, [[token] for token in self.last]).logits
+            found.append(_probability(logits, self.targets))
+        return torch.cat(found, 1).T - self.base
 
 
 def _probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each row's probability of its target at the last position, on the CPU."""
-    probs = logits[:, -1].float().softmax(-1)
-    return probs[torch.arange(len(targets), device=probs.device), targets.to(probs.device)].cpu()
+    """Tensor[rows, columns]: each row's probability of its target at each of its columns, on the CPU."""
+    probs = logits.float().softmax(-1)
+    return probs.gather(2, targets.to(probs.device)[:, None, None].expand(-1, probs.shape[1], 1))[..., 0].cpu()
 
 
 def valid_record(entry: dict, num_blocks: int, num_heads: int, top_heads: int, hidden: int) -> bool:
