@@ -666,7 +666,7 @@ def test_compare_with_methods_runs_each_methods_hypothesis_as_a_separate_run_wou
 
     model_dir = saved_model()
     monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
-    tasks, out, methods = ["tv_list_first"], tmp_path / "out", ("hendel", "elicit", "task_mean")
+    tasks, out, methods = ["tv_list_first"], tmp_path / "out", ("hendel", "elicit", "task_mean", "function_vector")
     table = compare(
         model_args=f"pretrained={model_dir},layer=1,num_dev=6",
         tasks=",".join(tasks),
