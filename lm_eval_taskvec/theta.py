@@ -209,7 +209,8 @@ def few_shot_requests(
 def shuffled_label_contexts(task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int) -> list[tuple[str, str]]:
     """Per ``(doc_id, doc)``: its few-shot context as ``few_shot_requests`` renders it (the same demonstrations,
     drawn from ``seed`` in the same order), and that context with the demonstrations' targets shuffled among
-    them (seeded per document), rendered by lm-eval itself: the corrupted prompts function vectors rank heads on."""
+    them as text (seeded per document), rendered by lm-eval itself: the corrupted prompts function vectors rank
+    heads on."""
     settings = getattr(task, "taskvec_prompt_settings", None) or {}
     chat = {
         "system_instruction": settings.get("system_instruction"),
@@ -228,7 +229,7 @@ def shuffled_label_contexts(task, docs: list[tuple[int, dict]], num_fewshot: int
                 random.Random(f"{seed}|shuffled labels|{doc_id}").shuffle(order)
                 task.sampler.sample = lambda n, eval_doc=None, _demos=demos, **kwargs: _demos
                 clean = task.fewshot_context(doc, num_fewshot, gen_prefix=task.doc_to_prefix(doc), **chat)
-                targets = [target_of(d, task.fewshot_cfg.doc_to_target) for d in demos]
+                targets = [_demo_answer(task, d) for d in demos]
                 seen = []
 
                 def shuffled(d, *field, _demos=demos, _targets=targets, _order=order, _seen=seen):
@@ -248,6 +249,18 @@ def shuffled_label_contexts(task, docs: list[tuple[int, dict]], num_fewshot: int
         finally:
             task.sampler.sample = drawn
     return out
+
+
+def _demo_answer(task, doc) -> str:
+    """The text a demonstration of ``doc`` answers with, as lm-eval's ``build_qa_turn`` picks it (a choice by
+    index, the first of several targets, or the target itself): shuffled as text, a label means the same
+    whichever demonstration it lands on."""
+    config = task.fewshot_cfg
+    answer = task.doc_to_target(doc, config.doc_to_target)
+    choices = task.doc_to_choice(doc, config.doc_to_choice) if config.doc_to_choice else None
+    if choices and isinstance(answer, int):
+        return choices[answer]
+    return answer[0] if isinstance(answer, list) else answer
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from lm_eval_taskvec.selection import function_vector_of
 from lm_eval_taskvec.selection.dev import dev_sets
 from lm_eval_taskvec.theta import shuffled_label_contexts
 from tests.helpers import ARCHITECTURES, run_task
-from tests.tasks import requests_of
+from tests.tasks import letter_rows, make_task, requests_of
 
 TASK = "tv_list_first"
 PROJECTION = {  # where each architecture keeps its attention output projection, relative to a block
@@ -352,3 +352,44 @@ def test_export_refuses_function_vectors_which_a_theta_file_does_not_hold(make_l
     lm = make_lm("llama", mode="hypothesis", layer=1)
     with pytest.raises(ValueError, match="export with --method hendel, elicit or task_mean"):
         export.export_thetas(lm, {}, tmp_path / "out", layers=["1"], method="function_vector")
+
+
+def test_multiple_choice_shuffles_answer_texts_and_ranks_heads_by_the_right_choices_first_token(make_lm, layer_cache):
+    """A cross-fitted multiple-choice task whose target is an index (always 0, into choices of its own): the
+    shuffled prompts permute the demonstrations' answer texts; AIE are those of full passes by hand, at the
+    first token of the right choice's continuation after the context (as lm-eval encodes the pair)."""
+    task = make_task(
+        splits={"test": letter_rows(26)},
+        fewshot_split="test",
+        num_fewshot=3,
+        doc_to_text="Q: {{input}}\nA:",
+        target_delimiter=" ",
+        output_type="multiple_choice",
+        doc_to_choice="{{[answers[0], input, 'zz']}}",
+        doc_to_target=0,
+    )
+    requests = requests_of(task, limit=3)
+    lm = make_lm("llama", mode="hypothesis", layer=1, method="function_vector", num_dev=6, top_heads=3)
+    sets = dev_sets(lm.settings, "tiny")
+    assert len(sets) == 2  # cross-fitted: both halves' prompts
+    examples = [ex for dev in sets for ex in dev.examples]
+    pairs = [
+        p for dev in sets for p in shuffled_label_contexts(task, [(e.doc_id, e.doc) for e in dev.examples], 3, 1234)
+    ]
+    changed = 0
+    for (clean, shuffled), ex in zip(pairs, examples):
+        assert clean == ex.requests[0].args[0]
+        lines, twins = clean.split("\n"), shuffled.split("\n")
+        assert lines[0::2] == twins[0::2] and sorted(lines[1:-1:2]) == sorted(twins[1:-1:2]) and twins[-1] == "A:"
+        changed += lines != twins
+    assert changed > 0
+    key, record = function_vector_of(lm, "tiny")
+    assert record["num_prompts"] == 12 and len(record["top_heads"]) == 3
+    outputs = find_attention_outputs(lm.model, lm.blocks)
+    right = [ex.requests[ex.gold].args[1] for ex in examples]
+    means = fv.mean_head_outputs(lm, outputs, [lm.encode_pair(c, r)[0] for (c, _), r in zip(pairs, right)])
+    rows = [(lm.encode_pair(s, r)[0], lm.encode_pair(s, r)[1][0]) for (_, s), r in zip(pairs, right)]
+    effects = hand_effects(lm, outputs, means, rows)
+    for t in record["top_heads"]:
+        assert t["aie"] == pytest.approx(effects[t["layer"], t["head"]].item(), abs=1e-5)
+    assert len(lm.loglikelihood(requests)) == len(requests)  # patched runs

@@ -104,12 +104,14 @@ def compute(lm: SweepModel, task_name: str, sets: list[DevSet], outputs: Attenti
         ),
         key=lambda entry: (-entry[0], entry[1], entry[2]),
     )[: lm.settings.top_heads]
-    vector = sum(
-        (
-            outputs.weight_slice(layer, head).float() @ means[layer][head].to(outputs.weight_slice(layer, head).device)
-        ).cpu()
-        for _, layer, head in ranked
-    )
+    with torch.no_grad():
+        vector = sum(
+            (
+                outputs.weight_slice(layer, head).float()
+                @ means[layer][head].to(outputs.weight_slice(layer, head).device)
+            ).cpu()
+            for _, layer, head in ranked
+        )
     top = [{"layer": layer, "head": head, "aie": round(aie, 6)} for aie, layer, head in ranked]
     log.info("%s: function vector from heads %s", task_name, ", ".join(f"{t['layer']}.{t['head']}" for t in top))
     return {
