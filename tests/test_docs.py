@@ -108,6 +108,7 @@ BENCHMARKS = {
     "bench_modes.py": {"--limit": LIMIT, "--repeats": 1},
     "bench_sweep_mc.py": {"--num_dev": DEV_PROMPTS, "--repeats": 1},
     "bench_methods.py": {"--limit": LIMIT, "--num_dev": DEV_PROMPTS},
+    "bench_function_vectors.py": {"--num_dev": DEV_PROMPTS},
 }
 
 
