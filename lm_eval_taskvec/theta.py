@@ -177,19 +177,24 @@ def _order(item: tuple[int, ThetaKey]) -> tuple:
     )
 
 
+def _prompt_options(task) -> dict:
+    """The run's system instruction and chat settings, as ``fewshot_context`` takes them."""
+    settings = getattr(task, "taskvec_prompt_settings", None) or {}
+    return {
+        "system_instruction": settings.get("system_instruction"),
+        "apply_chat_template": bool(settings.get("apply_chat_template")),
+        "fewshot_as_multiturn": bool(settings.get("fewshot_as_multiturn")),
+        "chat_template": getattr(task, "taskvec_chat_template", None),
+    }
+
+
 def few_shot_requests(
     task, docs: list[tuple[int, dict]], num_fewshot: int, seed: int, desc: str | None = None
 ) -> list[list]:
     """lm-eval's own requests for each ``(doc_id, doc)``: its few-shot context (with the run's system
     instruction and chat template) built with demonstrations drawn from ``seed`` that never include the
     document itself; ``desc`` names a progress bar (lm-eval takes tens of milliseconds per context)."""
-    settings = getattr(task, "taskvec_prompt_settings", None) or {}
-    chat = {
-        "system_instruction": settings.get("system_instruction"),
-        "apply_chat_template": bool(settings.get("apply_chat_template")),
-        "fewshot_as_multiturn": bool(settings.get("fewshot_as_multiturn")),
-        "chat_template": getattr(task, "taskvec_chat_template", None),
-    }
+    chat = _prompt_options(task)
     out = []
     with _seeded_demos_without(task, seed) as exclude:
         for doc_id, doc in tqdm(docs, desc=desc, disable=desc is None):
@@ -211,13 +216,7 @@ def shuffled_label_contexts(task, docs: list[tuple[int, dict]], num_fewshot: int
     drawn from ``seed`` in the same order), and that context with the demonstrations' targets shuffled among
     them as text (seeded per document), rendered by lm-eval itself: the corrupted prompts function vectors rank
     heads on."""
-    settings = getattr(task, "taskvec_prompt_settings", None) or {}
-    chat = {
-        "system_instruction": settings.get("system_instruction"),
-        "apply_chat_template": bool(settings.get("apply_chat_template")),
-        "fewshot_as_multiturn": bool(settings.get("fewshot_as_multiturn")),
-        "chat_template": getattr(task, "taskvec_chat_template", None),
-    }
+    chat = _prompt_options(task)
     target_of, out = task.doc_to_target, []
     with _seeded_demos_without(task, seed) as exclude:
         drawn = task.sampler.sample
