@@ -69,6 +69,8 @@ class TaskVectorLM(HFLM):
         vector, op, scale: the method's parts, each overriding its preset: ``prompt``, ``task_mean`` or
             ``function_vector``; ``replace`` or ``add``; the factor of an added θ.
         top_heads: vector=function_vector: heads summed into the function vector (10).
+        num_mean_prompts, num_aie_prompts: vector=function_vector: the first n dev prompts that the head means
+            average over and that the heads are ranked on (default: all ``num_dev``).
         attn_out_path: vector=function_vector: the attention output projection, relative to a block (e.g.
             ``self_attn.o_proj``), for architectures where it is not found.
         device: as for HFLM, but defaults to CUDA when available, else the CPU.
@@ -92,6 +94,8 @@ class TaskVectorLM(HFLM):
         scale=None,
         top_heads=10,
         attn_out_path: str | None = None,
+        num_mean_prompts=None,
+        num_aie_prompts=None,
         device: str | None = None,
         **kwargs,
     ) -> None:
@@ -111,6 +115,8 @@ class TaskVectorLM(HFLM):
             scale=scale,
             top_heads=top_heads,
             attn_out_path=attn_out_path,
+            num_mean_prompts=num_mean_prompts,
+            num_aie_prompts=num_aie_prompts,
         )
         given = [f"{k}={v}" for k, v in (("method", method), ("vector", vector), ("op", op), ("scale", scale))]
         given = [g for g in given if not g.endswith("=None") and g != "method=hendel"]
@@ -204,7 +210,9 @@ class TaskVectorLM(HFLM):
             return task_mean_key(self, task_name)
         key, record = function_vector_of(self, task_name)
         self.function_vectors[task_name] = {
-            k: record[k] for k in ("top_heads", "num_prompts", "dev_split", "source") if k in record
+            k: record[k]
+            for k in ("top_heads", "num_prompts", "num_mean_prompts", "num_aie_prompts", "dev_split", "source")
+            if k in record
         }
         return key
 
@@ -516,6 +524,11 @@ class TaskVectorLM(HFLM):
                 settings |= dict(zip(("vector", "op", "scale"), self.settings.parts))
             if self.settings.vector == "function_vector":
                 settings |= {"top_heads": self.settings.top_heads, "attn_out_path": self.settings.attn_out_path}
+                counts = {
+                    "num_mean_prompts": self.settings.num_mean_prompts,
+                    "num_aie_prompts": self.settings.num_aie_prompts,
+                }
+                settings |= {k: v for k, v in counts.items() if v is not None}
         return settings
 
     def get_model_info(self) -> dict:

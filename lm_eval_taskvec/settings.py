@@ -43,6 +43,8 @@ class Settings:
     scale: float = 1.0  # op=add only: h <- h + scale·θ
     top_heads: int = 10  # vector=function_vector: attention heads summed into the function vector
     attn_out_path: str | None = None  # vector=function_vector: each block's attention output projection
+    num_mean_prompts: int | None = None  # vector=function_vector: dev prompts the head means average (None: all)
+    num_aie_prompts: int | None = None  # vector=function_vector: dev prompts the heads are ranked on (None: all)
 
     @property
     def parts(self) -> tuple[str, str, float]:
@@ -66,8 +68,21 @@ class Settings:
         scale=None,
         top_heads=10,
         attn_out_path=None,
+        num_mean_prompts=None,
+        num_aie_prompts=None,
     ) -> Settings:
         """Settings from model arguments as lm-eval passes them; raises ValueError naming a bad one."""
+        method_parts = read_method(method, vector, op, scale)
+        counts = {
+            name: None if value is None else as_int(name, value, minimum=1)
+            for name, value in (("num_mean_prompts", num_mean_prompts), ("num_aie_prompts", num_aie_prompts))
+        }
+        given = [f"{name}={value}" for name, value in counts.items() if value is not None]
+        if given and method_parts["vector"] != "function_vector":
+            raise ValueError(
+                f"{', '.join(given)} counts the prompts of a function vector: use it with method=function_vector "
+                f"(or vector=function_vector), or leave it out"
+            )
         return cls(
             layer=parse_layer(layer),
             num_dummy=as_int("num_dummy", num_dummy, minimum=1),
@@ -77,9 +92,10 @@ class Settings:
             fewshot_delimiter=read_escapes(fewshot_delimiter) if fewshot_delimiter else None,
             layers_path=layers_path or None,
             theta_path=theta_path or None,
-            **read_method(method, vector, op, scale),
+            **method_parts,
             top_heads=as_int("top_heads", top_heads, minimum=1),
             attn_out_path=attn_out_path or None,
+            **counts,
         )
 
 

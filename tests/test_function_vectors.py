@@ -154,21 +154,26 @@ def test_head_means_are_the_mean_of_the_projections_input_at_each_prompts_last_t
     torch.testing.assert_close(means[2], by_hand, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize(
+    ("arch", "counts"),
+    [("gpt2", {}), ("llama", {}), ("gpt_neox", {}), ("llama", {"num_mean_prompts": 2, "num_aie_prompts": 4})],
+)
 def test_function_vector_is_the_sum_of_the_top_heads_mean_outputs_through_their_projection_slice(
-    make_lm, layer_cache, arch
+    make_lm, layer_cache, arch, counts
 ):
-    lm = make_lm(arch, mode="hypothesis", layer=1, method="function_vector", num_dev=6, top_heads=3)
+    """Means over the first num_mean_prompts clean dev prompts, AIE over the first num_aie_prompts shuffled."""
+    lm = make_lm(arch, mode="hypothesis", layer=1, method="function_vector", num_dev=6, top_heads=3, **counts)
     out = run_task(lm, limit=2)
     record = out["config"]["taskvec"]["function_vector"][TASK]
     assert out["config"]["taskvec"]["method"] == "function_vector" and out["config"]["taskvec"]["op"] == "add"
     top = record["top_heads"]
     assert len(top) == 3 and [t["aie"] for t in top] == sorted((t["aie"] for t in top), reverse=True)
-    assert record["num_prompts"] == 6
+    num_mean, num_aie = counts.get("num_mean_prompts", 6), counts.get("num_aie_prompts", 6)
+    assert (record["num_prompts"], record["num_mean_prompts"], record["num_aie_prompts"]) == (6, num_mean, num_aie)
     outputs = find_attention_outputs(lm.model, lm.blocks)
     heads, d = shape(lm.model)
     states = {}
-    for tokens in clean_prompts(lm):  # one prompt at a time, no padding
+    for tokens in clean_prompts(lm)[:num_mean]:  # one prompt at a time, no padding
         seen = []
         handles = [
             p.register_forward_pre_hook(lambda m, a, i=i, seen=seen: seen.append((i, a[0][0, -1].detach().clone())))
@@ -195,7 +200,7 @@ def test_function_vector_is_the_sum_of_the_top_heads_mean_outputs_through_their_
     pairs = shuffled_label_contexts(task, [(ex.doc_id, ex.doc) for ex in examples], 5, lm.settings.seed)
     rows = [
         (lm.tok_encode(s), lm.tok_encode(ex.gold, add_special_tokens=False)[0]) for (_, s), ex in zip(pairs, examples)
-    ]
+    ][:num_aie]
     effects = hand_effects(lm, outputs, [means[i] for i in range(len(lm.blocks))], rows)
     for t in top:
         assert t["aie"] == pytest.approx(effects[t["layer"], t["head"]].item(), abs=1e-5)
@@ -284,8 +289,9 @@ def test_the_ranking_and_vector_are_cached_and_a_bad_file_is_computed_again(make
     path.write_text(json.dumps(stored | {"vector": stored["vector"][:-1]}))  # not a vector of this model
     third = make_lm("gpt2", mode="hypothesis", layer=1, method="function_vector", num_dev=6)
     assert run_task(third, limit=1)["config"]["taskvec"]["function_vector"][TASK]["source"] == "sweep"
-    other = make_lm("gpt2", mode="hypothesis", layer=1, method="function_vector", num_dev=6, top_heads=2)
-    assert run_task(other, limit=1)["config"]["taskvec"]["function_vector"][TASK]["source"] == "sweep"
+    for changed in ({"top_heads": 2}, {"num_aie_prompts": 3}):
+        other = make_lm("gpt2", mode="hypothesis", layer=1, method="function_vector", num_dev=6, **changed)
+        assert run_task(other, limit=1)["config"]["taskvec"]["function_vector"][TASK]["source"] == "sweep"
 
 
 def test_function_vector_with_layer_auto_sweeps_its_own_choice(make_lm, layer_cache):
@@ -305,11 +311,19 @@ def test_function_vector_with_layer_auto_sweeps_its_own_choice(make_lm, layer_ca
         ({"top_heads": -2.0}, "top_heads=-2.0 must be an integer >= 1"),
         ({"attn_out_path": "self_attn.q"}, "attn_out_path='self_attn.q' names no submodule of block 0"),
         ({"attn_out_path": "mlp.down_proj"}, "attn_out_path='mlp.down_proj' is a Linear, not a linear layer from"),
+        ({"num_aie_prompts": 0}, "num_aie_prompts=0 must be an integer >= 1"),
+        ({"num_mean_prompts": 2, "method": "hendel"}, "num_mean_prompts=2 counts the prompts of a function vector"),
     ],
 )
 def test_bad_function_vector_arguments_are_refused_naming_them(make_lm, args, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(".", r"\.")):
-        make_lm("llama", mode="hypothesis", method="function_vector", **args)
+        make_lm("llama", **{"mode": "hypothesis", "method": "function_vector"} | args)
+
+
+def test_more_function_vector_prompts_than_dev_prompts_are_refused_naming_both(make_lm, layer_cache):
+    lm = make_lm("llama", mode="hypothesis", layer=1, method="function_vector", num_dev=6, num_mean_prompts=7)
+    with pytest.raises(ValueError, match=r"num_mean_prompts=7 is more than the 6 dev prompts of task 'tv_list_first'"):
+        run_task(lm, limit=1)
 
 
 class Projection(nn.Module):

@@ -47,7 +47,14 @@ class LayerCache:
         requests). Shots and prompt settings can change on one task object between runs: they are compared."""
         shape = (
             # a method changes the patch, not the dev prompts
-            replace(settings, **read_method("hendel"), top_heads=Settings.top_heads, attn_out_path=None),
+            replace(
+                settings,
+                **read_method("hendel"),
+                top_heads=Settings.top_heads,
+                attn_out_path=None,
+                num_mean_prompts=None,
+                num_aie_prompts=None,
+            ),
             task.get_config("num_fewshot") if task is not None else None,
             json.dumps(getattr(task, "taskvec_prompt_settings", None), sort_keys=True, default=str),
         )
@@ -147,6 +154,9 @@ def cache_key(
         parts.append(dict(zip(("vector", "op", "scale"), settings.parts)))
     if settings.vector == "function_vector":
         parts.append({"top_heads": settings.top_heads, "attn_out_path": settings.attn_out_path})
+        counts = {"num_mean_prompts": settings.num_mean_prompts, "num_aie_prompts": settings.num_aie_prompts}
+        if any(v is not None for v in counts.values()):  # keys made before these counts existed stay valid
+            parts.append(counts)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 

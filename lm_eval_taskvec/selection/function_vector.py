@@ -85,17 +85,23 @@ def compute(lm: SweepModel, task_name: str, sets: list[DevSet], outputs: Attenti
         if not target:
             raise ValueError(f"task {task_name!r} has a dev document with an empty target: nothing to rank heads by")
         rows.append((*tokens, target[0]))
-    num_blocks = len(lm.blocks)
+    num_blocks, settings = len(lm.blocks), lm.settings
+    num_mean, num_aie = (
+        _count(name, n, len(rows), task_name)
+        for name, n in (("num_mean_prompts", settings.num_mean_prompts), ("num_aie_prompts", settings.num_aie_prompts))
+    )
     log.info(
-        "%s: function vector: mean outputs of %d heads over %d dev prompts, then each head's AIE on them with "
+        "%s: function vector: mean outputs of %d heads over %d dev prompts, then each head's AIE on %d with "
         "shuffled labels (per prompt, %d last-token trials, one per block, each holding the token once per head)",
         task_name,
         outputs.count,
-        len(rows),
+        num_mean,
+        num_aie,
         num_blocks,
     )
-    means = mean_head_outputs(lm, outputs, [clean for clean, _, _ in rows])
-    effects = indirect_effects(lm, outputs, means, [(shuffled, target) for _, shuffled, target in rows], task_name)
+    means = mean_head_outputs(lm, outputs, [clean for clean, _, _ in rows[:num_mean]])
+    trials = [(shuffled, target) for _, shuffled, target in rows[:num_aie]]
+    effects = indirect_effects(lm, outputs, means, trials, task_name)
     ranked = sorted(
         (
             (effects[layer, head].item(), layer, head)
@@ -119,8 +125,22 @@ def compute(lm: SweepModel, task_name: str, sets: list[DevSet], outputs: Attenti
         "top_heads": top,
         "vector": vector.tolist(),
         "num_prompts": len(rows),
+        "num_mean_prompts": num_mean,
+        "num_aie_prompts": num_aie,
         "dev_split": sets[0].split,
     }
+
+
+def _count(name: str, given: int | None, available: int, task_name: str) -> int:
+    """The first ``given`` of the task's dev prompts (None: all of them)."""
+    if given is None:
+        return available
+    if given > available:
+        raise ValueError(
+            f"{name}={given} is more than the {available} dev prompts of task {task_name!r}: lower it, or raise "
+            "num_dev (dev prompts per task)"
+        )
+    return given
 
 
 def mean_head_outputs(lm: SweepModel, outputs: AttentionOutputs, prompts: list[list[int]]) -> list[torch.Tensor]:
