@@ -199,7 +199,7 @@ def add_analysis_commands(commands) -> None:
             "--method",
             default=None,
             help="hypothesis method whose layer=auto choice --layer auto reads (hendel, elicit, task_mean, "
-            "function_vector; export, but for function_vector: also how theta_path= applies θ). Default: --model_args' "
+            "function_vector; export: also what it writes and how theta_path= applies it). Default: --model_args' "
             "method, else hendel",
         )
         compare_cli.add_chat_options(parser)

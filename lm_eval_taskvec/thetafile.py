@@ -3,7 +3,8 @@
 A safetensors file with one float32 tensor [hidden] per (task, layer), named ``{task}@{layer}``. Its header
 metadata (all strings) holds ``format``, ``model`` (JSON: the exporting model's name, architecture, sizes,
 dtype and weights fingerprint) and ``thetas`` (JSON: per tensor its task, layer, prompt format, number of
-demonstrations and dummies, seed, number of sets averaged, and the method, op and scale it is applied with).
+demonstrations and dummies, seed, number of sets averaged, and the method, op and scale it is applied with;
+a function vector's record holds its heads and prompts in place of sets).
 """
 
 from __future__ import annotations

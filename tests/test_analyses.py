@@ -18,7 +18,7 @@ from sklearn.metrics.pairwise import cosine_distances as sklearn_cosine_distance
 from lm_eval_taskvec import thetafile
 from lm_eval_taskvec.analyses import common, conflict, export, geometry, vocab
 from lm_eval_taskvec.model import TaskVectorLM
-from lm_eval_taskvec.selection import select_layer
+from lm_eval_taskvec.selection import function_vector_of, select_layer
 from lm_eval_taskvec.tasks import task_dir
 from lm_eval_taskvec.theta import ThetaKey, task_vectors
 from tests.helpers import make_model
@@ -248,6 +248,17 @@ def test_vocab_at_the_last_block_lists_the_models_own_next_tokens(make_lm, tasks
     out = tmp_path / "out"
     assert json.loads((out / "vocab.json").read_text())["table"] == result["table"]
     assert (out / "vocab.md").exists() and (out / "vocab.csv").exists() and (out / "vocab.png").read_bytes()[:4] == PNG
+
+
+def test_vocab_of_a_function_vector_is_the_vector_through_the_final_norm_and_unembedding(make_lm, tasks, tmp_path):
+    lm = make_lm("llama", mode="hypothesis", method="function_vector", num_dev=6, top_heads=2)
+    result = vocab.vocab_projection(lm, {"upper": tasks["upper"]}, tmp_path / "out", layers=["1"], top_k=5)
+    key, record = function_vector_of(lm, "upper")
+    with torch.no_grad():  # Llama's readout, by hand
+        logits = lm.model.lm_head(lm.model.model.norm(lm.thetas.get(1, key)))
+    (entry,) = result["entries"]
+    assert [t["id"] for t in entry["tokens"]] == logits.topk(5).indices.tolist()
+    assert entry["function_vector"]["top_heads"] == record["top_heads"] and entry["num_fewshot"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -502,26 +513,37 @@ def test_taskvec_export_command_on_the_tv_tasks_loads_back(tmp_path, saved_model
     assert "example:" in stored.get("tv_list_first").info["prompt_format"]["example_context"]
 
 
-def test_an_exported_elicit_theta_is_added_at_scale_two_when_loaded_back(make_lm, tasks, tmp_path):
+@pytest.mark.parametrize(("method", "scale", "shots"), [("elicit", 2.0, 3), ("function_vector", 1.0, None)])
+def test_an_exported_added_vector_is_added_at_its_scale_when_loaded_back(
+    make_lm, tasks, tmp_path, method, scale, shots
+):
     """The file records the method, op and scale; theta_path= applies θ that way: the first generated token is
-    the argmax with block 1's output at the query's last token shifted by 2·θ (a hook written here)."""
-    lm = make_lm("llama", num_dummy=2)
-    export.export_thetas(lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=3, seed=5, method="elicit")
+    the argmax with block 1's output at the query's last token shifted by scale·θ (a hook written here). A
+    function vector's file holds the vector of method=function_vector's own run and its heads."""
+    lm = make_lm("llama", num_dummy=2, num_dev=6, top_heads=2)
+    export.export_thetas(
+        lm, tasks, tmp_path / "out", layers=["1"], num_sets=3, num_fewshot=shots, seed=5, method=method
+    )
     path = tmp_path / "out" / thetafile.FILE_NAME
     entry = thetafile.load_thetas(path, lm).get("upper")
-    assert (entry.info["method"], entry.info["op"], entry.info["scale"]) == ("elicit", "add", 2.0)
+    assert (entry.info["method"], entry.info["op"], entry.info["scale"]) == (method, "add", scale)
+    if method == "function_vector":
+        own = make_lm("llama", mode="hypothesis", layer=1, method=method, num_dev=6, top_heads=2)
+        key, record = function_vector_of(own, "upper")
+        torch.testing.assert_close(entry.theta, own.thetas.get(1, key).float(), rtol=0, atol=0)
+        assert entry.info["function_vector"]["top_heads"] == record["top_heads"] and entry.info["num_sets"] is None
     zero_shot = make_task("upper", splits={"train": letter_rows(24), "test": letter_rows(12, 24)}, num_fewshot=0)
     requests = [
         Instance("generate_until", {}, (r.args[0], {"until": [], "max_gen_toks": 1}), r.idx, r.metadata)
         for r in requests_of(zero_shot, limit=6)
     ]
     stored = make_lm("llama", mode="hypothesis", theta_path=str(path), fewshot_delimiter=None)
-    assert stored.settings.parts == ("prompt", "add", 2.0)
+    assert stored.settings.parts == ("prompt", "add", scale)
     outputs = stored.generate_until(requests)
 
     def shift(module, args, output):
         hidden = (output if isinstance(output, torch.Tensor) else output[0]).clone()
-        hidden[:, -1] += 2 * entry.theta
+        hidden[:, -1] += scale * entry.theta
         return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
     for request, output in zip(requests, outputs):

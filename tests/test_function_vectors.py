@@ -360,12 +360,15 @@ def test_a_projection_that_is_not_found_is_refused_naming_attn_out_path_which_th
     assert got["results"] == expected["results"]
 
 
-def test_export_refuses_function_vectors_which_a_theta_file_does_not_hold(make_lm, tmp_path):
+def test_export_refuses_a_num_fewshot_other_than_the_function_vectors_own(make_lm, layer_cache, tmp_path):
     from lm_eval_taskvec.analyses import export
 
-    lm = make_lm("llama", mode="hypothesis", layer=1)
-    with pytest.raises(ValueError, match="export with --method hendel, elicit or task_mean"):
-        export.export_thetas(lm, {}, tmp_path / "out", layers=["1"], method="function_vector")
+    run_task(make_lm("llama", mode="hypothesis", layer=1), limit=1)  # loads the task
+    lm = make_lm("llama", mode="hypothesis", layer=1, num_dev=6)
+    with pytest.raises(ValueError, match="--num_fewshot 3: task 'tv_list_first'.s function vector .* own 5"):
+        export.export_thetas(
+            lm, {TASK: LOADED_TASKS[TASK]}, tmp_path, layers=["1"], num_fewshot=3, method="function_vector"
+        )
 
 
 def test_multiple_choice_shuffles_answer_texts_and_ranks_heads_by_the_right_choices_first_token(make_lm, layer_cache):

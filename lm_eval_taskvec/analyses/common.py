@@ -18,7 +18,7 @@ from lm_eval_taskvec._autoload import record_prompt_settings
 from lm_eval_taskvec.comparison.render import csv_number
 from lm_eval_taskvec.layers import resolve_layer
 from lm_eval_taskvec.model import TaskVectorLM
-from lm_eval_taskvec.selection import select_layer
+from lm_eval_taskvec.selection import function_vector_of, select_layer
 from lm_eval_taskvec.settings import AUTO, parse_layer
 from lm_eval_taskvec.theta import few_shot_requests, task_vectors
 
@@ -89,6 +89,21 @@ def demonstration_sets(task, num_sets: int, num_fewshot: int, seed: int) -> list
 def theta_sets(lm, task, layers: list[int], num_sets: int, num_fewshot: int, seed: int) -> torch.Tensor:
     """θ of each demonstration set at each of ``layers``: Tensor[len(layers), num_sets, hidden], one pass."""
     return task_vectors(lm, demonstration_sets(task, num_sets, num_fewshot, seed), layers)
+
+
+def function_vectors(lm, name: str, task, blocks: list[int], num_fewshot: int | None) -> tuple[torch.Tensor, dict]:
+    """method=function_vector: the task's one function vector at each of ``blocks``, Tensor[len(blocks),
+    hidden], and its record (heads and prompts). It is ranked and averaged on the task's dev prompts with the
+    task's own demonstrations, so another ``num_fewshot`` is refused rather than ignored."""
+    shots = task.get_config("num_fewshot")
+    if num_fewshot is not None and num_fewshot != shots:
+        raise ValueError(
+            f"--num_fewshot {num_fewshot}: task {name!r}'s function vector is ranked and averaged on its dev "
+            f"prompts with the task's own {shots} demonstrations: leave out --num_fewshot for method=function_vector"
+        )
+    key, record = function_vector_of(lm, name)
+    fields = ("top_heads", "num_prompts", "num_mean_prompts", "num_aie_prompts", "dev_split")
+    return torch.stack([lm.thetas.get(block, key) for block in blocks]), {k: record[k] for k in fields if k in record}
 
 
 def num_fewshot_of(task, num_fewshot: int | None) -> int:

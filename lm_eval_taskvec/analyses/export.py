@@ -1,5 +1,6 @@
-"""``taskvec export``: mean θ per task and layer over ``num_sets`` demonstration sets, written in the θ file
-format of :mod:`lm_eval_taskvec.thetafile`, so that θ can stand in for the demonstrations (a compressed prompt)."""
+"""``taskvec export``: mean θ per task and layer over ``num_sets`` demonstration sets (method=function_vector:
+the task's function vector), written in the θ file format of :mod:`lm_eval_taskvec.thetafile`, so that θ can
+stand in for the demonstrations (a compressed prompt)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tqdm import tqdm
 from lm_eval_taskvec.analyses.common import (
     block_of,
     demonstration_sets,
+    function_vectors,
     load_tasks,
     num_fewshot_of,
     open_model,
@@ -50,18 +52,13 @@ def export_thetas(
     (else the model's own) decides layer=auto's choice and how ``theta_path=`` applies θ (its op and scale)."""
     if method:
         lm.set_method(method)
-    if lm.settings.vector == "function_vector":
-        raise ValueError(
-            "taskvec export writes the mean θ of demonstration sets; method=function_vector's vector is a sum of "
-            "attention heads' outputs, which a θ file does not hold: export with --method hendel, elicit or task_mean"
-        )
+    heads = lm.settings.vector == "function_vector"
     entries = []
     for name in tqdm(list(tasks), desc="export: θ per task"):
         task = tasks[name]
         blocks = list(dict.fromkeys(block_of(lm, name, layer) for layer in layers))
         k = num_fewshot_of(task, num_fewshot)
         requests = demonstration_sets(task, num_sets, k, seed)
-        means = task_vectors(lm, requests, blocks).mean(1)
         info = {
             "prompt_format": prompt_format(task, requests[0]),
             "num_fewshot": k,
@@ -72,8 +69,13 @@ def export_thetas(
             "op": lm.settings.op,
             "scale": lm.settings.scale,
         }
+        if heads:
+            vectors, record = function_vectors(lm, name, task, blocks, num_fewshot)
+            info |= {"num_fewshot": task.get_config("num_fewshot"), "num_sets": None, "function_vector": record}
+        else:
+            vectors = task_vectors(lm, requests, blocks).mean(1)
         entries += [
-            StoredTheta(name, block, mean.float().cpu().contiguous(), info) for block, mean in zip(blocks, means)
+            StoredTheta(name, block, vector.float().cpu().contiguous(), info) for block, vector in zip(blocks, vectors)
         ]
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def export_thetas(
             "layer": e.layer,
             "norm": e.theta.norm().item(),
             "num_fewshot": e.info["num_fewshot"],
-            "num_sets": num_sets,
+            "num_sets": e.info["num_sets"],
         }
         for e in entries
     ]

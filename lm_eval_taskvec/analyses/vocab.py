@@ -1,7 +1,8 @@
 """``taskvec vocab``: θ read out in the model's own vocabulary (the paper's Tables 3 and 7).
 
-θ, averaged over demonstration sets, goes through what the model applies after its last block (final norm,
-unembedding, logit soft-capping), and the top-k tokens are listed per task and layer.
+θ, averaged over demonstration sets (``--method function_vector``: the task's function vector), goes through
+what the model applies after its last block (final norm, unembedding, logit soft-capping), and the top-k
+tokens are listed per task and layer.
 
 How: :func:`project` runs a one-token forward pass with the last block's output at that position replaced by
 the vector, and reads the logits there. Nothing after the last block mixes positions, so those logits are
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from lm_eval_taskvec.analyses.common import (
     block_of,
+    function_vectors,
     load_tasks,
     num_fewshot_of,
     open_model,
@@ -79,8 +81,11 @@ def vocab_projection(
     rows, entries = [], []
     for name in tqdm(list(tasks), desc="vocab: θ per task"):
         blocks = list(dict.fromkeys(block_of(lm, name, layer) for layer in layers))
-        k = num_fewshot_of(tasks[name], num_fewshot)
-        mean = theta_sets(lm, tasks[name], blocks, num_sets, k, seed).mean(1)
+        k, heads = num_fewshot_of(tasks[name], num_fewshot), None
+        if lm.settings.vector == "function_vector":  # one vector per task, projected as Todd et al. do
+            mean, heads = function_vectors(lm, name, tasks[name], blocks, num_fewshot)
+        else:
+            mean = theta_sets(lm, tasks[name], blocks, num_sets, k, seed).mean(1)
         logits = project(lm, mean)
         probs = logits.softmax(-1)
         for block, row_logits, row_probs in zip(blocks, logits, probs):
@@ -96,7 +101,10 @@ def vocab_projection(
                 }
                 for i, piece in zip(top, pieces)
             ]
-            entries.append({"task": name, "layer": block, "num_fewshot": k, "tokens": tokens})
+            entries.append(
+                {"task": name, "layer": block, "num_fewshot": k, "tokens": tokens}
+                | ({"function_vector": heads} if heads else {})
+            )
             rows.append({"task": name, "layer": block, "top_tokens": ", ".join(map(_shown, tokens))})
 
     out = Path(output_path)
@@ -106,6 +114,7 @@ def vocab_projection(
             "model": model_identity(lm.model, len(lm.blocks)),
             "layers": [str(layer) for layer in layers],
             "top_k": top_k,
+            "method": lm.settings.method,
             "num_sets": num_sets,
             "num_fewshot": num_fewshot,
             "num_dummy": lm.settings.num_dummy,
