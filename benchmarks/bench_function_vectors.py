@@ -11,15 +11,9 @@ machine barely change it); wall time is printed beside it.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
-
-def timed(run) -> tuple[float, float]:
-    cpu, wall = time.process_time(), time.perf_counter()
-    run()
-    return time.process_time() - cpu, time.perf_counter() - wall
+from bench_methods import timed  # a sibling script: CPU and wall seconds of one call
 
 
 def main() -> None:

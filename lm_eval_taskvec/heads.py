@@ -11,7 +11,7 @@ head_dim features to the hidden size (q_proj often has that shape too; the last 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -135,12 +135,10 @@ def read_heads(outputs: AttentionOutputs):
 
         return hook
 
-    handles = [p.register_forward_pre_hook(make_hook(i)) for i, p in enumerate(outputs.projections)]
-    try:
+    with ExitStack() as hooks:
+        for i, projection in enumerate(outputs.projections):
+            hooks.enter_context(projection.register_forward_pre_hook(make_hook(i)))
         yield found
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -160,10 +158,7 @@ def write_heads(outputs: AttentionOutputs, layer: int, heads: list[int], values:
         calls.append(1)
         return (x, *args[1:])
 
-    handle = outputs.projections[layer].register_forward_pre_hook(hook)
-    try:
+    with outputs.projections[layer].register_forward_pre_hook(hook):
         yield
-    finally:
-        handle.remove()
     if len(calls) != 1:
         raise RuntimeError(f"a head patch fired {len(calls)} times, expected once")

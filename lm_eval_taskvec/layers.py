@@ -93,13 +93,11 @@ def stop_after(block: nn.Module):
     def hook(module, args, output):
         raise _StopForward
 
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    with block.register_forward_hook(hook):  # torch's hook handles remove themselves on exit
+        try:
+            yield
+        except _StopForward:
+            pass
 
 
 @contextmanager
@@ -120,12 +118,10 @@ def read_last_states(blocks: nn.ModuleList, layers: list[int], last_index: torch
 
         return hook
 
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
-    try:
+    with ExitStack() as hooks:
+        for layer in layers:
+            hooks.enter_context(blocks[layer].register_forward_hook(make_hook(layer)))
         yield found
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -218,11 +214,8 @@ def write_states(block: nn.Module, values: torch.Tensor, positions, rows=None, f
         record.patched += 1
         return _with_hidden(output, hidden)
 
-    handle = block.register_forward_hook(hook)
-    try:
+    with block.register_forward_hook(hook):
         yield record
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -236,12 +229,10 @@ def record_outputs(blocks: nn.ModuleList):
 
         return hook
 
-    handles = [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
-    try:
+    with ExitStack() as hooks:
+        for i, block in enumerate(blocks):
+            hooks.enter_context(block.register_forward_hook(make_hook(i)))
         yield found
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
