@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 import lm_eval_taskvec.model as model_module
 from lm_eval_taskvec._autoload import LOADED_TASKS
 from lm_eval_taskvec.layers import Intervention, intervene
-from lm_eval_taskvec.selection import cache, task_mean_key
+from lm_eval_taskvec.selection import cache, sweep, task_mean_key
 from lm_eval_taskvec.selection.dev import dev_sets
 from lm_eval_taskvec.settings import Settings
 from tests.helpers import ARCHITECTURES, gen_requests, ll_requests, run_task
@@ -156,6 +156,29 @@ def test_task_mean_with_layer_auto_sweeps_its_own_choice(make_lm, layer_cache):
     assert len(list(layer_cache.glob("*.json"))) == 2
     for field in ("baseline_accuracy", "regular_accuracy", "dev_docs"):  # the same dev prompts and references
         assert mean["layer_selection"]["tv_list_first"][field] == hendel["layer_selection"]["tv_list_first"][field]
+
+
+@pytest.mark.parametrize("method", ["elicit", "task_mean", "function_vector"])
+def test_a_second_methods_sweep_reuses_regular_and_theta_and_chooses_as_a_fresh_model_does(
+    make_lm, layer_cache, monkeypatch, method
+):
+    """One model sweeping Hendel's θ, then another method's (taskvec compare --methods): the second sweep runs
+    neither the dev prompts' regular pass nor their demonstrations again, and its choice and answers are those
+    of a fresh model that swept that method alone."""
+    calls = []
+    real = sweep.regular_and_thetas
+    monkeypatch.setattr(sweep, "regular_and_thetas", lambda *args: calls.append(1) or real(*args))
+    lm = make_lm("llama", mode="hypothesis", num_dev=6, top_heads=2, layer_cache="off")
+    run_task(lm, limit=3)
+    lm.set_method(method)
+    shared = run_task(lm, limit=3)
+    assert len(calls) == 1
+    fresh = run_task(
+        make_lm("llama", mode="hypothesis", num_dev=6, top_heads=2, method=method, layer_cache="off"), limit=3
+    )
+    assert len(calls) == 2
+    assert shared["config"]["taskvec"]["layer_selection"] == fresh["config"]["taskvec"]["layer_selection"]
+    assert shared["results"] == fresh["results"]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 from torch import nn
 
@@ -40,6 +41,9 @@ class LayerCache:
         self._memory: dict[str, dict] = {}
         self._started = time.time()  # refresh: a file written after this was swept again by this run
         self._dev_sets: dict[str, tuple[object, tuple, list[DevSet]]] = {}  # task -> (task object, what shapes, sets)
+        # regular mode's scores of the dev prompts by (task, their tokens): a second method's sweep in this
+        # process (taskvec compare --methods) neither runs them again nor, with θ kept, their demonstrations
+        self.regular_scores: dict[tuple, torch.Tensor] = {}
 
     def dev_sets(self, task_name: str, task, settings: Settings, render: Callable[[], list[DevSet]]) -> list[DevSet]:
         """``task_name``'s dev prompts, rendered once per task object and prompt settings in this process: the

@@ -143,7 +143,11 @@ def score(
     else:
         queries = [lm.encode_pair(p.query, r.args[1]) for p, r in zip(plans, requests)]
         fulls = [lm.encode_pair(*r.args) for r in requests]
-    regular = regular_and_thetas(lm, plans, fulls, layers, f"{task_name}: layer sweep, θ at {len(layers)} blocks")
+    seen = (task_name, tuple((tuple(context), tuple(continuation)) for context, continuation in fulls))
+    regular = lm.choice_cache.regular_scores.get(seen)
+    if regular is None or lm.thetas.missing({(layer, p.theta_key) for p in plans for layer in layers}):
+        regular = regular_and_thetas(lm, plans, fulls, layers, f"{task_name}: layer sweep, θ at {len(layers)} blocks")
+        lm.choice_cache.regular_scores[seen] = regular
     if lm.settings.vector != "prompt":  # every dev prompt is patched with the task's one θ
         if lm.settings.vector == "task_mean":
             one = task_mean_of(lm, requests, plans)
