@@ -359,6 +359,29 @@ def test_export_renders_theta_with_the_chat_template(chat_model_dir, tmp_path, m
     assert context.startswith("s>Be brief.</s>\nu>") and context.count("u>") == 4 and context.endswith("</s>\na>\n")
 
 
+def test_vocab_reads_theta_from_the_chat_of_the_demonstrations_and_the_dummy(chat_model_dir, tmp_path, monkeypatch):
+    """taskvec vocab under the chat template, one set, one dummy, at the last block: the top tokens are the
+    model's own next tokens after [S turns, dummy's user turn] rendered by hand with the tokenizer's template."""
+    from lm_eval_taskvec.analyses import common, vocab
+
+    monkeypatch.setenv("LM_EVAL_TASKVEC_CACHE", str(tmp_path / "cache"))
+    lm = TaskVectorLM(pretrained=str(chat_model_dir), mode="hypothesis", num_dummy=1, device="cpu")
+    chats = record_chats(lm.tokenizer, monkeypatch)
+    options = {"apply_chat_template": True, "fewshot_as_multiturn": True}
+    tasks = common.load_tasks("tv_letter_to_upper", None, lm, options)
+    last = len(lm.blocks) - 1
+    result = vocab.vocab_projection(lm, tasks, tmp_path / "out", layers=[str(last)], top_k=5, num_sets=1, num_fewshot=3)
+    (request,) = common.demonstration_sets(tasks["tv_letter_to_upper"], 1, 3, seed=1234)
+    turns = chats[request.args[0]]
+    (plan,) = lm.plan([request], layer=last)  # the dummy the plugin drew; its θ prompt is rendered here
+    _, (prompt,) = chat_prompts(lm.tokenizer, turns, [turns[-1]["content"]], plan.theta_key.dummies)
+    assert prompt.startswith("s>Be brief.</s>\nu>") and prompt.count("u>") == 4 and prompt.endswith("a>\n")
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([lm.tok_encode(prompt)])).logits[0, -1]
+    (entry,) = result["entries"]
+    assert [t["id"] for t in entry["tokens"]] == logits.topk(5).indices.tolist()
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
