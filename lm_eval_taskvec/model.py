@@ -31,7 +31,13 @@ from lm_eval_taskvec.heads import find_attention_outputs
 from lm_eval_taskvec.layers import find_blocks, intervene, resolve_layer
 from lm_eval_taskvec.planning import Plan, Planner, document_index
 from lm_eval_taskvec.preflight import beam_refusal, check_run, rolling_refusal
-from lm_eval_taskvec.selection import function_vector_of, layer_of_document, select_layer, task_mean_key
+from lm_eval_taskvec.selection import (
+    function_vector,
+    function_vector_of,
+    layer_of_document,
+    select_layer,
+    task_mean_key,
+)
 from lm_eval_taskvec.selection.cache import LayerCache
 from lm_eval_taskvec.settings import AUTO, METHODS, Settings, check_mode, read_method
 from lm_eval_taskvec.theta import ThetaStore
@@ -209,11 +215,7 @@ class TaskVectorLM(HFLM):
         if self.settings.vector == "task_mean":
             return task_mean_key(self, task_name)
         key, record = function_vector_of(self, task_name)
-        self.function_vectors[task_name] = {
-            k: record[k]
-            for k in ("top_heads", "num_prompts", "num_mean_prompts", "num_aie_prompts", "dev_split", "source")
-            if k in record
-        }
+        self.function_vectors[task_name] = {k: record[k] for k in (*function_vector.RECORDED, "source") if k in record}
         return key
 
     def _show_queries(self, requests, plans: list[Plan]) -> None:

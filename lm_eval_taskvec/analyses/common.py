@@ -18,7 +18,7 @@ from lm_eval_taskvec._autoload import record_prompt_settings
 from lm_eval_taskvec.comparison.render import csv_number
 from lm_eval_taskvec.layers import resolve_layer
 from lm_eval_taskvec.model import TaskVectorLM
-from lm_eval_taskvec.selection import function_vector_of, select_layer
+from lm_eval_taskvec.selection import function_vector, function_vector_of, select_layer
 from lm_eval_taskvec.settings import AUTO, parse_layer
 from lm_eval_taskvec.theta import few_shot_requests, task_vectors
 
@@ -102,8 +102,8 @@ def function_vectors(lm, name: str, task, blocks: list[int], num_fewshot: int | 
             f"prompts with the task's own {shots} demonstrations: leave out --num_fewshot for method=function_vector"
         )
     key, record = function_vector_of(lm, name)
-    fields = ("top_heads", "num_prompts", "num_mean_prompts", "num_aie_prompts", "dev_split")
-    return torch.stack([lm.thetas.get(block, key) for block in blocks]), {k: record[k] for k in fields if k in record}
+    recorded = {k: record[k] for k in function_vector.RECORDED if k in record}
+    return torch.stack([lm.thetas.get(block, key) for block in blocks]), recorded
 
 
 def num_fewshot_of(task, num_fewshot: int | None) -> int:

@@ -34,6 +34,7 @@ from lm_eval_taskvec.theta import ThetaKey, shuffled_label_contexts
 log = logging.getLogger("lm_eval.taskvec")
 
 FV_VERSION = 1  # bump when the ranking or the vector changes meaning
+RECORDED = ("top_heads", "num_prompts", "num_mean_prompts", "num_aie_prompts", "dev_split")  # what results show
 
 
 def ensure(lm: SweepModel, task_name: str, sets: list[DevSet]) -> tuple[ThetaKey, dict]:
